@@ -1,0 +1,352 @@
+"""Grain pipelines: a checkpointable infinite train iterator and a padded one-pass eval iterable.
+
+Both are a `grain.MapDataset` over batch indices whose elements are whole local batches, read
+by Grain's threads and checkpointed by Grain's iterator state. Each batch is a pure function of
+(seed, step, process): the order is a fresh permutation of the split per epoch, each process
+reads a disjoint slice of every global batch, and augmentation draws come from (seed, step, row
+of the global batch). So batches do not depend on the number of reader threads or processes,
+and resuming needs only the number of batches consumed. Working on whole batches (one numpy
+gather, one vectorized crop and flip) is over 10x faster than Grain's per-example `random_map`
+on small images.
+"""
+import functools
+import math
+from typing import Any, Iterator
+
+import grain
+import ml_collections
+import numpy as np
+
+from jkd.data import augment
+from jkd.data import sources
+from jkd.errors import UserError
+
+cfg_get = sources.cfg_get
+
+# Per-dataset defaults for `default_data_config`: (train split, eval split, image_size,
+# crop_padding, flip). Horizontal flips keep Fashion-MNIST's classes (a mirrored shirt is a
+# shirt); crop padding is the usual ~1/8 of the side.
+_DEFAULTS = {
+    'fashion_mnist': ('train', 'test', None, 2, True),
+    'mnist': ('train', 'test', None, 2, False),
+    'cifar10': ('train', 'test', None, 4, True),
+    'cifar100': ('train', 'test', None, 4, True),
+    'imagenet2012': ('train', 'validation', 224, 0, True),
+    'synthetic': ('train', 'test', 32, 0, False),
+}
+
+
+def default_data_config(name: str = 'fashion_mnist') -> ml_collections.ConfigDict:
+  """Returns the data config for `name`, with every field the pipeline reads.
+
+  Fields: name, data_dir (IDX directory for fashion_mnist, TFDS data_dir otherwise; None = the
+  default search path), train_split, eval_split, image_size (None = native size), crop_padding
+  (0 = no random crop), flip, num_workers (reader threads; 0 = in the calling thread),
+  prefetch (batches buffered ahead), crop_fraction (eval center crop of variable-size images),
+  inception_crop (random-resized-crop for variable-size train images), and for 'synthetic':
+  num_classes, channels, num_examples, num_eval_examples.
+  """
+  train_split, eval_split, image_size, padding, flip = _DEFAULTS.get(
+      name, ('train', 'test', None, 0, True))
+  placeholder = ml_collections.config_dict.placeholder
+  cfg = ml_collections.ConfigDict()
+  cfg.name = name
+  cfg.data_dir = placeholder(str)
+  cfg.train_split = train_split
+  cfg.eval_split = eval_split
+  cfg.image_size = placeholder(int) if image_size is None else image_size
+  cfg.crop_padding = padding
+  cfg.flip = flip
+  cfg.num_workers = 2
+  cfg.prefetch = 4
+  cfg.crop_fraction = 0.875
+  cfg.inception_crop = True
+  if name == 'synthetic':
+    cfg.num_classes = 10
+    cfg.channels = 3
+    cfg.num_examples = 50000
+    cfg.num_eval_examples = 10000
+  return cfg
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  (only when the caller did not say)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
+  return int(process_index), int(process_count)
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise UserError(f'Batch size {global_batch_size} must be a positive multiple of the number '
+                    f'of processes ({process_count}): each process reads an equal slice.')
+  return global_batch_size // process_count
+
+
+def _read_options(cfg) -> grain.ReadOptions:
+  threads = int(cfg_get(cfg, 'num_workers', 0))
+  # Grain warns when fewer batches are buffered than threads read.
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(int(cfg_get(cfg, 'prefetch', 2)), threads))
+
+
+class _BatchReader:
+  """Reads (`read`) and augments (`augment`) this process's rows of one global batch."""
+
+  def __init__(self, cfg, source, *, train: bool, seed: int = 0):
+    self.source, self.train, self.seed = source, train, seed
+    self.size = cfg_get(cfg, 'image_size')
+    native = getattr(source, 'native_shape', None)
+    self.variable = native is not None and None in native[:2]
+    if self.variable and not self.size:
+      raise UserError(f'Dataset {cfg_get(cfg, "name")!r} has images of varying size: set '
+                      f'--config.data.image_size (e.g. 224).')
+    self.padding = int(cfg_get(cfg, 'crop_padding', 0)) if train else 0
+    self.flip = bool(cfg_get(cfg, 'flip', False)) and train
+    self.inception = train and self.variable and bool(cfg_get(cfg, 'inception_crop', True))
+    self.crop_fraction = float(cfg_get(cfg, 'crop_fraction', 0.875))
+    # In-memory arrays at the wanted size need no per-example work: one fancy-index gather.
+    self.gather = hasattr(source, 'get_batch') and (
+        not self.size or source.get_batch(np.zeros(1, np.int64))[0].shape[1:3] ==
+        (self.size, self.size))
+
+  def _image(self, image, rng) -> np.ndarray:
+    image = augment.decode(image)
+    if self.inception:
+      return augment.random_resized_crop(image, rng, self.size)
+    if self.variable:
+      return augment.center_crop(image, self.size, self.crop_fraction)
+    if self.size:
+      return augment.resize(image, self.size, self.size)
+    return image
+
+  def read(self, rows: np.ndarray, step: int, local: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (uint8 [R, H, W, C], int32 [R]) for `rows`, the slice `local` of global batch `step`.
+
+    Random draws are made for every row of the global batch and then sliced, so a row's
+    augmentation depends on (seed, step, row) only, not on which process reads it.
+    """
+    if self.gather:
+      images, labels = self.source.get_batch(rows)
+    else:
+      row_ids = range(local.start, local.start + len(rows))
+      examples = [self.source[int(r)] for r in rows]
+      images = np.stack([
+          self._image(ex['image'], np.random.default_rng([self.seed, 2, step, i]))
+          for ex, i in zip(examples, row_ids)])
+      labels = np.array([ex['label'] for ex in examples])
+    return images, labels.astype(np.int32)
+
+  def augment(self, images: np.ndarray, step: int, global_size: int,
+              local: slice) -> np.ndarray:
+    """Random pad-crop and flip of uint8 [R, H, W, C], drawn per row of the global batch."""
+    if not (self.padding or self.flip):
+      return images
+    rng = np.random.default_rng([self.seed, 1, step])
+    shifts = rng.integers(-self.padding, self.padding + 1, size=(global_size, 2))[local]
+    flips = (rng.random(global_size) < 0.5)[local] & self.flip
+    return augment.flip_batch(augment.crop_batch(images, shifts, self.padding), flips)
+
+
+class TrainIterator:
+  """Infinite iterator of local train batches with JSON-serializable, resumable state.
+
+  The state is the number of global batches already yielded plus the settings that fix the
+  order (dataset, split, seed, global batch size). It holds no process count: batch k of a run
+  is the same global batch whatever the number of processes, so a run may resume on another
+  number of hosts.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator, identity: dict[str, Any]):
+    self._iterator = iterator
+    self._identity = identity
+
+  def __iter__(self) -> 'TrainIterator':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def get_state(self) -> dict[str, Any]:
+    """Returns {'next_batch': int, 'dataset', 'split', 'seed', 'global_batch_size'}."""
+    return {'next_batch': int(self._iterator.get_state()['next_index']), **self._identity}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Resumes so that the next batch is batch `state['next_batch']` of this run."""
+    changed = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+    if changed:
+      detail = ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in changed.items())
+      raise UserError(f'The checkpointed data iterator was made with other settings ({detail}); '
+                      f'resuming would not continue the same sequence of batches. Restore the '
+                      f'original settings, or start a new workdir.')
+    self._iterator.set_state({'next_index': int(state['next_batch'])})
+
+  def close(self) -> None:
+    close = getattr(self._iterator, 'close', None)
+    if close is not None:
+      close()
+
+
+def make_train_iterator(cfg, *, global_batch_size: int, seed: int, process_index: int | None = None,
+                        process_count: int | None = None) -> TrainIterator:
+  """Returns an infinite, checkpointable iterator over `cfg.train_split`.
+
+  Each epoch is a fresh global shuffle of the split (seeded by `seed` and the epoch), cut into
+  `len // global_batch_size` global batches (the remainder is dropped). Process p yields rows
+  [p * B_local, (p + 1) * B_local) of every global batch. Crop/flip (per `cfg.crop_padding`,
+  `cfg.flip`) run on the host with randomness from (seed, epoch, index), so batches do not
+  depend on `cfg.num_workers`.
+
+  Args:
+    cfg: data config (see `default_data_config`).
+    global_batch_size: batch size summed over processes.
+    seed: shuffle and augmentation seed.
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+
+  Returns:
+    `TrainIterator` yielding {'image': uint8 [B_local, H, W, C], 'label': int32 [B_local]}.
+  """
+  index, count = _process(process_index, process_count)
+  local_size = _local_batch_size(global_batch_size, count)
+  local = slice(index * local_size, (index + 1) * local_size)
+  split = cfg_get(cfg, 'train_split', 'train')
+  source = sources.open_source(cfg, split)
+  num_examples = len(source)
+  steps_per_epoch = num_examples // global_batch_size
+  if steps_per_epoch == 0:
+    raise UserError(f'Split {split!r} has {num_examples} examples, fewer than one global batch '
+                    f'of {global_batch_size}: lower the batch size or use a larger split.')
+  if seed < 0:
+    raise ValueError(f'seed must be non-negative, got {seed}.')
+  reader = _BatchReader(cfg, source, train=True, seed=seed)
+
+  @functools.lru_cache(maxsize=2)  # reader threads straddle at most two epochs
+  def permutation(epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, 0, epoch]).permutation(num_examples)
+
+  def batch(step: int, _) -> dict[str, np.ndarray]:
+    epoch, start = divmod(step, steps_per_epoch)
+    start *= global_batch_size  # the tail of each epoch's permutation is dropped
+    rows = permutation(epoch)[start + local.start:start + local.stop]
+    images, labels = reader.read(rows, step, local)
+    return {'image': reader.augment(images, step, global_batch_size, local), 'label': labels}
+
+  ds = grain.MapDataset.range(steps_per_epoch).repeat().map_with_index(batch)
+  iterator = ds.to_iter_dataset(_read_options(cfg)).__iter__()
+  identity = {'dataset': cfg_get(cfg, 'name'), 'split': split, 'seed': int(seed),
+              'global_batch_size': int(global_batch_size)}
+  return TrainIterator(iterator, identity)
+
+
+class EvalIterable:
+  """One pass over a split in fixed-size padded batches; each `iter()` starts a fresh pass.
+
+  Attributes:
+    num_examples: examples in the split (all processes together).
+  """
+
+  def __init__(self, dataset: grain.MapDataset, read_options: grain.ReadOptions,
+               num_examples: int):
+    self._dataset, self._read_options = dataset, read_options
+    self.num_examples = num_examples
+
+  def __len__(self) -> int:
+    return len(self._dataset)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self._dataset.to_iter_dataset(self._read_options).__iter__()
+
+
+def make_eval_iterator(cfg, split: str | None = None, *, global_batch_size: int,
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> EvalIterable:
+  """Returns a one-pass iterable over all of `split`, in order, without augmentation.
+
+  The split is padded up to a multiple of `global_batch_size` with zero images whose mask is 0,
+  so `sum(correct * mask) / sum(mask)` (summed over processes) covers each example exactly once.
+
+  Args:
+    cfg: data config (see `default_data_config`).
+    split: split string; default `cfg.eval_split`.
+    global_batch_size: batch size summed over processes.
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+
+  Returns:
+    `EvalIterable` yielding {'image': uint8 [B_local, H, W, C], 'label': int32 [B_local],
+    'mask': float32 [B_local]}; `len()` is the number of batches.
+  """
+  index, count = _process(process_index, process_count)
+  local_size = _local_batch_size(global_batch_size, count)
+  local = slice(index * local_size, (index + 1) * local_size)
+  split = split or cfg_get(cfg, 'eval_split', 'test')
+  source = sources.open_source(cfg, split)
+  num_examples = len(source)
+  reader = _BatchReader(cfg, source, train=False)
+  blank = reader.read(np.zeros(1, np.int64), 0, slice(0, 1))[0][0] if num_examples else None
+
+  def batch(step: int, _) -> dict[str, np.ndarray]:
+    positions = np.arange(local.start, local.stop) + step * global_batch_size
+    valid = positions < num_examples
+    if valid.any():
+      images, labels = reader.read(positions[valid], step, local)
+    else:  # a process past the end of the split in the last batch
+      images, labels = np.zeros((0, *blank.shape), np.uint8), np.zeros(0, np.int32)
+    if not valid.all():  # the last batch: pad with zeros, masked out
+      pad = int((~valid).sum())
+      images = np.concatenate([images, np.zeros((pad, *blank.shape), np.uint8)])
+      labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+    return {'image': images, 'label': labels, 'mask': valid.astype(np.float32)}
+
+  ds = grain.MapDataset.range(math.ceil(num_examples / global_batch_size)).map_with_index(batch)
+  return EvalIterable(ds, _read_options(cfg), num_examples)
+
+
+class SyntheticIterator:
+  """Yields the same random batch forever; state is empty (there is nothing to resume)."""
+
+  def __init__(self, batch: dict[str, np.ndarray]):
+    self._batch = batch
+
+  def __iter__(self) -> 'SyntheticIterator':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return self._batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    del state
+
+  def close(self) -> None:
+    pass
+
+
+def synthetic_batches(*, global_batch_size: int, image_shape: tuple[int, int, int],
+                      num_classes: int, seed: int = 0,
+                      process_count: int | None = None) -> SyntheticIterator:
+  """Returns an infinite iterator of one fixed random batch, for benchmarks (no input cost).
+
+  Args:
+    global_batch_size: batch size summed over processes.
+    image_shape: (H, W, C).
+    num_classes: labels are drawn from [0, num_classes).
+    seed: numpy seed of the batch.
+    process_count: number of processes (default `jax.process_count()`).
+
+  Returns:
+    `SyntheticIterator` yielding {'image': uint8 [B_local, H, W, C], 'label': int32 [B_local]}.
+  """
+  _, count = _process(0, process_count)
+  local = _local_batch_size(global_batch_size, count)
+  rng = np.random.default_rng(seed)
+  return SyntheticIterator({
+      'image': rng.integers(0, 256, (local, *image_shape), dtype=np.uint8),
+      'label': rng.integers(0, num_classes, (local,)).astype(np.int32),
+  })
