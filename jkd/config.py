@@ -1,0 +1,129 @@
+"""Config files and command-line overrides.
+
+A config is a Python file with `get_config(arg=None)` returning an `ml_collections.ConfigDict`
+(the big_vision / scenic convention). `--config FILE.py:ARG` passes ARG to it, and every
+`--config.a.b=value` override must name an existing field and parse to that field's type; both
+problems are reported as a `UserError` before anything is compiled.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import inspect
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+from jkd.errors import UserError
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `FILE.py[:ARG]` and applies `a.b=value` overrides (without the `--config.` prefix)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise UserError(f'Config file {path!r} does not exist. Pass --config with the path of a '
+                    'Python file that defines get_config(), e.g. configs/fashion_mnist/supervised.py.')
+  module_spec = importlib.util.spec_from_file_location(
+      f'jkd_config_{abs(hash(os.path.abspath(path)))}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # A user's file: show what broke without our traceback.
+    raise UserError(f'Config file {path!r} failed to load: {type(e).__name__}: {e}. '
+                    'Fix the file and run the command again.') from e
+  if not hasattr(module, 'get_config'):
+    raise UserError(f'Config file {path!r} has no get_config() function; define one that returns '
+                    'an ml_collections.ConfigDict.')
+  takes_arg = len(inspect.signature(module.get_config).parameters) > 0
+  if arg and not takes_arg:
+    raise UserError(f'Config file {path!r}: get_config() takes no argument but {arg!r} was given '
+                    'after the colon. Drop the ":..." part.')
+  try:
+    config = module.get_config(arg or None) if takes_arg else module.get_config()
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f'Config file {path!r} failed to load with argument {arg!r}: {e}.') from e
+  config = ml_collections.ConfigDict(config)  # Also accepts a plain dict.
+  for override in overrides:
+    apply_override(config, override)
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+  """Sets one `a.b.c=value` in place, type-checked against the existing field."""
+  key, sep, text = override.partition('=')
+  if not sep:
+    raise UserError(f'Override {override!r} has no "=". Write --config.{key}=VALUE.')
+  *parents, leaf = key.split('.')
+  node = config
+  walked = []
+  for name in parents:
+    node = _child(node, name, walked)
+    walked.append(name)
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise UserError(f'--config.{key}: {".".join(walked)!r} is a value, not a group of settings.')
+  current = _child(node, leaf, walked)
+  value = parse_value(text, current, key)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise UserError(f'--config.{key}={text}: {e}. The field currently holds '
+                    f'{current!r} ({type(current).__name__}).') from e
+
+
+def _child(node: ml_collections.ConfigDict, name: str, walked: list[str]) -> Any:
+  if name in node:
+    return node[name]
+  where = '.'.join(walked) or 'the config'
+  close = difflib.get_close_matches(name, list(node.keys()), n=3)
+  hint = f' Did you mean {", ".join(close)}?' if close else ''
+  raise UserError(f'Unknown config key {".".join(walked + [name])!r}: {where} has no field '
+                  f'{name!r}.{hint} Known fields there: {", ".join(sorted(node.keys()))}.')
+
+
+def parse_value(text: str, current: Any, key: str) -> Any:
+  """Parses `text` into the type of `current` (bool, int, float, str, tuple, list, None)."""
+  def fail(expected: str):
+    raise UserError(f'--config.{key}={text!r} is not a valid {expected} (the field holds '
+                    f'{current!r}). Pass a value of that type.')
+
+  if isinstance(current, bool):
+    lowered = text.lower()
+    if lowered in ('true', '1', 'yes'):
+      return True
+    if lowered in ('false', '0', 'no'):
+      return False
+    fail('bool (true/false)')
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      fail('integer')
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      fail('number')
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if current is None:
+      return text  # A None default takes any string (e.g. an optional path).
+    fail(type(current).__name__)
+  if isinstance(current, (tuple, list)):
+    if not isinstance(value, (tuple, list)):
+      value = (value,)
+    return type(current)(value)
+  if isinstance(current, ml_collections.ConfigDict):
+    if not isinstance(value, dict):
+      fail('dict')
+    return ml_collections.ConfigDict(value)
+  return value
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A JSON-serializable copy (tuples become lists)."""
+  return config.to_dict()

@@ -1,0 +1,27 @@
+"""Fields every run config has, with their defaults (config files start from `base_config`)."""
+from __future__ import annotations
+
+import ml_collections
+
+from jkd.optim import default_optim_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The shared run settings; a config file fills in `model` and `data` and adjusts the rest."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128
+  c.eval_batch_size = 1000
+  c.num_epochs = 10.0
+  c.total_steps = 0            # > 0 overrides num_epochs.
+  c.optim = default_optim_config()
+  c.label_smoothing = 0.0
+  c.mixup_alpha = 0.0
+  c.log_every = 50
+  c.eval_every = 0             # Steps between evals; 0 = at the end only.
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  c.init_from = ''             # A workdir whose weights initialise this run (fine-tuning).
+  c.init_prefix = ()           # Sub-tree of its params to take, e.g. ('encoder',).
+  return c

@@ -1,0 +1,105 @@
+"""Optimizers and schedules from config (optax only; nothing hand-written).
+
+`config.optim` fields: name ('adamw' | 'sgd' | 'lamb'), lr (peak, already scaled), warmup_steps,
+schedule ('cosine' | 'constant' | 'linear'), min_lr_ratio, weight_decay, b1, b2, momentum,
+nesterov, grad_clip (global norm; 0 = off), lr_batch_base (if > 0 the peak lr is
+`lr * batch_size / lr_batch_base`, the linear scaling rule of MAE (/256) and SimMIM (/512)).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jkd.errors import UserError
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name='adamw', lr=1e-3, lr_batch_base=0, warmup_steps=0, schedule='cosine',
+      min_lr_ratio=0.0, weight_decay=0.05, b1=0.9, b2=0.999, momentum=0.9, nesterov=True,
+      grad_clip=1.0))
+
+
+def peak_lr(cfg: ml_collections.ConfigDict, batch_size: int) -> float:
+  scale = batch_size / cfg.lr_batch_base if cfg.get('lr_batch_base', 0) else 1.0
+  return cfg.lr * scale
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, batch_size: int,
+                  total_steps: int) -> optax.Schedule:
+  """Linear warmup then cosine/linear decay to `min_lr_ratio · peak`, or constant."""
+  peak = peak_lr(cfg, batch_size)
+  warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+  if cfg.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup, max(total_steps, warmup + 1), end_value=peak * cfg.min_lr_ratio)
+  if cfg.schedule == 'linear':
+    return optax.join_schedules([
+        optax.linear_schedule(0.0, peak, warmup),
+        optax.linear_schedule(peak, peak * cfg.min_lr_ratio, max(total_steps - warmup, 1))],
+        [warmup])
+  if cfg.schedule == 'constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
+  raise UserError(f'config.optim.schedule={cfg.schedule!r} is unknown; use cosine, linear or '
+                  'constant.')
+
+
+def decay_mask(params: Any) -> Any:
+  """True where weight decay applies: matrices and conv kernels, not biases, norms, embeddings.
+
+  Follows timm/MAE: no decay on 1-D parameters (biases, LayerNorm/BatchNorm scales) nor on
+  position embeddings, class and mask tokens.
+  """
+  no_decay_names = ('pos_embedding', 'cls', 'mask_token', 'dist_token')
+
+  def keep(path, leaf):
+    names = [getattr(p, 'key', getattr(p, 'name', '')) for p in path]
+    return leaf.ndim > 1 and not any(n in no_decay_names for n in names)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int,
+                   lr_scale_fn=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (optimizer, schedule).
+
+  Args:
+    lr_scale_fn: optional `params -> tree of floats` multiplying each parameter's update
+      (layer-wise lr decay for fine-tuning).
+  """
+  schedule = make_schedule(cfg, batch_size, total_steps)
+  if cfg.name == 'adamw':
+    core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                       mask=decay_mask)
+  elif cfg.name == 'lamb':
+    core = optax.lamb(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                      mask=decay_mask)
+  elif cfg.name == 'sgd':
+    core = optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  else:
+    raise UserError(f'config.optim.name={cfg.name!r} is unknown; use adamw, sgd or lamb.')
+  parts = []
+  if cfg.grad_clip:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+  parts.append(core)
+  if lr_scale_fn is not None:
+    parts.append(_scale_by_tree(lr_scale_fn))
+  return optax.chain(*parts), schedule
+
+
+def _scale_by_tree(scale_fn) -> optax.GradientTransformation:
+  """Multiplies updates leaf-wise by `scale_fn(params)` (a tree of constants)."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    scales = scale_fn(updates)
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+  return optax.GradientTransformation(init, update)
