@@ -1,0 +1,95 @@
+"""The model zoo: ViTs and ResNets looked up by name.
+
+  model = jkd.models.create('vit_s16', num_classes=10, dtype=jnp.bfloat16, attention='cudnn')
+  variables = model.init(key, images)            # images (B, H, W, C)
+  logits = model.apply(variables, images)         # (B, num_classes) fp32
+
+ImageNet names default to 1000 classes; the small ones (suffix `_s` or `_p4`, for 28×28 / 32×32
+inputs) to 10.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+
+from jkd.errors import UserError
+from jkd.models.layers import param_count
+from jkd.models.resnet import ResNet
+from jkd.models.vit import ViT, attention_maps, block_outputs, posemb_sincos_2d
+
+__all__ = ['ResNet', 'ViT', 'attention_maps', 'block_outputs', 'create', 'names',
+           'param_count', 'posemb_sincos_2d']
+
+
+def _vit(width, depth, heads, patch=16, num_classes=1000):
+  return ViT, dict(num_classes=num_classes, patch_size=patch, width=width, depth=depth,
+                   num_heads=heads)
+
+
+def _resnet(stage_sizes, block='basic', width=64, stem='imagenet', num_classes=1000):
+  return ResNet, dict(num_classes=num_classes, stage_sizes=tuple(stage_sizes), block=block,
+                      width=width, stem=stem)
+
+
+_REGISTRY = {
+    'vit_ti16': _vit(192, 12, 3),
+    'vit_s16': _vit(384, 12, 6),
+    'vit_b16': _vit(768, 12, 12),
+    'vit_l16': _vit(1024, 24, 16),
+    'vit_h14': _vit(1280, 32, 16, patch=14),
+    'resnet18': _resnet([2, 2, 2, 2]),
+    'resnet34': _resnet([3, 4, 6, 3]),
+    'resnet50': _resnet([3, 4, 6, 3], block='bottleneck'),
+    # Small inputs (28×28, 32×32): no downsampling stem.
+    'resnet8_s': _resnet([1, 1, 1], width=16, stem='small', num_classes=10),
+    'resnet18_s': _resnet([2, 2, 2, 2], stem='small', num_classes=10),
+    'resnet20_s': _resnet([3, 3, 3], width=16, stem='small', num_classes=10),
+    'vit_nano_p4': _vit(96, 4, 3, patch=4, num_classes=10),
+    'vit_mini_p4': _vit(192, 6, 3, patch=4, num_classes=10),
+    'vit_small_p4': _vit(256, 8, 4, patch=4, num_classes=10),
+}
+
+
+def names() -> list[str]:
+  """The registered model names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def fields(name: str) -> list[str]:
+  """The fields `create(name, ...)` accepts as overrides, sorted."""
+  cls, _ = _lookup(name)
+  return _fields(cls)
+
+
+def create(name: str, **overrides) -> nn.Module:
+  """Builds a registered model, with some of its fields replaced.
+
+  Args:
+    name: one of `names()`.
+    **overrides: module fields to replace, e.g. num_classes=10, dtype=jnp.bfloat16,
+      attention='cudnn', drop_path=0.1.
+
+  Returns:
+    An unbound Flax Linen module.
+
+  Raises:
+    UserError: unknown name, or a field the model does not have.
+  """
+  cls, defaults = _lookup(name)
+  valid = _fields(cls)
+  unknown = sorted(set(overrides) - set(valid))
+  if unknown:
+    raise UserError(f'model {name!r} has no field(s) {", ".join(unknown)}; '
+                    f'valid fields: {", ".join(valid)}.')
+  return cls(**{**defaults, **overrides})
+
+
+def _lookup(name: str):
+  if name not in _REGISTRY:
+    raise UserError(f'unknown model {name!r}; available models: {", ".join(names())}.')
+  return _REGISTRY[name]
+
+
+def _fields(cls) -> list[str]:
+  # `parent` and `name` are Flax plumbing, not model settings.
+  return sorted(f.name for f in dataclasses.fields(cls) if f.name not in ('parent', 'name'))

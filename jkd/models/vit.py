@@ -1,0 +1,402 @@
+"""Vision Transformer (Dosovitskiy et al. 2021), laid out for MIM pretraining and distillation.
+
+Parameters are fp32 and carry logical axis names; `dtype` is the compute dtype. Intermediate
+features are sown into the 'intermediates' collection; apply with `mutable=['intermediates']`
+to read them (see `ViT`). The pretraining code reuses the parts by name: `patch_embed`,
+`pos_embedding`, `cls`, `encoder`, `head`, and the method `ViT.embed`.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jkd.errors import UserError
+from jkd.models.layers import DropPath, logical
+
+Dtype = Any
+
+# timm / MAE use eps 1e-6; matching it keeps PyTorch checkpoint imports exact.
+LN_EPS = 1e-6
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', None)
+
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros
+
+
+class AttentionConfigError(UserError, ValueError):
+  """An attention implementation that cannot run with the chosen settings."""
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
+                     dtype: Dtype = jnp.float32) -> jax.Array:
+  """Fixed 2-D sin-cos position embedding (MAE, big_vision).
+
+  The first half of the channels encodes the row (y), the second half the column (x); each half
+  is [sin(pos * omega), cos(pos * omega)] with omega_k = temperature^(-k / (width/4 - 1)), as
+  big_vision's `posemb_sincos_2d`.
+
+  Args:
+    h: grid height in patches.
+    w: grid width in patches.
+    width: embedding width; must be divisible by 4.
+    temperature: the base of the frequencies.
+    dtype: output dtype.
+
+  Returns:
+    (1, h*w, width) array, rows in raster order (row-major over the grid).
+  """
+  if width % 4:
+    raise UserError(f'sincos2d position embedding needs a width divisible by 4, got {width}: '
+                    "choose another width or posemb='learn'.")
+  y, x = np.mgrid[:h, :w]
+  quarter = width // 4
+  omega = np.arange(quarter) / max(quarter - 1, 1)
+  omega = 1. / (temperature**omega)
+  y = np.einsum('n,d->nd', y.reshape(-1), omega)
+  x = np.einsum('n,d->nd', x.reshape(-1), omega)
+  pe = np.concatenate([np.sin(y), np.cos(y), np.sin(x), np.cos(x)], axis=1)
+  return jnp.asarray(pe, dtype)[None]
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches to tokens by a strided convolution.
+
+  Attributes:
+    patch_size: patch side p in pixels.
+    width: token width D.
+    dtype: compute dtype.
+  """
+  patch_size: int
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """Args: images (B, H, W, C). Returns tokens (B, (H/p)*(W/p), D), raster order."""
+    p = self.patch_size
+    if images.shape[1] % p or images.shape[2] % p:
+      raise UserError(f'image size {images.shape[1:3]} is not divisible by the patch size {p}: '
+                      'resize the images or pick a model with another patch size.')
+    # Input channels (3 for RGB) are too few to shard: leave that axis unnamed.
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
+                bias_init=logical(_zeros, ('embed',)), name='proj')(images)
+    b, gh, gw, d = x.shape
+    return x.reshape(b, gh * gw, d)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a switchable kernel.
+
+  Without a mutable 'intermediates' collection the product runs through
+  `jax.nn.dot_product_attention(implementation=...)` (the fast path; 'cudnn' is the fused
+  flash kernel on NVIDIA GPUs). When 'intermediates' is mutable the attention is computed
+  explicitly instead so that it can be sown for distillation: 'attn' (B, H, L, L) fp32 rows
+  summing to 1, and 'q', 'k', 'v' each (B, H, L, d) in `dtype`.
+
+  Attributes:
+    num_heads: H; the token width must be divisible by it.
+    dtype: compute dtype. cuDNN needs bf16 or fp16.
+    implementation: 'xla', 'cudnn' or None (jax chooses).
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  implementation: str | None = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, seq_lengths: jax.Array | None = None) -> jax.Array:
+    """Self-attention over the tokens.
+
+    Args:
+      x: tokens (B, L, D).
+      seq_lengths: optional (B,) int true lengths; tokens at or past the length are padding,
+        never attended to, and their outputs are zero.
+
+    Returns:
+      (B, L, D) in `dtype`.
+    """
+    d_model = x.shape[-1]
+    if d_model % self.num_heads:
+      raise UserError(f'width {d_model} is not divisible by num_heads {self.num_heads}.')
+    head_dim = d_model // self.num_heads
+    if self.implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise AttentionConfigError(
+          f'unknown attention implementation {self.implementation!r}; '
+          f'use one of {ATTENTION_IMPLEMENTATIONS}.')
+
+    def proj(name):
+      return nn.DenseGeneral(
+          (self.num_heads, head_dim), dtype=self.dtype, name=name,
+          kernel_init=logical(_xavier, ('embed', 'heads', 'kv')),
+          bias_init=logical(_zeros, ('heads', 'kv')))(x)
+
+    q, k, v = proj('query'), proj('key'), proj('value')  # (B, L, H, d) each.
+    if seq_lengths is not None:
+      seq_lengths = jnp.asarray(seq_lengths, jnp.int32)
+
+    if self.is_mutable_collection('intermediates'):
+      out = self._explicit(q, k, v, seq_lengths)
+    else:
+      if self.implementation == 'cudnn' and jnp.dtype(q.dtype) not in (
+          jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise AttentionConfigError(
+            f"attention='cudnn' needs bf16 or fp16 compute, but dtype is {jnp.dtype(q.dtype)}: "
+            "pass dtype=jnp.bfloat16 or use attention='xla'.")
+      out = jax.nn.dot_product_attention(
+          q, k, v, implementation=self.implementation,
+          query_seq_lengths=seq_lengths, key_value_seq_lengths=seq_lengths)
+
+    return nn.DenseGeneral(
+        d_model, axis=(-2, -1), dtype=self.dtype, name='out',
+        kernel_init=logical(_xavier, ('heads', 'kv', 'embed')),
+        bias_init=logical(_zeros, ('embed',)))(out)
+
+  def _explicit(self, q, k, v, seq_lengths):
+    """Reference attention, the same recipe as jax's 'xla' path; sows probs and q, k, v."""
+    head_dim = q.shape[-1]
+    # fp32 logits and softmax whatever the compute dtype, as jax.nn.dot_product_attention does.
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1. / np.sqrt(head_dim))
+    if seq_lengths is not None:
+      valid = jnp.arange(q.shape[1])[None, :] < seq_lengths[:, None]  # (B, L)
+      mask = valid[:, None, :, None] & valid[:, None, None, :]
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min * 0.7)
+    probs = jax.nn.softmax(logits, axis=-1)
+    self.sow('intermediates', 'attn', probs)
+    for name, t in (('q', q), ('k', k), ('v', v)):
+      self.sow('intermediates', name, t.transpose(0, 2, 1, 3))
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+    if seq_lengths is not None:
+      out = out * valid[:, :, None, None].astype(out.dtype)
+    return out
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: Dense(mlp_dim) -> GELU -> Dropout -> Dense(D) -> Dropout.
+
+  Attributes:
+    mlp_dim: hidden width.
+    dtype: compute dtype.
+    dropout: dropout rate after each dense layer.
+  """
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Args: x (B, L, D). Returns (B, L, D)."""
+    d_model = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name='fc1',
+                 kernel_init=logical(_xavier, ('embed', 'mlp')),
+                 bias_init=logical(_zeros, ('mlp',)))(x)
+    # Exact (erf) GELU, as timm and PyTorch use: imported checkpoints then give the same outputs.
+    x = nn.gelu(x, approximate=False)
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = nn.Dense(d_model, dtype=self.dtype, name='fc2',
+                 kernel_init=logical(_xavier, ('mlp', 'embed')),
+                 bias_init=logical(_zeros, ('embed',)))(x)
+    return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name,
+                      scale_init=logical(nn.initializers.ones, ('embed',)),
+                      bias_init=logical(_zeros, ('embed',)))
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)).
+
+  Sows 'intermediates' 'out' (B, L, D): the block's output. The attention's maps are under
+  its submodule 'attn'.
+
+  Attributes:
+    num_heads: attention heads.
+    mlp_dim: MLP hidden width.
+    dropout: dropout rate (attention output and MLP).
+    drop_path: stochastic-depth rate of both residual branches.
+    dtype: compute dtype.
+    attention: attention implementation, see `Attention`.
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.
+  drop_path: float = 0.
+  dtype: Dtype = jnp.float32
+  attention: str | None = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool,
+               seq_lengths: jax.Array | None = None) -> jax.Array:
+    """Args: x (B, L, D); seq_lengths optional (B,) int. Returns (B, L, D)."""
+    y = _layer_norm('ln1', self.dtype)(x)
+    y = Attention(self.num_heads, self.dtype, self.attention, name='attn')(
+        y, seq_lengths=seq_lengths)
+    y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    x = x + DropPath(self.drop_path)(y, train=train)
+    y = _layer_norm('ln2', self.dtype)(x)
+    y = MlpBlock(self.mlp_dim, self.dtype, self.dropout, name='mlp')(y, train=train)
+    x = x + DropPath(self.drop_path)(y, train=train)
+    self.sow('intermediates', 'out', x)
+    return x
+
+
+class Encoder(nn.Module):
+  """A stack of `Encoder1DBlock`s ('block0', ...) and a final LayerNorm 'encoder_norm'.
+
+  Intermediates (apply with mutable=['intermediates']) under 'block{i}': 'out' (B, L, D), the
+  block output, and 'attn': {'attn' (B, H, L, L), 'q', 'k', 'v' (B, H, L, d)}. The block output
+  sits in the block's own subtree (not at key 'block{i}' itself) because that key is the
+  block's subtree. `block_outputs` / `attention_maps` collect them as lists.
+
+  Attributes:
+    depth: number of blocks.
+    num_heads: attention heads.
+    mlp_dim: MLP hidden width.
+    dropout: dropout rate.
+    drop_path: stochastic-depth rate of the last block; it rises linearly from 0 at block 0.
+    dtype: compute dtype.
+    attention: attention implementation, see `Attention`.
+  """
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.
+  drop_path: float = 0.
+  dtype: Dtype = jnp.float32
+  attention: str | None = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool,
+               seq_lengths: jax.Array | None = None) -> jax.Array:
+    """Args: x (B, L, D); seq_lengths optional (B,) int. Returns normed tokens (B, L, D)."""
+    for i in range(self.depth):
+      rate = self.drop_path * i / max(self.depth - 1, 1)
+      x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, rate, self.dtype,
+                         self.attention, name=f'block{i}')(
+                             x, train=train, seq_lengths=seq_lengths)
+    return _layer_norm('encoder_norm', self.dtype)(x)
+
+
+class ViT(nn.Module):
+  """Vision Transformer classifier.
+
+  Intermediates (apply with mutable=['intermediates']; each value is a 1-tuple, as `sow` stores
+  it): 'patch_embed' (B, L, D) tokens entering the encoder (position embedding added, class
+  token prepended when pool='token'); 'encoder' (see `Encoder`); 'pre_logits' (B, D) fp32.
+
+  Attributes:
+    num_classes: classes of the head; 0 means no head, and `__call__` returns pre-logits.
+    patch_size: patch side in pixels.
+    width: token width D.
+    depth: number of blocks.
+    num_heads: attention heads.
+    mlp_dim: MLP hidden width; None means 4 * width.
+    pool: 'gap' (mean of the patch tokens, no class token: 196 tokens at 224/16, a length
+      cuDNN accepts) or 'token' (class token 'cls').
+    posemb: 'learn' (param 'pos_embedding', (1, gh*gw, D), patches only) or 'sincos2d' (fixed).
+    dropout: dropout rate.
+    drop_path: stochastic-depth rate of the last block.
+    dtype: compute dtype; parameters stay fp32 and logits are returned as fp32.
+    attention: 'xla', 'cudnn' or None; see `Attention`.
+    head_zero_init: zero-initialise the head (the usual ViT recipe).
+  """
+  num_classes: int
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int | None = None
+  pool: str = 'gap'
+  posemb: str = 'learn'
+  dropout: float = 0.
+  drop_path: float = 0.
+  dtype: Dtype = jnp.float32
+  attention: str | None = 'xla'
+  head_zero_init: bool = True
+
+  def setup(self):
+    if self.pool not in ('gap', 'token'):
+      raise UserError(f"unknown pool {self.pool!r}: use 'gap' or 'token'.")
+    if self.posemb not in ('learn', 'sincos2d'):
+      raise UserError(f"unknown posemb {self.posemb!r}: use 'learn' or 'sincos2d'.")
+    self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
+    self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width,
+                           self.dropout, self.drop_path, self.dtype, self.attention)
+    if self.pool == 'token':
+      self.cls = self.param('cls', logical(_zeros, (None, None, 'embed')), (1, 1, self.width))
+    if self.num_classes:
+      head_init = _zeros if self.head_zero_init else _xavier
+      # The head runs in fp32: it is tiny, and the logits feed losses that need the precision.
+      self.head = nn.Dense(self.num_classes, dtype=jnp.float32,
+                           kernel_init=logical(head_init, ('embed', 'classes')),
+                           bias_init=logical(_zeros, ('classes',)))
+    self.token_dropout = nn.Dropout(self.dropout)
+
+  @nn.compact
+  def embed(self, images: jax.Array) -> jax.Array:
+    """Patch tokens plus position embedding: the part MIM pretraining masks.
+
+    Args:
+      images: (B, H, W, C) float.
+
+    Returns:
+      (B, gh*gw, D) in `dtype`, no class token. With posemb='learn' this owns the param
+      'pos_embedding' (1, gh*gw, D), sized from the images seen at init.
+    """
+    x = self.patch_embed(images.astype(self.dtype))
+    if self.posemb == 'learn':
+      pos = self.param('pos_embedding',
+                       logical(nn.initializers.normal(0.02), (None, 'pos', 'embed')),
+                       (1, x.shape[1], self.width))
+    else:
+      pos = posemb_sincos_2d(images.shape[1] // self.patch_size,
+                             images.shape[2] // self.patch_size, self.width)
+    return x + pos.astype(self.dtype)
+
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    """Classifies images.
+
+    Args:
+      images: (B, H, W, C) float, H and W divisible by `patch_size`.
+      train: enables dropout and stochastic depth (needs a 'dropout' rng when they are > 0).
+
+    Returns:
+      logits (B, num_classes) fp32, or pre-logits (B, D) fp32 when num_classes == 0.
+    """
+    x = self.embed(images)
+    if self.pool == 'token':
+      cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))
+      x = jnp.concatenate([cls, x], axis=1)
+    self.sow('intermediates', 'patch_embed', x)
+    x = self.token_dropout(x, deterministic=not train)
+    x = self.encoder(x, train=train)
+    x = x[:, 0] if self.pool == 'token' else x.mean(axis=1)
+    x = x.astype(jnp.float32)
+    self.sow('intermediates', 'pre_logits', x)
+    if not self.num_classes:
+      return x
+    return self.head(x)
+
+
+def block_outputs(intermediates) -> list[jax.Array]:
+  """Block outputs [(B, L, D)] in depth order, from a ViT's (or an Encoder's) intermediates."""
+  enc = intermediates.get('encoder', intermediates)
+  return [enc[f'block{i}']['out'][0] for i in range(_num_blocks(enc))]
+
+
+def attention_maps(intermediates, what: str = 'attn') -> list[jax.Array]:
+  """Per-block 'attn' (B, H, L, L) or 'q' / 'k' / 'v' (B, H, L, d), in depth order."""
+  enc = intermediates.get('encoder', intermediates)
+  return [enc[f'block{i}']['attn'][what][0] for i in range(_num_blocks(enc))]
+
+
+def _num_blocks(enc) -> int:
+  n = 0
+  while f'block{n}' in enc:
+    n += 1
+  return n
