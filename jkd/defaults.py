@@ -10,6 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
   """The shared run settings; a config file fills in `model` and `data` and adjusts the rest."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.rng_impl = 'rbg'           # or 'threefry2x32' (portable bits, slower compile).
   c.batch_size = 128
   c.eval_batch_size = 1000
   c.num_epochs = 10.0

@@ -7,6 +7,10 @@ import sys
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The suite compiles the same small programs in many processes: share XLA's persistent cache.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(os.path.expanduser('~'), '.cache', 'jkd-test-xla'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUPERVISED = os.path.join(REPO, 'configs', 'fashion_mnist', 'supervised.py')
 

@@ -1,0 +1,114 @@
+"""Orbax checkpoints of a run: train state, data-iterator position and run metadata.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. Saves are asynchronous and atomic
+(Orbax writes to a temporary directory and renames), so a run killed mid-save leaves the
+previous checkpoints intact. Restores take a tree of `jax.ShapeDtypeStruct`s with shardings, so a
+checkpoint saved on one mesh restores onto another.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jkd.errors import UserError
+
+CHECKPOINT_DIR = 'checkpoints'
+FORMAT_VERSION = 1
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+class RunCheckpointer:
+  """Keeps the last `keep` checkpoints of one run; `save` is async, `wait` blocks."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, create: bool = True):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'data', 'meta'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+    meta = dict(meta, format_version=FORMAT_VERSION, step=int(step))
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, abstract_state: Any, *, expect_kind: str | None = None,
+              step: int | None = None) -> tuple[Any, dict, dict]:
+    """Restores (state, data_state, meta) onto the shardings in `abstract_state`."""
+    step = self.latest_step() if step is None else step
+    meta = self.read_meta(step)
+    if expect_kind and meta.get('kind') != expect_kind:
+      raise UserError(
+          f'The checkpoint in {self.directory} was written by a {meta.get("kind")!r} run, but '
+          f'this is a {expect_kind!r} run. Use a fresh --workdir for this run (the existing '
+          'checkpoints were left untouched), or run the command that wrote them.')
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types for structure/shape mismatches.
+      raise UserError(
+          f'Could not restore checkpoint step {step} from {self.directory}: it does not match '
+          f'this config\'s model or optimizer ({type(e).__name__}: {str(e)[:300]}). Use the '
+          'config the run was started with, or a fresh --workdir; the existing checkpoints were '
+          'left untouched.') from e
+    return restored['state'], dict(restored['data'] or {}), meta
+
+  def read_meta(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f'No checkpoint found in {self.directory}.')
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return dict(restored['meta'])
+    except Exception as e:
+      raise UserError(f'The checkpoint step {step} in {self.directory} is unreadable or not a jkd '
+                      f'checkpoint ({type(e).__name__}: {str(e)[:200]}). Point to a jkd workdir, '
+                      'or remove the damaged step directory.') from e
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    if self.manager is not None:
+      self.manager.wait_until_finished()
+      self.manager.close()
+      self.manager = None
+
+
+def load_arrays(workdir: str, step: int | None = None) -> tuple[dict, dict]:
+  """Loads a workdir's saved state as host numpy arrays (no target tree needed).
+
+  Used to initialise from another run (fine-tuning, a teacher): returns (state_tree, meta), where
+  state_tree has keys `params`, `model_state`, `opt_state`, `step`.
+  """
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise UserError(f'{workdir!r} has no checkpoints/ directory: it is not a jkd workdir, or its '
+                    'run has not saved yet. Point to the --workdir of a finished jkd run.')
+  ckpt = RunCheckpointer(workdir, create=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise UserError(f'{checkpoint_dir(workdir)} holds no complete checkpoint.')
+  meta = ckpt.read_meta(step)
+  try:
+    item_meta = ckpt.manager.item_metadata(step)['state']
+    tree = getattr(item_meta, 'tree', item_meta)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+  except Exception as e:
+    raise UserError(f'Could not read the weights of {checkpoint_dir(workdir)} step {step} '
+                    f'({type(e).__name__}: {str(e)[:200]}).') from e
+  ckpt.close()
+  return restored['state'], meta

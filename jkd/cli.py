@@ -1,0 +1,108 @@
+"""The `jkd` command.
+
+  jkd train    --config FILE.py[:ARG] --workdir DIR [--config.a.b=value ...]
+  jkd pretrain --config FILE.py[:ARG] --workdir DIR [...]
+  jkd distill  --config FILE.py[:ARG] --workdir DIR [...]
+  jkd eval     --workdir DIR [--split test]
+
+Bad input ends with exit code 2 and one paragraph naming the problem and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import textwrap
+
+from jkd.errors import UserError
+
+# command -> (module with build_task(config, workdir) and a run function, run function name)
+TRAINERS = {
+    'train': ('jkd.trainers.supervised', 'train'),
+    'pretrain': ('jkd.trainers.pretrain', 'train'),
+    'distill': ('jkd.trainers.distill', 'train'),
+}
+# Checkpoint `kind` -> the trainer that can rebuild its Task (for `jkd eval`).
+KIND_TO_COMMAND = {'train': 'train', 'pretrain': 'pretrain', 'distill': 'distill'}
+
+DESCRIPTIONS = {
+    'train': 'supervised training of a teacher or a student',
+    'pretrain': 'SimMIM or MAE masked-image-modeling pretraining (config.method)',
+    'distill': 'teacher -> student distillation (config.teacher.workdir)',
+    'eval': "evaluate a workdir's latest checkpoint on a split (writes eval.json)",
+}
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.'):
+      body = arg[len('--config.'):]
+      if '=' not in body:
+        if i + 1 >= len(argv):
+          raise UserError(f'{arg} needs a value: write {arg}=VALUE.')
+        body, i = f'{body}={argv[i + 1]}', i + 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='jkd', description='jkd: JAX/Flax training backend for compressing vision models.',
+      epilog='Every command takes --config FILE.py[:ARG], --workdir DIR and any number of '
+             '--config.a.b=value overrides, and resumes from DIR/checkpoints when it exists.')
+  sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+  for name in TRAINERS:
+    p = sub.add_parser(name, help=DESCRIPTIONS[name])
+    p.add_argument('--config', required=True, help='config file, FILE.py or FILE.py:ARG')
+    p.add_argument('--workdir', required=True, help='output and checkpoint directory')
+  p = sub.add_parser('eval', help=DESCRIPTIONS['eval'])
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--config', default=None,
+                 help='config file (default: the config stored with the checkpoint)')
+  p.add_argument('--split', default=None, help="TFDS-style split, e.g. test or 'train[:1000]'")
+  return parser
+
+
+def _run_training(command: str, args, overrides: list[str]) -> dict:
+  from jkd.config import load_config
+  config = load_config(args.config, overrides)
+  os.makedirs(args.workdir, exist_ok=True)
+  module_name, fn_name = TRAINERS[command]
+  module = importlib.import_module(module_name)
+  return getattr(module, fn_name)(config, args.workdir)
+
+
+def _run_eval(args, overrides: list[str]) -> dict:
+  from jkd.evaluate import evaluate_workdir
+  result = evaluate_workdir(args.workdir, config_spec=args.config, overrides=overrides,
+                            split=args.split)
+  print(json.dumps(result, indent=2))
+  return result
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    rest, overrides = _split_overrides(argv)
+    args = _parser().parse_args(rest)
+    if args.command == 'eval':
+      _run_eval(args, overrides)
+    else:
+      _run_training(args.command, args, overrides)
+    return 0
+  except UserError as e:
+    message = textwrap.fill(str(e), width=100)
+    print(f'jkd {argv[0] if argv else ""}: error: {message}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

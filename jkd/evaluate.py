@@ -1,0 +1,70 @@
+"""`jkd eval`: evaluate a workdir's latest checkpoint on a split, writing `eval.json`."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+
+import jax
+import ml_collections
+
+from jkd import loop, parallel
+from jkd.checkpoint import RunCheckpointer, checkpoint_dir
+from jkd.errors import UserError
+
+
+def _config_from_meta(meta: dict) -> ml_collections.ConfigDict:
+  if 'config' not in meta:
+    raise UserError('This checkpoint stores no config; pass --config FILE.py (the one the run '
+                    'used).')
+  return ml_collections.ConfigDict(meta['config'])
+
+
+def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=(),
+                     split: str | None = None) -> dict:
+  """Restores the latest checkpoint of `workdir` and evaluates it on `split` (default: the
+  config's eval split). Returns and writes `workdir/eval.json`."""
+  from jkd.cli import KIND_TO_COMMAND, TRAINERS
+  from jkd.config import apply_override, load_config
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise UserError(f'{workdir!r} has no checkpoints/: not a jkd workdir, or nothing saved yet.')
+  ckpt = RunCheckpointer(workdir, create=False)
+  meta = ckpt.read_meta()
+  if config_spec:
+    config = load_config(config_spec, overrides)
+  else:
+    config = _config_from_meta(meta)
+    for o in overrides:
+      apply_override(config, o)
+  if split:
+    config.data.eval_split = split
+  kind = meta.get('kind')
+  if kind not in KIND_TO_COMMAND:
+    raise UserError(f'jkd eval does not know checkpoints of kind {kind!r} yet.')
+  module = importlib.import_module(TRAINERS[KIND_TO_COMMAND[kind]][0])
+  task = module.build_task(config, workdir)
+  if task.eval_step is None:
+    raise UserError(f'A {kind!r} run has no evaluation.')
+
+  mesh = parallel.make_mesh(config.get('mesh'))
+  key = jax.random.key(config.seed, impl=config.get('rng_impl', 'rbg'))
+  abstract = jax.eval_shape(task.init_state, key)
+  shardings = parallel.tree_shardings(abstract, mesh)
+  import flax.linen as nn
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(abstract), shardings)
+  state, _, _ = ckpt.restore(abstract, expect_kind=kind)
+  ckpt.close()
+  t0 = time.perf_counter()
+  eval_fn = jax.jit(task.eval_step, out_shardings=parallel.replicated(mesh))
+  results = loop.evaluate(eval_fn, state, task.eval_batches(), mesh, task.extra_args)
+  out = {'split': config.data.eval_split, 'step': int(state.step), 'kind': kind,
+         'model': meta.get('model'), **results,
+         'wall_s': round(time.perf_counter() - t0, 2)}
+  if 'accuracy' in out:
+    out['test_accuracy'] = out['accuracy']
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+      json.dump(out, f, indent=2)
+  return out

@@ -1,0 +1,109 @@
+"""Run outputs: `metrics.jsonl`, TensorBoard event files, and a progress line on stdout.
+
+Only process 0 writes. Every JSONL line has `step`; train lines have `loss` and
+`examples_per_sec`; eval lines have `split` and `accuracy`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+
+
+def _scalar(v: Any) -> Any:
+  if hasattr(v, 'item'):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN; keep it visible.
+  return v
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
+
+
+class MetricWriter:
+  """Appends metrics to JSONL and TensorBoard, prints progress lines."""
+
+  def __init__(self, workdir: str, *, total_steps: int, label: str = 'train',
+               tensorboard: bool = True, stream=None):
+    self.is_main = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.label = label
+    self.stream = stream or sys.stdout
+    self._tb = None
+    if self.is_main:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter
+          self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        except ImportError:  # TensorBoard files are a convenience, JSONL is the record.
+          self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, Any], prefix: str = '') -> None:
+    if not self.is_main:
+      return
+    record = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(f'{prefix}{k}', v, step)
+
+  def progress(self, step: int, loss: float, examples_per_sec: float, eta_s: float,
+               extra: str = '') -> None:
+    if not self.is_main:
+      return
+    width = len(str(self.total_steps))
+    line = (f'[{self.label}] step {step:>{width}}/{self.total_steps}  loss {loss:.4f}  '
+            f'{examples_per_sec:,.0f} ex/s  ETA {format_duration(eta_s)}')
+    print(line + (f'  {extra}' if extra else ''), file=self.stream, flush=True)
+
+  def info(self, text: str) -> None:
+    if self.is_main:
+      print(f'[{self.label}] {text}', file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self.is_main and not self._jsonl.closed:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+class Throughput:
+  """Examples/s over the interval since the last call, excluding the first (compile) step."""
+
+  def __init__(self):
+    self.t0 = None
+    self.n = 0
+    self.total_time = 0.0
+    self.total_examples = 0
+
+  def start(self) -> None:
+    self.t0, self.n = time.perf_counter(), 0
+
+  def add(self, examples: int) -> None:
+    self.n += examples
+
+  def rate(self) -> float:
+    """Examples/s since start(); restarts the interval."""
+    now = time.perf_counter()
+    dt = now - self.t0 if self.t0 is not None else 0.0
+    rate = self.n / dt if dt > 0 else 0.0
+    self.total_time += dt
+    self.total_examples += self.n
+    self.t0, self.n = now, 0
+    return rate
+
+  def overall(self) -> float:
+    return self.total_examples / self.total_time if self.total_time > 0 else 0.0

@@ -1,0 +1,100 @@
+"""Supervised classification: `jkd train`.
+
+Cross-entropy with label smoothing and optional mixup, optax optimizer from `config.optim`, bf16
+compute with fp32 parameters when `config.model.dtype='bfloat16'`. Reads top to bottom:
+data -> model -> optimizer -> init -> step -> Task for `jkd.loop.run`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jkd import data, loop
+from jkd.optim import layerwise_lr_scales, make_optimizer
+from jkd.trainers import common
+
+
+def cross_entropy_step(model, tx, schedule, *, mean, std, dtype, num_classes: int,
+                       label_smoothing: float = 0.0, mixup_alpha: float = 0.0):
+  """Returns `step(state, batch, key) -> (state, metrics)` for softmax cross-entropy.
+
+  batch: image uint8 (B, H, W, C), label int32 (B,). The key is folded with the step number so
+  a resumed run draws the same randomness as an uninterrupted one.
+  """
+  def step(state: loop.TrainState, batch, key):
+    key = jax.random.fold_in(key, state.step)
+    mix_key, dropout_key = jax.random.split(key)
+    images = data.normalize(batch['image'], mean, std, dtype)
+    targets = jax.nn.one_hot(batch['label'], num_classes)
+    if mixup_alpha > 0:
+      images, targets = data.mixup(mix_key, images, targets, mixup_alpha)
+    if label_smoothing > 0:
+      targets = optax.smooth_labels(targets, label_smoothing)
+
+    def loss_fn(params):
+      logits, model_state, _ = common.apply_model(model, params, state.model_state, images,
+                                                  train=True, key=dropout_key)
+      logits = logits.astype(jnp.float32)
+      return optax.softmax_cross_entropy(logits, targets).mean(), (logits, model_state)
+
+    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    new_state = state.apply_gradients(grads, tx, model_state=model_state)
+    metrics = {
+        'loss': loss,
+        'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+        'grad_norm': optax.global_norm(grads),
+        'lr': schedule(state.step),
+    }
+    return new_state, metrics
+  return step
+
+
+def build_task(config, workdir: str) -> loop.Task:
+  """The supervised Task for `jkd.loop.run`."""
+  info = data.get_info(config.data)
+  shape = common.input_shape(info, config.data)
+  model = common.create_model(config.model, info.num_classes)
+  dtype = common.compute_dtype(config.model.get('dtype', 'float32'))
+  steps = common.total_steps(config, info.num_examples[config.data.train_split])
+  # Layer-wise lr decay (fine-tuning a pretrained ViT); 0 or absent = off.
+  layer_decay = config.optim.get('layer_decay', 0.0)
+  lr_scale_fn = (lambda p: layerwise_lr_scales(p, layer_decay)) if layer_decay else None
+  tx, schedule = make_optimizer(config.optim, config.batch_size, steps, lr_scale_fn=lr_scale_fn)
+
+  def init_state(key):
+    params, model_state = common.init_variables(model, key, shape)
+    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           model_state=model_state, opt_state=tx.init(params))
+
+  on_init = None
+  if config.get('init_from'):
+    on_init = lambda state: common.load_init_from(  # noqa: E731
+        config.init_from, state, params_prefix=tuple(config.get('init_prefix', ()) or ()))
+
+  return loop.Task(
+      kind='train',
+      init_state=init_state,
+      train_step=cross_entropy_step(
+          model, tx, schedule, mean=info.mean, std=info.std, dtype=dtype,
+          num_classes=info.num_classes, label_smoothing=config.get('label_smoothing', 0.0),
+          mixup_alpha=config.get('mixup_alpha', 0.0)),
+      eval_step=common.classification_eval_step(model, info.mean, info.std, dtype,
+                                                info.num_classes),
+      train_iterator=data.make_train_iterator(config.data, global_batch_size=config.batch_size,
+                                              seed=config.seed),
+      eval_batches=lambda: data.make_eval_iterator(
+          config.data, config.data.eval_split,
+          global_batch_size=config.get('eval_batch_size', config.batch_size)),
+      global_batch_size=config.batch_size,
+      total_steps=steps,
+      meta={'model': config.model.name, 'dataset': config.data.name,
+            'num_classes': info.num_classes, 'image_shape': list(shape)},
+      on_init=on_init,
+  )
+
+
+def train(config, workdir: str) -> dict:
+  """Runs `jkd train`: returns the summary (also in `workdir/summary.json`)."""
+  return loop.run(build_task(config, workdir), config, workdir, label='train')
