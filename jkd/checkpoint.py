@@ -8,6 +8,7 @@ checkpoint saved on one mesh restores onto another.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -105,8 +106,10 @@ def load_arrays(workdir: str, step: int | None = None) -> tuple[dict, dict]:
     item_meta = ckpt.manager.item_metadata(step)['state']
     tree = getattr(item_meta, 'tree', item_meta)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    with warnings.catch_warnings():  # "Sharding info not provided": host arrays need none.
+      warnings.simplefilter('ignore', UserWarning)
+      restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(restore_args=restore_args)))
   except Exception as e:
     raise UserError(f'Could not read the weights of {checkpoint_dir(workdir)} step {step} '
                     f'({type(e).__name__}: {str(e)[:200]}).') from e

@@ -4,6 +4,7 @@
   jkd pretrain --config FILE.py[:ARG] --workdir DIR [...]
   jkd distill  --config FILE.py[:ARG] --workdir DIR [...]
   jkd eval     --workdir DIR [--split test]
+  jkd bench    --config FILE.py[:ARG] --workdir DIR [...]
 
 Bad input ends with exit code 2 and one paragraph naming the problem and the fix.
 """
@@ -32,6 +33,7 @@ DESCRIPTIONS = {
     'pretrain': 'SimMIM or MAE masked-image-modeling pretraining (config.method)',
     'distill': 'teacher -> student distillation (config.teacher.workdir)',
     'eval': "evaluate a workdir's latest checkpoint on a split (writes eval.json)",
+    'bench': 'time train steps on synthetic data on the available accelerator (bench.json)',
 }
 
 
@@ -63,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=DESCRIPTIONS[name])
     p.add_argument('--config', required=True, help='config file, FILE.py or FILE.py:ARG')
     p.add_argument('--workdir', required=True, help='output and checkpoint directory')
+  p = sub.add_parser('bench', help=DESCRIPTIONS['bench'])
+  p.add_argument('--config', required=True, help='config file, e.g. configs/bench/vit_b16.py')
+  p.add_argument('--workdir', required=True, help='where bench.json is written')
   p = sub.add_parser('eval', help=DESCRIPTIONS['eval'])
   p.add_argument('--workdir', required=True)
   p.add_argument('--config', default=None,
@@ -80,6 +85,12 @@ def _run_training(command: str, args, overrides: list[str]) -> dict:
   return getattr(module, fn_name)(config, args.workdir)
 
 
+def _run_bench(args, overrides: list[str]) -> dict:
+  from jkd import bench
+  from jkd.config import load_config
+  return bench.run(load_config(args.config, overrides), args.workdir)
+
+
 def _run_eval(args, overrides: list[str]) -> dict:
   from jkd.evaluate import evaluate_workdir
   result = evaluate_workdir(args.workdir, config_spec=args.config, overrides=overrides,
@@ -88,13 +99,27 @@ def _run_eval(args, overrides: list[str]) -> dict:
   return result
 
 
+def _quiet_libraries() -> None:
+  """Orbax logs every save through absl at INFO/WARNING; the progress lines are ours."""
+  import logging
+  logging.getLogger('absl').setLevel(logging.ERROR)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    pass
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  _quiet_libraries()
   try:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
     if args.command == 'eval':
       _run_eval(args, overrides)
+    elif args.command == 'bench':
+      _run_bench(args, overrides)
     else:
       _run_training(args.command, args, overrides)
     return 0

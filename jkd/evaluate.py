@@ -58,7 +58,8 @@ def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=
   ckpt.close()
   t0 = time.perf_counter()
   eval_fn = jax.jit(task.eval_step, out_shardings=parallel.replicated(mesh))
-  results = loop.evaluate(eval_fn, state, task.eval_batches(), mesh, task.extra_args)
+  extra_args = task.place_extra_args(mesh)[0] if task.place_extra_args else ()
+  results = loop.evaluate(eval_fn, state, task.eval_batches(), mesh, extra_args)
   out = {'split': config.data.eval_split, 'step': int(state.step), 'kind': kind,
          'model': meta.get('model'), **results,
          'wall_s': round(time.perf_counter() - t0, 2)}

@@ -56,9 +56,9 @@ class Task:
     eval_batches: () -> one pass of local eval batches (with a `mask` key), or None.
     global_batch_size, total_steps: the run's size.
     meta: written beside every checkpoint (model name, config...).
-    extra_args: extra replicated, non-donated arguments to train_step after `key` (e.g. frozen
-      teacher variables), as a tuple of pytrees already placed on the mesh.
-    extra_shardings: their shardings (same structure as extra_args).
+    place_extra_args: mesh -> (args, shardings): extra non-donated arguments of train_step and
+      eval_step after their usual ones (e.g. the frozen teacher's variables, sharded by the same
+      rules as the student), placed on the mesh, with their shardings.
   """
   kind: str
   init_state: Callable[[jax.Array], TrainState]
@@ -69,8 +69,7 @@ class Task:
   global_batch_size: int
   total_steps: int
   meta: dict
-  extra_args: tuple = ()
-  extra_shardings: tuple = ()
+  place_extra_args: Callable[[Any], tuple[tuple, tuple]] | None = None
   on_init: Callable[[TrainState], TrainState] | None = None  # e.g. load pretrained weights.
   on_finish: Callable[[TrainState], dict] | None = None      # extra summary items / figures.
 
@@ -161,7 +160,10 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
   base_key = jax.random.key(config.seed, impl=config.get('rng_impl', 'rbg'))
   init_key, step_key = jax.random.split(base_key)
   state, state_shardings = init_sharded(task.init_state, init_key, mesh)
-  n_params = count_params(state.params)
+  kept_params = state.params
+  for key in task.meta.get('params_prefix', ()):  # e.g. the student, not its projectors.
+    kept_params = kept_params[key]
+  n_params = count_params(kept_params)
   latest = ckpt.latest_step()
   if latest is not None:
     _check_same_model(ckpt, task)
@@ -176,10 +178,12 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
   writer.info(f'{n_params:,} parameters; mesh {dict(mesh.shape)}; {jax.device_count()} '
               f'{jax.devices()[0].platform} device(s); global batch {task.global_batch_size}')
 
+  extra_args, extra_shardings = (task.place_extra_args(mesh) if task.place_extra_args
+                                 else ((), ()))
   batch_sh = parallel.batch_sharding(mesh)
   rep = parallel.replicated(mesh)
   step_fn = jax.jit(task.train_step,
-                    in_shardings=(state_shardings, batch_sh, rep) + tuple(task.extra_shardings),
+                    in_shardings=(state_shardings, batch_sh, rep) + tuple(extra_shardings),
                     out_shardings=(state_shardings, rep), donate_argnums=(0,))
   eval_fn = (jax.jit(task.eval_step, out_shardings=rep) if task.eval_step is not None else None)
 
@@ -198,7 +202,7 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
     if eval_fn is None or task.eval_batches is None:
       return {}
     t0 = time.perf_counter()
-    results = evaluate(eval_fn, state, task.eval_batches(), mesh, task.extra_args)
+    results = evaluate(eval_fn, state, task.eval_batches(), mesh, extra_args)
     writer.write(at_step, {'split': config.get('eval_split_name', 'test'), **results})
     shown = '  '.join(f'{k} {v:.4f}' for k, v in results.items() if k != 'examples')
     writer.info(f'eval at step {at_step}: {shown}  ({time.perf_counter() - t0:.1f}s)')
@@ -209,7 +213,7 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
     first = True
     while step < task.total_steps:
       batch = parallel.global_batch(next(task.train_iterator), mesh)
-      state, metrics = step_fn(state, batch, step_key, *task.extra_args)
+      state, metrics = step_fn(state, batch, step_key, *extra_args)
       step += 1
       pending.append(metrics)
       throughput.add(task.global_batch_size)

@@ -132,7 +132,8 @@ def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
   """
   arrays, meta = load_arrays(workdir)
   source = arrays['params']
-  for p in params_prefix:
+  # A distilled student sits under params['student'] beside its dropped projectors.
+  for p in params_prefix or tuple(meta.get('params_prefix', ())):
     source = source[p]
   params, loaded, skipped = merge_pretrained(state.params, source, skip=skip)
   if not loaded:

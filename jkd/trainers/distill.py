@@ -1,0 +1,171 @@
+"""Teacher -> student distillation: `jkd distill`.
+
+The teacher is frozen: it comes from a jkd workdir (`config.teacher.workdir`), runs in inference
+mode in its own compute dtype, is sharded by the same logical-axis rules as the student, and is
+passed to the step as an argument, never stored in the student's state or checkpoints. Teacher
+and student see the same (augmented, mixed) images: big_vision's consistent teaching. The loss is
+the weighted sum of the terms in `config.losses` (see `jkd.trainers.distill_terms`).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jkd import data, loop, parallel
+from jkd.checkpoint import load_arrays
+from jkd.errors import UserError
+from jkd.optim import make_optimizer
+from jkd.trainers import common
+from jkd.trainers import distill_terms as T
+
+STUDENT = 'student'        # params['student']: the model that is kept.
+PROJECTORS = 'projectors'  # params['projectors']: FitNet regressors, dropped after training.
+
+
+def load_teacher(config, num_classes: int):
+  """Returns (teacher module, teacher variables as numpy, description) from the config."""
+  tcfg = config.teacher
+  if not tcfg.get('workdir'):
+    raise UserError('No teacher: set --config.teacher.workdir=DIR to the workdir of a trained '
+                    'model (e.g. the output of `jkd train`).')
+  arrays, meta = load_arrays(tcfg.workdir)
+  params = arrays['params']
+  for key in meta.get('params_prefix', ()):
+    params = params[key]
+  saved_model = ml_collections.ConfigDict((meta.get('config') or {}).get('model') or {})
+  if not saved_model.get('name'):
+    raise UserError(f'The checkpoint in {tcfg.workdir} does not say which model it holds.')
+  if tcfg.get('dtype'):
+    saved_model.dtype = tcfg.dtype
+  teacher = common.create_model(saved_model, num_classes)
+  variables = {'params': params, **(arrays.get('model_state') or {})}
+  return teacher, variables, {'workdir': tcfg.workdir, 'model': saved_model.name}
+
+
+def _teacher_apply(teacher, variables, images, capture: bool):
+  if capture:
+    logits, inter = teacher.apply(variables, images, train=False, mutable=['intermediates'])
+    return logits, inter['intermediates']
+  return teacher.apply(variables, images, train=False), {}
+
+
+def build_task(config, workdir: str) -> loop.Task:
+  info = data.get_info(config.data)
+  shape = common.input_shape(info, config.data)
+  student = common.create_model(config.model, info.num_classes)
+  dtype = common.compute_dtype(config.model.get('dtype', 'float32'))
+  teacher, teacher_np, teacher_desc = load_teacher(config, info.num_classes)
+  teacher_dtype = common.compute_dtype(config.teacher.get('dtype') or 'float32')
+  terms = T.parse_terms(config.losses)
+  capture = T.needs_features(terms)
+  steps = common.total_steps(config, info.num_examples[config.data.train_split])
+  tx, schedule = make_optimizer(config.optim, config.batch_size, steps)
+  mixup_alpha = config.get('mixup_alpha', 0.0)
+
+  # Feature shapes of both models decide the projectors (no compute: eval_shape only).
+  dummy = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+  t_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), teacher_np)
+  _, t_inter = jax.eval_shape(lambda v, x: _teacher_apply(teacher, v, x, capture),
+                              t_abstract, dummy)
+  s_abstract = jax.eval_shape(lambda k: common.init_variables(student, k, shape),
+                              jax.random.key(0))
+  _, _, s_inter = jax.eval_shape(
+      lambda p, ms, x: common.apply_model(student, p, ms, x, train=False, capture=capture),
+      nn.meta.unbox(s_abstract[0]), s_abstract[1], dummy)
+  widths = T.projector_widths(terms, T.gather_taps(terms, s_inter, STUDENT),
+                              T.gather_taps(terms, t_inter, 'teacher'))
+  projectors = T.Projectors(widths)
+
+  def init_state(key):
+    s_key, p_key = jax.random.split(key)
+    s_params, model_state = common.init_variables(student, s_key, shape)
+    feats = {name: jnp.zeros((1, *s.shape[1:]), jnp.float32) for name, s in
+             T.gather_taps(terms, s_inter, STUDENT).items() if name in widths}
+    params = {STUDENT: s_params, PROJECTORS: projectors.init(p_key, feats).get('params', {})}
+    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           model_state=model_state, opt_state=tx.init(params))
+
+  def place_teacher(mesh):
+    abstract = jax.eval_shape(lambda k: common.init_variables(teacher, k, shape),
+                              jax.random.key(0))
+    boxed = {'params': abstract[0], **abstract[1]}
+    shardings = parallel.tree_shardings(boxed, mesh)
+    placed = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s),
+                          teacher_np, shardings)
+    return (placed,), (shardings,)
+
+  def step(state, batch, key, teacher_vars):
+    key = jax.random.fold_in(key, state.step)
+    mix_key, dropout_key = jax.random.split(key)
+    labels = batch['label']
+    images = data.normalize(batch['image'], info.mean, info.std, jnp.float32)
+    targets = jax.nn.one_hot(labels, info.num_classes)
+    if mixup_alpha > 0:  # Mixed once, seen by both models: consistent teaching.
+      images, targets = data.mixup(mix_key, images, targets, mixup_alpha)
+    t_logits, t_inter = _teacher_apply(teacher, teacher_vars, images.astype(teacher_dtype),
+                                       capture)
+    t_logits = jax.lax.stop_gradient(t_logits.astype(jnp.float32))
+    t_feats = jax.lax.stop_gradient(T.gather_taps(terms, t_inter, 'teacher'))
+
+    def loss_fn(params):
+      s_logits, model_state, s_inter = common.apply_model(
+          student, params[STUDENT], state.model_state, images.astype(dtype), train=True,
+          key=dropout_key, capture=capture)
+      s_logits = s_logits.astype(jnp.float32)
+      s_feats = T.gather_taps(terms, s_inter, STUDENT)
+      projected = (projectors.apply({'params': params[PROJECTORS]},
+                                    {n: s_feats[n] for n in widths}) if widths else {})
+      values = {t['name']: T.term_value(
+          t, s_logits=s_logits, t_logits=t_logits, labels=labels, targets=targets,
+          s_feats=s_feats, t_feats=t_feats, projected=projected, step=state.step)
+          for t in terms}
+      total = sum(t['weight'] * values[t['name']] for t in terms)
+      return total, (s_logits, model_state, values)
+
+    (loss, (s_logits, model_state, values)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads, tx, model_state=model_state)
+    s_pred, t_pred = jnp.argmax(s_logits, -1), jnp.argmax(t_logits, -1)
+    return new_state, {
+        'loss': loss, **{f'loss_{k}': v for k, v in values.items()},
+        'train_accuracy': jnp.mean(s_pred == labels), 'agreement': jnp.mean(s_pred == t_pred),
+        'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
+
+  def eval_step(state, batch, teacher_vars):
+    images = data.normalize(batch['image'], info.mean, info.std, jnp.float32)
+    s_logits, _, _ = common.apply_model(student, state.params[STUDENT], state.model_state,
+                                        images.astype(dtype), train=False)
+    t_logits = teacher.apply(teacher_vars, images.astype(teacher_dtype), train=False)
+    mask, labels = batch['mask'], batch['label']
+    s_pred, t_pred = jnp.argmax(s_logits, -1), jnp.argmax(t_logits, -1)
+    ce = optax.softmax_cross_entropy_with_integer_labels(s_logits.astype(jnp.float32), labels)
+    return {'correct': jnp.sum((s_pred == labels) * mask),
+            'teacher_accuracy': jnp.sum((t_pred == labels) * mask),
+            'agreement': jnp.sum((s_pred == t_pred) * mask),
+            'loss': jnp.sum(ce * mask), 'count': jnp.sum(mask)}
+
+  def on_finish(state):
+    return {'teacher': teacher_desc}
+
+  return loop.Task(
+      kind='distill', init_state=init_state, train_step=step, eval_step=eval_step,
+      train_iterator=data.make_train_iterator(config.data, global_batch_size=config.batch_size,
+                                              seed=config.seed),
+      eval_batches=lambda: data.make_eval_iterator(
+          config.data, config.data.eval_split,
+          global_batch_size=config.get('eval_batch_size', config.batch_size)),
+      global_batch_size=config.batch_size, total_steps=steps,
+      meta={'model': config.model.name, 'dataset': config.data.name,
+            'num_classes': info.num_classes, 'image_shape': list(shape),
+            'params_prefix': [STUDENT], 'teacher': teacher_desc},
+      place_extra_args=place_teacher, on_finish=on_finish)
+
+
+def train(config, workdir: str) -> dict:
+  """Runs `jkd distill`: returns the summary (also in `workdir/summary.json`)."""
+  summary = loop.run(build_task(config, workdir), config, workdir, label='distill')
+  return summary

@@ -1,0 +1,179 @@
+"""Distillation loss terms named in `config.losses`, and the feature taps they read.
+
+A term is `{kind, weight, ...options}`; `config.losses` is a list of terms or a dict
+`{name: term}` (the dict form can be overridden from the command line, e.g.
+`--config.losses.kd.weight=0.5`). Terms read the student's and the teacher's logits or named
+intermediate features ("taps": 'stage2', 'block3', 'pre_logits', or a full path such as
+'encoder/block3/out'), so no model code changes to distill from a new layer.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jkd import losses
+from jkd.errors import UserError
+
+# kind -> (needs feature taps, default options). Options not listed here are rejected.
+TERMS: dict[str, dict[str, Any]] = {
+    'ce': {'label_smoothing': 0.0},
+    'kd': {'temperature': 4.0},
+    'dkd': {'alpha': 1.0, 'beta': 8.0, 'temperature': 4.0, 'warmup_steps': 0},
+    'dist': {'beta': 1.0, 'gamma': 1.0, 'temperature': 1.0},
+    'kd_logit_std': {'temperature': 2.0},
+    'fitnet': {'student': 'stage2', 'teacher': 'stage2', 'projector': 'auto'},
+    'at': {'student': ('stage1', 'stage2', 'stage3'), 'teacher': ('stage1', 'stage2', 'stage3'),
+           'p': 2, 'mode': 'code'},
+    'rkd': {'student': 'pre_logits', 'teacher': 'pre_logits', 'distance_weight': 25.0,
+            'angle_weight': 50.0},
+    'pkt': {'student': 'pre_logits', 'teacher': 'pre_logits'},
+    'sp': {'student': 'pre_logits', 'teacher': 'pre_logits'},
+}
+LOGIT_TERMS = ('ce', 'kd', 'dkd', 'dist', 'kd_logit_std')
+
+
+def parse_terms(spec: Any) -> list[dict]:
+  """Normalises `config.losses` to a list of complete term dicts with `name`, `kind`, `weight`."""
+  if isinstance(spec, ml_collections.ConfigDict):
+    spec = spec.to_dict()
+  items = list(spec.items()) if isinstance(spec, Mapping) else [
+      (dict(t).get('kind', ''), t) for t in (spec or [])]
+  if not items:
+    raise UserError('config.losses is empty: name at least one term, e.g. '
+                    "[dict(kind='ce', weight=0.1), dict(kind='kd', weight=0.9)].")
+  terms = []
+  for name, term in items:
+    term = dict(term)
+    kind = term.pop('kind', name)
+    if kind not in TERMS:
+      raise UserError(f'config.losses: unknown kind {kind!r} (term {name!r}). Known kinds: '
+                      f'{", ".join(TERMS)}.')
+    weight = float(term.pop('weight', 1.0))
+    unknown = set(term) - set(TERMS[kind])
+    if unknown:
+      raise UserError(f'config.losses term {name!r} ({kind}): unknown options {sorted(unknown)}; '
+                      f'it takes {sorted(TERMS[kind]) or "none"} besides weight.')
+    terms.append({'name': name, 'kind': kind, 'weight': weight, **TERMS[kind], **term})
+  return terms
+
+
+def needs_features(terms: list[dict]) -> bool:
+  return any(t['kind'] not in LOGIT_TERMS for t in terms)
+
+
+def find_tap(intermediates: Mapping, name: str, who: str) -> jax.Array:
+  """Finds a sown feature by name: an exact path ('encoder/block3/out'), a last component
+  ('stage2', 'pre_logits'), or a ViT block ('block3' -> its output)."""
+  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(
+              intermediates, is_leaf=lambda x: isinstance(x, tuple))[0]}
+  flat = {k: (v[0] if isinstance(v, tuple) else v) for k, v in flat.items()}
+  for candidate in (name, f'encoder/{name}/out'):
+    if candidate in flat:
+      return flat[candidate]
+  ends = [k for k in flat if k.endswith('/' + name) or k == name]
+  if len(ends) == 1:
+    return flat[ends[0]]
+  raise UserError(f'The {who} has no feature {name!r}. Its taps are: '
+                  f'{", ".join(sorted(flat)[:40])}.')
+
+
+class Projectors(nn.Module):
+  """Trainable maps from student taps to teacher widths (FitNet regressors); dropped after
+  training. One Dense (a 1×1 conv on NHWC maps) per term that needs one."""
+  widths: Mapping[str, int]  # term name -> teacher feature width
+
+  @nn.compact
+  def __call__(self, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {name: nn.Dense(self.widths[name], name=name)(x.astype(jnp.float32))
+            for name, x in features.items() if name in self.widths}
+
+
+def _pool_to(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
+  """Average-pools an NHWC map down to `hw` (integer factors), e.g. a stride mismatch."""
+  fh, fw = x.shape[1] // hw[0], x.shape[2] // hw[1]
+  if (fh, fw) == (1, 1):
+    return x
+  return nn.avg_pool(x, (fh, fw), strides=(fh, fw))
+
+
+def _embedding(x: jax.Array) -> jax.Array:
+  """(B, ...) -> (B, D): tokens and maps are mean-pooled, vectors kept."""
+  return x if x.ndim == 2 else x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1)
+
+
+def term_value(term: dict, *, s_logits, t_logits, labels, targets, s_feats, t_feats,
+               projected, step) -> jax.Array:
+  """The (unweighted) value of one term. Teacher inputs are constants inside `jkd.losses`.
+
+  `labels` are the hard labels (B,), `targets` the (possibly mixed) one-hot targets (B, C).
+  """
+  kind = term['kind']
+  if kind == 'ce':
+    return optax.softmax_cross_entropy(
+        s_logits, optax.smooth_labels(targets, term['label_smoothing'])).mean()
+  if kind == 'kd':
+    return losses.kd(s_logits, t_logits, term['temperature'])
+  if kind == 'dkd':
+    value = losses.dkd(s_logits, t_logits, labels, term['alpha'], term['beta'],
+                       term['temperature'])
+    if term['warmup_steps']:  # mdistiller: min(epoch / warmup, 1) ramps the DKD weight.
+      value = value * jnp.minimum(step.astype(jnp.float32) / term['warmup_steps'], 1.0)
+    return value
+  if kind == 'dist':
+    return losses.dist(s_logits, t_logits, term['beta'], term['gamma'], term['temperature'])
+  if kind == 'kd_logit_std':
+    return losses.kd_logit_std(s_logits, t_logits, term['temperature'])
+  if kind == 'fitnet':
+    s, t = projected.get(term['name'], s_feats[term['name']]), t_feats[term['name']]
+    if s.ndim == 4 and s.shape[1:3] != t.shape[1:3]:
+      s = _pool_to(s, t.shape[1:3])
+    return losses.fitnet(s, t)
+  if kind == 'at':
+    return losses.attention_transfer(s_feats[term['name']], t_feats[term['name']],
+                                     p=term['p'], mode=term['mode'])
+  s, t = _embedding(s_feats[term['name']]), _embedding(t_feats[term['name']])
+  if kind == 'rkd':
+    return losses.rkd(s, t, term['distance_weight'], term['angle_weight'])
+  if kind == 'pkt':
+    return losses.pkt(s, t)
+  if kind == 'sp':
+    return losses.similarity_preserving(s, t)
+  raise AssertionError(kind)
+
+
+def gather_taps(terms: list[dict], inter: Mapping, who: str) -> dict[str, Any]:
+  """term name -> the feature (or list of features, for AT) the term reads from one model."""
+  out = {}
+  for term in terms:
+    if term['kind'] in LOGIT_TERMS:
+      continue
+    names = term[who]
+    if term['kind'] == 'at':
+      names = (names,) if isinstance(names, str) else tuple(names)
+      out[term['name']] = [find_tap(inter, n, who) for n in names]
+    else:
+      out[term['name']] = find_tap(inter, names, who)
+  return out
+
+
+def projector_widths(terms: list[dict], s_feats: Mapping, t_feats: Mapping) -> dict[str, int]:
+  """Which FitNet terms need a projector (widths differ, or projector='always')."""
+  widths = {}
+  for term in terms:
+    if term['kind'] != 'fitnet':
+      continue
+    s_width, t_width = s_feats[term['name']].shape[-1], t_feats[term['name']].shape[-1]
+    mode = term['projector']
+    if mode in ('none', None, '') and s_width != t_width:
+      raise UserError(f"config.losses term {term['name']!r}: student width {s_width} != "
+                      f"teacher width {t_width}; set projector='auto'.")
+    if mode == 'always' or (mode not in ('none', None, '') and s_width != t_width):
+      widths[term['name']] = t_width
+  return widths
+
