@@ -103,3 +103,37 @@ def _scale_by_tree(scale_fn) -> optax.GradientTransformation:
     scales = scale_fn(updates)
     return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
   return optax.GradientTransformation(init, update)
+
+
+def layerwise_lr_scales(params: Any, decay: float, depth: int | None = None) -> Any:
+  """Layer-wise learning-rate decay for fine-tuning a ViT (BEiT, MAE, SimMIM fine-tuning).
+
+  With `n = depth + 1` layers, a parameter of layer `i` gets `scale = decay^(n - i)`:
+  'patch_embed', 'pos_embedding' and 'cls' are layer 0 (`decay^(depth + 1)`), encoder block
+  `j` ('encoder/block{j}') is layer `j + 1` (`decay^(depth - j)`), and everything after the
+  blocks ('encoder_norm', 'head') is layer `n` (scale 1). MAE's `param_groups_lrd`.
+
+  Args:
+    params: a ViT's parameter tree (or its updates: only the paths are read).
+    decay: the per-layer factor, e.g. 0.65 (MAE ViT-B) or 0.75 (MAE ViT-L).
+    depth: number of blocks; None counts the 'block{j}' entries under 'encoder'.
+
+  Returns:
+    A tree like `params` of Python floats, for `make_optimizer(..., lr_scale_fn=...)`.
+  """
+  if depth is None:
+    encoder = params.get('encoder', {}) if hasattr(params, 'get') else {}
+    depth = sum(1 for k in encoder if str(k).startswith('block'))
+  first = ('patch_embed', 'pos_embedding', 'cls')
+
+  def scale(path, leaf):
+    del leaf
+    names = [str(getattr(p, 'key', getattr(p, 'name', p))) for p in path]
+    if names and names[0] in first:
+      layer = 0
+    elif len(names) > 1 and names[0] == 'encoder' and names[1].startswith('block'):
+      layer = int(names[1][len('block'):]) + 1
+    else:
+      layer = depth + 1
+    return float(decay)**(depth + 1 - layer)
+  return jax.tree_util.tree_map_with_path(scale, params)

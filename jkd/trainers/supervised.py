@@ -44,7 +44,7 @@ def cross_entropy_step(model, tx, schedule, *, mean, std, dtype, num_classes: in
     metrics = {
         'loss': loss,
         'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'lr': schedule(state.step),
     }
     return new_state, metrics

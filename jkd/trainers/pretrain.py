@@ -1,0 +1,255 @@
+"""Masked-image-modeling pretraining: `jkd pretrain` (SimMIM or MAE, `config.method`).
+
+Reads top to bottom: data -> model -> optimizer -> init -> step -> Task for `jkd.loop.run`.
+The mask is drawn inside the jitted step from `fold_in(key, step)`, on device and after the
+batch is sharded, so a resumed run draws the masks an uninterrupted one would.
+
+Config fields (beyond `jkd.defaults.base_config`):
+  method: 'simmim' | 'mae'.
+  model: {name: a registered ViT (the encoder), dtype, ...} plus any `SimMIM` / `MAE` field
+    (decoder_width, decoder_depth, decoder_heads, posemb, drop_path...).
+  mask_ratio: fraction of patches masked (SimMIM 0.6, MAE 0.75).
+  mask_patch_size: SimMIM's masking block in pixels (a multiple of the model's patch size).
+  norm_pix_loss: MAE's per-patch normalised targets.
+  num_figure_images: examples shown in `WORKDIR/reconstructions.png`.
+
+Loss: SimMIM = L1 on masked pixels (`losses.simmim_l1`), MAE = MSE on removed patches
+(`losses.mae_mse`), both on the mean/std-normalised images.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jkd import data, figures, loop, losses, masking
+from jkd.errors import UserError
+from jkd.models.mim import create_mim
+from jkd.optim import make_optimizer
+from jkd.trainers import common
+
+# Eval masks come from this fixed key so every evaluation scores the same masking.
+EVAL_MASK_SEED = 1234
+MASK_COLOR = np.array([0.35, 0.45, 0.85], np.float32)
+
+
+def create_model(config, channels: int) -> nn.Module:
+  """`config.model` = {name (the ViT encoder), dtype, ...MIM fields} -> SimMIM / MAE."""
+  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+  if 'dtype' in kwargs:
+    kwargs['dtype'] = common.compute_dtype(kwargs['dtype'])
+  kwargs.setdefault('channels', channels)
+  return create_mim(config.method, config.model.name, **kwargs)
+
+
+class MimObjective:
+  """Mask drawing, forward pass and loss of one method, shared by train, eval and figures.
+
+  Attributes:
+    model: the SimMIM or MAE module.
+    method: 'simmim' or 'mae'.
+    image_size: square input side in pixels.
+  """
+
+  def __init__(self, model: nn.Module, config, image_size: int):
+    self.model, self.method, self.image_size = model, config.method, image_size
+    self.patch = model.patch_size
+    self.ratio = float(config.mask_ratio)
+    self.mask_patch_size = int(config.get('mask_patch_size', 0) or self.patch)
+    self.norm_pix = bool(config.get('norm_pix_loss', True))
+    if self.method == 'simmim' and (image_size % self.mask_patch_size or
+                                    self.mask_patch_size % self.patch):
+      raise UserError(f'config.mask_patch_size={self.mask_patch_size} must divide the image size '
+                      f'{image_size} and be a multiple of the model patch size {self.patch}.')
+
+  def draw_mask(self, key: jax.Array, batch: int):
+    """SimMIM: (B, n, n) int, 1 = masked. MAE: `masking.MaeMask`."""
+    if self.method == 'simmim':
+      return masking.simmim_mask(key, batch, self.image_size, self.mask_patch_size, self.patch,
+                                 self.ratio)
+    return masking.mae_mask(key, batch, (self.image_size // self.patch)**2, self.ratio)
+
+  def patch_mask(self, mask) -> jax.Array:
+    """(B, L) float, 1 where a patch is masked/removed."""
+    if self.method == 'simmim':
+      return mask.reshape(mask.shape[0], -1).astype(jnp.float32)
+    return mask.mask
+
+  def loss(self, pred, target, mask, row_weight=None) -> jax.Array:
+    """Mean reconstruction loss; `row_weight` (B,) zeroes padded eval rows."""
+    if self.method == 'simmim':
+      pixel_mask = masking.upsample_mask(mask.astype(jnp.float32), self.patch)
+      if row_weight is not None:
+        pixel_mask = pixel_mask * row_weight[:, None, None]
+      return losses.simmim_l1(pred, target, pixel_mask)
+    patch_mask = mask.mask if row_weight is None else mask.mask * row_weight[:, None]
+    return losses.mae_mse(pred, masking.patchify(target, self.patch), patch_mask,
+                          norm_pix=self.norm_pix)
+
+  def forward(self, params, images, mask, *, train: bool, key=None):
+    rngs = {'dropout': key} if key is not None else {}
+    return self.model.apply({'params': params}, images, mask, train=train, rngs=rngs)
+
+  def reconstruct(self, pred, target, mask) -> tuple[jax.Array, jax.Array]:
+    """(prediction, reconstruction) as normalised images (B, H, W, C).
+
+    The prediction is the raw output everywhere (MAE's with norm_pix mapped back to pixels by
+    each target patch's own mean and std, as MAE's visualisation does); the reconstruction
+    pastes it into the visible patches of the original (MAE's demo).
+    """
+    _, h, w, c = target.shape
+    p = self.patch
+    if self.method == 'mae':
+      if self.norm_pix:
+        t = masking.patchify(target, p)
+        mean = t.mean(-1, keepdims=True)
+        var = t.var(-1, keepdims=True, ddof=1)
+        pred = pred * jnp.sqrt(var + 1e-6) + mean
+      pred = masking.unpatchify(pred, p, h // p, w // p, c)
+    pixel = masking.upsample_mask(
+        self.patch_mask(mask).reshape(-1, h // p, w // p), p)[..., None]
+    return pred, target * (1 - pixel) + pred * pixel
+
+
+def mim_step(objective: MimObjective, tx, schedule, *, mean, std, dtype):
+  """Returns `step(state, batch, key) -> (state, metrics)`: mask, reconstruct, loss, update."""
+  def step(state: loop.TrainState, batch, key):
+    key = jax.random.fold_in(key, state.step)
+    mask_key, dropout_key = jax.random.split(key)
+    target = data.normalize(batch['image'], mean, std, jnp.float32)
+    mask = objective.draw_mask(mask_key, target.shape[0])
+
+    def loss_fn(params):
+      pred = objective.forward(params, target.astype(dtype), mask, train=True, key=dropout_key)
+      return objective.loss(pred, target, mask)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    new_state = state.apply_gradients(grads, tx)
+    return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+                       'lr': schedule(state.step)}
+  return step
+
+
+def mim_eval_step(objective: MimObjective, *, mean, std, dtype):
+  """(state, batch) -> {'loss': mean loss * count, 'count'} over valid rows, fixed masks."""
+  def eval_step(state, batch):
+    target = data.normalize(batch['image'], mean, std, jnp.float32)
+    mask = objective.draw_mask(jax.random.key(EVAL_MASK_SEED), target.shape[0])
+    pred = objective.forward(state.params, target.astype(dtype), mask, train=False)
+    valid = batch['mask'].astype(jnp.float32)
+    count = jnp.sum(valid)
+    loss = objective.loss(pred, target, mask, row_weight=valid)
+    # Every row has the same number of masked patches, so count-weighting batch means gives
+    # the per-example mean over the split.
+    return {'loss': jnp.where(count > 0, loss * count, 0.0), 'count': count}
+  return eval_step
+
+
+def write_reconstructions(path: str, objective: MimObjective, params, images_uint8, *, mean,
+                          std, dtype, title: str) -> str:
+  """Runs the model on a few eval images with the eval masks and writes the figure."""
+  target = data.normalize(images_uint8, mean, std, jnp.float32)
+  mask = objective.draw_mask(jax.random.key(EVAL_MASK_SEED), target.shape[0])
+  pred = jax.jit(lambda p, x, m: objective.forward(p, x, m, train=False))(
+      params, target.astype(dtype), mask)
+  pred, recon = objective.reconstruct(pred, target, mask)
+  _, h, w, _ = target.shape
+  p = objective.patch
+  pixel = np.asarray(masking.upsample_mask(
+      objective.patch_mask(mask).reshape(-1, h // p, w // p), p))[..., None]
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  to_pixels = lambda x: np.clip(np.asarray(x, np.float32) * std + mean, 0, 1)  # noqa: E731
+  originals = to_pixels(target)
+  # Masked patches in a colour no image contains, so a grey garment never reads as masked.
+  rgb = np.repeat(originals, 3, axis=-1) if originals.shape[-1] == 1 else originals
+  masked = rgb * (1 - pixel) + MASK_COLOR * pixel
+  return figures.save_reconstructions(path, originals, masked, to_pixels(recon), title=title,
+                                      predictions=to_pixels(pred))
+
+
+def _last_eval(workdir: str) -> dict:
+  """The last eval line the loop wrote to metrics.jsonl (it evaluates just before on_finish)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return {}
+  last = {}
+  with open(path) as f:
+    for line in f:
+      if '"split"' in line:
+        last = json.loads(line)
+  return last
+
+
+def build_task(config, workdir: str) -> loop.Task:
+  """The pretraining Task for `jkd.loop.run`."""
+  if config.get('method') not in ('simmim', 'mae'):
+    raise UserError(f"config.method={config.get('method')!r}: use 'simmim' or 'mae'.")
+  info = data.get_info(config.data)
+  shape = common.input_shape(info, config.data)
+  if shape[0] != shape[1]:
+    raise UserError(f'MIM pretraining needs square images, got {shape[:2]}: set '
+                    '--config.data.image_size.')
+  model = create_model(config, channels=shape[2])
+  objective = MimObjective(model, config, shape[0])
+  dtype = common.compute_dtype(config.model.get('dtype', 'float32'))
+  steps = common.total_steps(config, info.num_examples[config.data.train_split])
+  tx, schedule = make_optimizer(config.optim, config.batch_size, steps)
+
+  def init_state(key):
+    params_key, mask_key = jax.random.split(key)
+    mask = objective.draw_mask(mask_key, 1)
+    params = model.init({'params': params_key}, jnp.zeros((1, *shape), jnp.float32), mask,
+                        train=False)['params']
+    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
+                           opt_state=tx.init(params))
+
+  eval_batch_size = config.get('eval_batch_size', config.batch_size)
+
+  def eval_batches():
+    return data.make_eval_iterator(config.data, config.data.eval_split,
+                                   global_batch_size=eval_batch_size)
+
+  def on_finish(state) -> dict:
+    out = {'eval_loss': _last_eval(workdir).get('loss')}
+    if jax.process_index() != 0:
+      return out
+    n = int(config.get('num_figure_images', 8))
+    images = []
+    for batch in eval_batches():
+      images.append(batch['image'][batch['mask'] > 0])
+      if sum(len(x) for x in images) >= n:
+        break
+    images = np.concatenate(images)[:n]
+    path = os.path.join(workdir, 'reconstructions.png')
+    loss = out['eval_loss']
+    method = {'mae': 'MAE', 'simmim': 'SimMIM'}[config.method]
+    title = (f'{method} {config.model.name}, step {int(state.step)}, '
+             f'mask ratio {objective.ratio:g}' + (f', eval loss {loss:.4f}' if loss else ''))
+    write_reconstructions(path, objective, jax.device_get(state.params), images,
+                          mean=info.mean, std=info.std, dtype=dtype, title=title)
+    return {**out, 'reconstructions': path}
+
+  return loop.Task(
+      kind='pretrain',
+      init_state=init_state,
+      train_step=mim_step(objective, tx, schedule, mean=info.mean, std=info.std, dtype=dtype),
+      eval_step=mim_eval_step(objective, mean=info.mean, std=info.std, dtype=dtype),
+      train_iterator=data.make_train_iterator(config.data, global_batch_size=config.batch_size,
+                                              seed=config.seed),
+      eval_batches=eval_batches,
+      global_batch_size=config.batch_size,
+      total_steps=steps,
+      meta={'model': config.model.name, 'method': config.method, 'dataset': config.data.name,
+            'image_shape': list(shape)},
+      on_finish=on_finish,
+  )
+
+
+def train(config, workdir: str) -> dict:
+  """Runs `jkd pretrain`: returns the summary (also in `workdir/summary.json`)."""
+  return loop.run(build_task(config, workdir), config, workdir, label='pretrain')
