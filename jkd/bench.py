@@ -103,13 +103,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, state_shardings = loop.init_sharded(task.init_state, init_key, mesh)
   n_params = loop.count_params(state.params)
 
-  # The same jit as `jkd.loop._run`: explicit shardings, donated state.
-  place_extra = getattr(task, 'place_extra_args', None)
-  extra_args, extra_shardings = place_extra(mesh) if place_extra else ((), ())
-  batch_sh, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-  step_fn = jax.jit(task.train_step,
-                    in_shardings=(state_shardings, batch_sh, rep) + tuple(extra_shardings),
-                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
+  # Exactly the step `jkd.loop.run` trains with: explicit shardings, donated state.
+  step_fn, extra_args = loop.jit_train_step(task, mesh, state_shardings)
+  rep = parallel.replicated(mesh)
   # One batch from the job's own (synthetic) pipeline, so its keys are what the step expects;
   # it is placed once and reused, which keeps host-side input out of the timing.
   batch = parallel.global_batch(next(task.train_iterator), mesh)

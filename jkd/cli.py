@@ -3,7 +3,8 @@
   jkd train    --config FILE.py[:ARG] --workdir DIR [--config.a.b=value ...]
   jkd pretrain --config FILE.py[:ARG] --workdir DIR [...]
   jkd distill  --config FILE.py[:ARG] --workdir DIR [...]
-  jkd eval     --workdir DIR [--split test]
+  jkd compress --config FILE.py[:ARG] --workdir DIR --config.init_from=TRAINED [...]
+  jkd eval     --workdir DIR [--split test] [--export]
   jkd bench    --config FILE.py[:ARG] --workdir DIR [...]
 
 Bad input ends with exit code 2 and one paragraph naming the problem and the fix.
@@ -24,15 +25,18 @@ TRAINERS = {
     'train': ('jkd.trainers.supervised', 'train'),
     'pretrain': ('jkd.trainers.pretrain', 'train'),
     'distill': ('jkd.trainers.distill', 'train'),
+    'compress': ('jkd.trainers.compress', 'train'),
 }
 # Checkpoint `kind` -> the trainer that can rebuild its Task (for `jkd eval`).
-KIND_TO_COMMAND = {'train': 'train', 'pretrain': 'pretrain', 'distill': 'distill'}
+KIND_TO_COMMAND = {'train': 'train', 'pretrain': 'pretrain', 'distill': 'distill',
+                   'compress': 'compress'}
 
 DESCRIPTIONS = {
     'train': 'supervised training of a teacher or a student',
     'pretrain': 'SimMIM or MAE masked-image-modeling pretraining (config.method)',
     'distill': 'teacher -> student distillation (config.teacher.workdir)',
-    'eval': "evaluate a workdir's latest checkpoint on a split (writes eval.json)",
+    'compress': 'pruning and/or quantization-aware training, then int8 export (export/)',
+    'eval': "evaluate a workdir's latest checkpoint (or --export) on a split (eval.json)",
     'bench': 'time train steps on synthetic data on the available accelerator (bench.json)',
 }
 
@@ -73,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--config', default=None,
                  help='config file (default: the config stored with the checkpoint)')
   p.add_argument('--split', default=None, help="TFDS-style split, e.g. test or 'train[:1000]'")
+  p.add_argument('--export', action='store_true',
+                 help='evaluate the exported integer model in WORKDIR/export/ (jkd compress)')
   return parser
 
 
@@ -94,7 +100,7 @@ def _run_bench(args, overrides: list[str]) -> dict:
 def _run_eval(args, overrides: list[str]) -> dict:
   from jkd.evaluate import evaluate_workdir
   result = evaluate_workdir(args.workdir, config_spec=args.config, overrides=overrides,
-                            split=args.split)
+                            split=args.split, export=args.export)
   print(json.dumps(result, indent=2))
   return result
 

@@ -22,11 +22,17 @@ def _config_from_meta(meta: dict) -> ml_collections.ConfigDict:
 
 
 def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=(),
-                     split: str | None = None) -> dict:
+                     split: str | None = None, export: bool = False) -> dict:
   """Restores the latest checkpoint of `workdir` and evaluates it on `split` (default: the
-  config's eval split). Returns and writes `workdir/eval.json`."""
+  config's eval split). Returns and writes `workdir/eval.json`.
+
+  With `export=True` it evaluates the integer model in `workdir/export/` (`jkd compress`)
+  through its `jax.export` program instead of the checkpoint."""
   from jkd.cli import KIND_TO_COMMAND, TRAINERS
   from jkd.config import apply_override, load_config
+  if export and not os.path.isfile(os.path.join(workdir, 'export', 'manifest.json')):
+    raise UserError(f'{workdir!r} has no export/manifest.json: run `jkd compress` on it first, '
+                    'or drop --export to evaluate the checkpoint.')
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise UserError(f'{workdir!r} has no checkpoints/: not a jkd workdir, or nothing saved yet.')
   ckpt = RunCheckpointer(workdir, create=False)
@@ -40,6 +46,8 @@ def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=
   if split:
     config.data.eval_split = split
   kind = meta.get('kind')
+  if export:
+    return _evaluate_export(workdir, config, meta)
   if kind not in KIND_TO_COMMAND:
     raise UserError(f'jkd eval does not know checkpoints of kind {kind!r} yet.')
   module = importlib.import_module(TRAINERS[KIND_TO_COMMAND[kind]][0])
@@ -65,6 +73,25 @@ def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=
          'wall_s': round(time.perf_counter() - t0, 2)}
   if 'accuracy' in out:
     out['test_accuracy'] = out['accuracy']
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+      json.dump(out, f, indent=2)
+  return out
+
+
+def _evaluate_export(workdir: str, config, meta: dict) -> dict:
+  from jkd import data
+  from jkd.compress.export import evaluate_export, export_size_bytes
+  export_dir = os.path.join(workdir, 'export')
+  t0 = time.perf_counter()
+  batches = data.make_eval_iterator(
+      config.data, config.data.eval_split,
+      global_batch_size=config.get('eval_batch_size', config.batch_size))
+  results = evaluate_export(export_dir, batches)
+  out = {'split': config.data.eval_split, 'export': export_dir, 'kind': meta.get('kind'),
+         'model': meta.get('model'), **results, 'test_accuracy': results['accuracy'],
+         'export_bytes': export_size_bytes(export_dir),
+         'wall_s': round(time.perf_counter() - t0, 2)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump(out, f, indent=2)

@@ -111,6 +111,19 @@ def init_sharded(init_state: Callable, key: jax.Array, mesh) -> tuple[TrainState
   return state, shardings
 
 
+def jit_train_step(task: Task, mesh, state_shardings) -> tuple[Callable, tuple]:
+  """The jitted train step every job runs (and `jkd bench` times): explicit in/out shardings,
+  donated state. Returns (step_fn, extra_args placed on the mesh)."""
+  extra_args, extra_shardings = (task.place_extra_args(mesh) if task.place_extra_args
+                                 else ((), ()))
+  step_fn = jax.jit(
+      task.train_step,
+      in_shardings=(state_shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh))
+      + tuple(extra_shardings),
+      out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+  return step_fn, extra_args
+
+
 def evaluate(eval_fn, state, batches: Iterable, mesh, extra_args=()) -> dict[str, float]:
   """Sums the per-batch sums of `eval_fn` over one pass and derives accuracy / mean loss."""
   totals: dict[str, Any] = {}
@@ -178,14 +191,9 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
   writer.info(f'{n_params:,} parameters; mesh {dict(mesh.shape)}; {jax.device_count()} '
               f'{jax.devices()[0].platform} device(s); global batch {task.global_batch_size}')
 
-  extra_args, extra_shardings = (task.place_extra_args(mesh) if task.place_extra_args
-                                 else ((), ()))
-  batch_sh = parallel.batch_sharding(mesh)
-  rep = parallel.replicated(mesh)
-  step_fn = jax.jit(task.train_step,
-                    in_shardings=(state_shardings, batch_sh, rep) + tuple(extra_shardings),
-                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
-  eval_fn = (jax.jit(task.eval_step, out_shardings=rep) if task.eval_step is not None else None)
+  step_fn, extra_args = jit_train_step(task, mesh, state_shardings)
+  eval_fn = (jax.jit(task.eval_step, out_shardings=parallel.replicated(mesh))
+             if task.eval_step is not None else None)
 
   log_every = max(int(config.get('log_every', 50)), 1)
   eval_every = int(config.get('eval_every', 0))

@@ -1,0 +1,73 @@
+r"""Compression of a trained Fashion-MNIST classifier: pruning and/or int8 QAT, then export.
+
+  jkd train    --config configs/fashion_mnist/supervised.py --workdir /tmp/fmnist_sup
+  jkd compress --config configs/fashion_mnist/compress.py:qat --workdir /tmp/fmnist_q8 \
+               --config.init_from=/tmp/fmnist_sup
+  jkd eval     --workdir /tmp/fmnist_q8 --export      # the exported integer model
+
+Variants after the colon: `qat` (default: int8 weights per channel + int8 activations, QAT with
+Qwix, 1 epoch), `ptq` (the same quantization, no training), `prune50` (50% global magnitude
+pruning, cubic schedule, float export), `prune24` (2:4 semi-structured), `qat_kd` (int8 QAT
+distilled from `--config.teacher.workdir`), `tiny` / `tiny-NAME` (test size). `config.model`
+must name the model of `init_from` (default resnet8_s). Writes `export/` (weights.bin,
+manifest.json, model.jaxexport) and summary.json with export_bytes, compression_ratio,
+export_accuracy and sparsity.
+"""
+import ml_collections
+
+from jkd.data import default_data_config
+from jkd.defaults import base_config
+
+VARIANTS = ('qat', 'ptq', 'prune50', 'prune24', 'qat_kd')
+
+
+def get_config(arg=None):
+  arg = arg or 'qat'
+  tiny = arg.startswith('tiny')
+  variant = arg.split('-', 1)[1] if tiny and '-' in arg else ('qat' if tiny else arg)
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown variant {variant!r}; use one of {", ".join(VARIANTS)} '
+                     '(or tiny-NAME)')
+  c = base_config()
+  c.data = default_data_config('fashion_mnist')
+  c.model = ml_collections.ConfigDict({'name': 'resnet8_s', 'dtype': 'float32'})
+  c.batch_size = 128
+  c.num_epochs = 1.0
+  c.optim.lr = 3e-4          # Fine-tuning a trained model: a tenth of the training lr.
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup_steps = 20
+  c.checkpoint_every = 1000
+  c.log_every = 100
+  c.prune = ml_collections.ConfigDict(dict(
+      enabled=False, target_sparsity=0.5, schedule='cubic', scope='global', n_m=None,
+      begin_step=0, end_step=0, update_every=10))  # end_step 0 = half of the run.
+  c.quant = ml_collections.ConfigDict(dict(
+      enabled=False, mode='qat', weight_bits=8, act_bits=8, module_path='.*'))
+  c.teacher = ml_collections.ConfigDict({'workdir': '', 'dtype': 'float32'})
+  c.kd_weight = 0.0
+  c.kd_temperature = 4.0
+  if variant in ('qat', 'ptq', 'qat_kd'):
+    c.quant.enabled = True
+    c.quant.mode = 'ptq' if variant == 'ptq' else 'qat'
+  if variant == 'ptq':
+    c.total_steps = 1        # One step: reports the quantized loss; nothing is trained.
+  if variant == 'qat_kd':
+    c.kd_weight = 0.9
+  if variant == 'prune50':
+    c.num_epochs = 2.0
+  if variant == 'prune24':
+    c.prune.update(enabled=True, n_m=(2, 4))
+    c.num_epochs = 2.0
+  if variant == 'prune50':
+    c.prune.enabled = True
+  if tiny:
+    c.data.train_split = 'train[:512]'
+    c.data.eval_split = 'test[:256]'
+    c.batch_size = 32
+    c.eval_batch_size = 128
+    c.total_steps = 1 if variant == 'ptq' else 6
+    c.log_every = 2
+    c.checkpoint_every = 0
+    c.optim.warmup_steps = 1
+    c.prune.update_every = 2
+  return c

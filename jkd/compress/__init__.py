@@ -1,0 +1,1 @@
+"""Compression of trained models: pruning (`pruning`), quantization (`quant`), export (`export`)."""
