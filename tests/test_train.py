@@ -43,8 +43,8 @@ def test_train_writes_outputs_and_eval_matches(tmp_path):
   assert json.load(open(os.path.join(w, 'summary.json')))['steps'] == 12
 
 
-KILL_ARGS = ['--config.total_steps=60', '--config.batch_size=256', '--config.checkpoint_every=5',
-             '--config.data.train_split=train[:4096]', '--config.log_every=5']
+KILL_ARGS = ['--config.total_steps=40', '--config.batch_size=128', '--config.checkpoint_every=5',
+             '--config.data.train_split=train[:2048]', '--config.log_every=5']
 
 
 def test_sigkill_then_rerun_gives_same_parameters(tmp_path):
@@ -71,7 +71,7 @@ def test_sigkill_then_rerun_gives_same_parameters(tmp_path):
   b, _ = load_arrays(killed)
   for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params'])):
     np.testing.assert_array_equal(x, y)
-  assert json.load(open(os.path.join(killed, 'summary.json')))['steps'] == 60
+  assert json.load(open(os.path.join(killed, 'summary.json')))['steps'] == 40
 
 
 def test_sigterm_saves_and_resumes(tmp_path):
@@ -89,7 +89,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
   assert proc.returncode == 128 + signal.SIGTERM, rest
   assert 'checkpoint saved' in rest
   steps = [int(d) for d in os.listdir(os.path.join(w, 'checkpoints')) if d.isdigit()]
-  assert steps and 0 < max(steps) < 60
+  assert steps and 0 < max(steps) < 40
 
 
 @pytest.mark.parametrize('extra, words', [
