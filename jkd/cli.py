@@ -6,6 +6,7 @@
   jkd compress --config FILE.py[:ARG] --workdir DIR --config.init_from=TRAINED [...]
   jkd eval     --workdir DIR [--split test] [--export]
   jkd bench    --config FILE.py[:ARG] --workdir DIR [...]
+  jkd demo     --workdir DIR [--config configs/demo.py[:fast|full]]
 
 Bad input ends with exit code 2 and one paragraph naming the problem and the fix.
 """
@@ -37,6 +38,7 @@ DESCRIPTIONS = {
     'distill': 'teacher -> student distillation (config.teacher.workdir)',
     'compress': 'pruning and/or quantization-aware training, then int8 export (export/)',
     'eval': "evaluate a workdir's latest checkpoint (or --export) on a split (eval.json)",
+    'demo': 'the whole pipeline on Fashion-MNIST: MAE teacher, KD student, int8 (report.md)',
     'bench': 'time train steps on synthetic data on the available accelerator (bench.json)',
 }
 
@@ -72,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
   p = sub.add_parser('bench', help=DESCRIPTIONS['bench'])
   p.add_argument('--config', required=True, help='config file, e.g. configs/bench/vit_b16.py')
   p.add_argument('--workdir', required=True, help='where bench.json is written')
+  p = sub.add_parser('demo', help=DESCRIPTIONS['demo'])
+  p.add_argument('--workdir', required=True, help='where every stage and the report go')
+  p.add_argument('--config', default=None,
+                 help='default configs/demo.py (sized for a 2-core CPU); :fast or :full')
   p = sub.add_parser('eval', help=DESCRIPTIONS['eval'])
   p.add_argument('--workdir', required=True)
   p.add_argument('--config', default=None,
@@ -95,6 +101,13 @@ def _run_bench(args, overrides: list[str]) -> dict:
   from jkd import bench
   from jkd.config import load_config
   return bench.run(load_config(args.config, overrides), args.workdir)
+
+
+def _run_demo(args, overrides: list[str]) -> dict:
+  from jkd import demo
+  from jkd.config import load_config
+  spec = args.config or os.path.join(demo.configs_dir(), 'demo.py')
+  return demo.run(load_config(spec, overrides), args.workdir)
 
 
 def _run_eval(args, overrides: list[str]) -> dict:
@@ -126,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
       _run_eval(args, overrides)
     elif args.command == 'bench':
       _run_bench(args, overrides)
+    elif args.command == 'demo':
+      _run_demo(args, overrides)
     else:
       _run_training(args.command, args, overrides)
     return 0

@@ -62,3 +62,68 @@ def save_reconstructions(path: str, originals: np.ndarray, masked: np.ndarray,
   fig.tight_layout()
   fig.savefig(path)
   return path
+
+
+def _figure(width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(width, height), dpi=110)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def save_training_curves(path: str, metrics_files: dict[str, str]) -> str:
+  """One panel per run: train loss (and eval accuracy on a second axis) against step.
+
+  Args:
+    metrics_files: run name -> its `metrics.jsonl`; missing files are skipped.
+  """
+  import json
+  import os
+  runs = {n: p for n, p in metrics_files.items() if os.path.exists(p)}
+  fig = _figure(3.2 * max(len(runs), 1), 2.8)
+  for i, (name, file) in enumerate(runs.items(), 1):
+    lines = [json.loads(l) for l in open(file) if l.strip()]
+    train = [(l['step'], l['loss']) for l in lines if 'loss' in l and 'split' not in l
+             and isinstance(l['loss'], (int, float))]
+    evals = [(l['step'], l['accuracy']) for l in lines if 'accuracy' in l]
+    ax = fig.add_subplot(1, len(runs), i)
+    if train:
+      ax.plot(*zip(*train), color='tab:blue', label='train loss')
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel('step', fontsize=8)
+    ax.tick_params(labelsize=7)
+    if evals:
+      ax2 = ax.twinx()
+      ax2.plot(*zip(*evals), 'o-', color='tab:orange', label='test accuracy')
+      ax2.set_ylim(0, 1)
+      ax2.tick_params(labelsize=7, colors='tab:orange')
+    if i == 1:
+      ax.set_ylabel('train loss', fontsize=8, color='tab:blue')
+  fig.tight_layout()
+  fig.savefig(path)
+  return path
+
+
+def save_accuracy_vs_size(path: str, points: dict[str, dict]) -> str:
+  """Test accuracy against stored bytes (log scale), one labelled point per model.
+
+  Args:
+    points: name -> {'test_accuracy': float, 'bytes': int}.
+  """
+  fig = _figure(5.0, 3.4)
+  ax = fig.add_subplot(1, 1, 1)
+  for name, p in points.items():
+    if p.get('test_accuracy') is None:
+      continue
+    ax.scatter(p['bytes'], 100 * p['test_accuracy'], s=40)
+    ax.annotate(name, (p['bytes'], 100 * p['test_accuracy']), fontsize=8,
+                textcoords='offset points', xytext=(5, 4))
+  ax.set_xscale('log')
+  ax.set_xlabel('stored weights (bytes, log scale)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title('Accuracy vs size', fontsize=10)
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  return path

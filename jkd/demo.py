@@ -1,0 +1,136 @@
+"""`jkd demo`: pretrain -> fine-tune teacher -> student from scratch -> KD student -> compressed
+student, each stage a resumable workdir under WORKDIR, then `report.json`, `report.md` and
+figures. The stages are the ordinary commands with the configs in `configs/`, so the demo is
+also a worked example of chaining them.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from jkd.checkpoint import load_arrays
+from jkd.config import load_config
+from jkd.errors import UserError
+from jkd.metrics import format_duration
+
+REPORTED = ('teacher', 'student_scratch', 'student_kd', 'student_compressed')
+TRAINERS = {'pretrain': 'jkd.trainers.pretrain', 'train': 'jkd.trainers.supervised',
+            'distill': 'jkd.trainers.distill', 'compress': 'jkd.trainers.compress'}
+
+
+def configs_dir() -> str:
+  """The repository's configs/ (jkd is installed editable from the repository)."""
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.join(here, 'configs')
+  if not os.path.isdir(path):
+    raise UserError(f'jkd demo needs the configs/ directory of the jkd repository (looked in '
+                    f'{path}). Install jkd from a clone: pip install -e .')
+  return path
+
+
+def stored_bytes(workdir: str, summary: dict) -> int:
+  """Bytes of the model's stored weights: the integer export if there is one, else the float32
+  parameters and BatchNorm statistics as saved (projectors of a distilled student excluded)."""
+  if 'export_bytes' in summary:
+    return int(summary['export_bytes'])
+  arrays, meta = load_arrays(workdir)
+  params = arrays['params']
+  for key in meta.get('params_prefix', ()):
+    params = params[key]
+  leaves = jax.tree.leaves(params) + jax.tree.leaves(arrays.get('model_state') or {})
+  return int(sum(np.asarray(x).nbytes for x in leaves))
+
+
+def _run_stage(name, stage, workdir, stage_dirs, log) -> dict:
+  out = os.path.join(workdir, name)
+  summary_path = os.path.join(out, 'summary.json')
+  if os.path.exists(summary_path):
+    log(f'{name}: already done, skipped ({summary_path})')
+    return json.load(open(summary_path))
+  overrides = list(stage.overrides)
+  if stage.init_from:
+    overrides.append(f'init_from={stage_dirs[stage.init_from]}')
+  if stage.teacher:
+    overrides.append(f'teacher.workdir={stage_dirs[stage.teacher]}')
+  config = load_config(os.path.join(configs_dir(), stage.config), overrides)
+  module = importlib.import_module(TRAINERS[stage.command])
+  os.makedirs(out, exist_ok=True)
+  return module.train(config, out)
+
+
+def run(config, workdir: str) -> dict:
+  """Runs every stage of `config.stages` in order and writes the report. Returns report.json."""
+  from jkd import figures
+  t0 = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  names = list(config.get('order') or config.stages.keys())
+  missing = [n for n in names if n not in config.stages]
+  if missing:
+    raise UserError(f'config.order names stages {missing} that config.stages does not define.')
+  stage_dirs = {n: os.path.join(workdir, n) for n in names}
+  summaries, times = {}, {}
+
+  def log(text):
+    print(f'[demo] {text}', flush=True)
+
+  for i, name in enumerate(names, 1):
+    stage = config.stages[name]
+    log(f'stage {i}/{len(names)} {name}: jkd {stage.command} --config configs/{stage.config}')
+    start = time.time()
+    summaries[name] = _run_stage(name, stage, workdir, stage_dirs, log)
+    # A stage finished by an earlier invocation reports its own time.
+    times[name] = round(summaries[name].get('wall_s') or (time.time() - start), 1)
+    acc = summaries[name].get('test_accuracy')
+    log(f'stage {i}/{len(names)} {name}: done in {format_duration(times[name])}'
+        + (f', test accuracy {acc:.4f}' if acc is not None else ''))
+
+  report = {name: {'test_accuracy': summaries[name].get('test_accuracy'),
+                   'params': summaries[name].get('params'),
+                   'bytes': stored_bytes(stage_dirs[name], summaries[name]),
+                   'wall_s': times[name]}
+            for name in REPORTED if name in summaries}
+  if 'pretrain' in summaries:
+    report['pretrain'] = {'eval_loss': summaries['pretrain'].get('eval_loss'),
+                          'wall_s': times['pretrain']}
+  report['scale'] = config.scale
+  report['wall_s'] = round(time.time() - t0, 1)
+  with open(os.path.join(workdir, 'report.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+
+  recon = os.path.join(stage_dirs.get('pretrain', ''), 'reconstructions.png')
+  if os.path.exists(recon):
+    shutil.copy(recon, os.path.join(workdir, 'reconstructions.png'))
+  figures.save_training_curves(os.path.join(workdir, 'training_curves.png'),
+                               {n: os.path.join(stage_dirs[n], 'metrics.jsonl') for n in names})
+  figures.save_accuracy_vs_size(os.path.join(workdir, 'accuracy_vs_size.png'),
+                                {n: report[n] for n in REPORTED if n in report})
+  with open(os.path.join(workdir, 'report.md'), 'w') as f:
+    f.write(_markdown(report, config, workdir))
+  log(f'report: {os.path.join(workdir, "report.md")} (total {format_duration(report["wall_s"])})')
+  return report
+
+
+def _markdown(report: dict, config, workdir: str) -> str:
+  rows = ['| stage | test accuracy | params | stored bytes | time |', '|---|---|---|---|---|']
+  for name in REPORTED:
+    if name in report:
+      r = report[name]
+      acc = f'{100 * r["test_accuracy"]:.2f}%' if r['test_accuracy'] is not None else '-'
+      rows.append(f'| {name} | {acc} | {r["params"]:,} | {r["bytes"]:,} | '
+                  f'{format_duration(r["wall_s"])} |')
+  pre = report.get('pretrain', {})
+  lines = [f'# jkd demo ({config.scale})', '',
+           f'Whole pipeline in {format_duration(report["wall_s"])}. MAE pretraining took '
+           f'{format_duration(pre.get("wall_s", 0))} (eval loss {pre.get("eval_loss") or 0:.4f}).', '',
+           *rows, '',
+           '![reconstructions](reconstructions.png)', '',
+           '![training curves](training_curves.png)', '',
+           '![accuracy vs size](accuracy_vs_size.png)', '',
+           f'Each stage\'s workdir is under `{workdir}`; rerun `jkd demo` to resume.', '']
+  return '\n'.join(lines)
