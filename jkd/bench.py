@@ -66,6 +66,38 @@ def default_bench_config() -> ml_collections.ConfigDict:
       job='supervised', warmup_steps=3, steps=10, repeats=3, peak_flops=0.0))
 
 
+def imagenet_bench_config(model: dict, arg: str | None) -> ml_collections.ConfigDict:
+  """The shared bench recipe of `configs/bench/*.py`: ImageNet-size synthetic data (224×224×3,
+  1000 classes), global batch 256, AdamW without clipping or label smoothing (as the timm
+  reference). `arg` 'cpu' or 'tiny' shrinks it to a CPU check: 32×32, batch 8, float32 (XLA's
+  CPU bf16 is emulated, and a jitted bf16 ResNet gives NaN there in jax 0.12)."""
+  from jkd.data import default_data_config
+  from jkd.defaults import base_config
+  c = base_config()
+  c.bench = default_bench_config()
+  c.data = default_data_config('synthetic')
+  c.data.image_size = 224
+  c.data.num_classes = 1000
+  c.model = ml_collections.ConfigDict(model)
+  c.batch_size = 256
+  c.total_steps = 10_000      # Sizes the lr schedule only.
+  c.optim.name = 'adamw'
+  c.optim.lr = 1e-3
+  c.optim.weight_decay = 0.05
+  c.optim.warmup_steps = 0
+  c.optim.grad_clip = 0.0
+  if arg in ('cpu', 'tiny'):
+    c.data.image_size = 32
+    c.batch_size = 8
+    c.model.dtype = 'float32'
+    c.bench.warmup_steps = 1
+    c.bench.steps = 3
+    c.bench.repeats = 3
+  elif arg not in (None, '', 'gpu', 'tpu'):
+    raise ValueError(f'unknown config arg {arg!r}; use gpu, tpu, cpu or tiny')
+  return c
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Benchmarks the train step of `config.bench.job`; returns and writes `bench.json`.
 
