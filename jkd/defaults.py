@@ -26,3 +26,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ''             # A workdir whose weights initialise this run (fine-tuning).
   c.init_prefix = ()           # Sub-tree of its params to take, e.g. ('encoder',).
   return c
+
+
+def shrink_for_tests(c: ml_collections.ConfigDict, *, total_steps: int, log_every: int,
+                     checkpoint_every: int, warmup_steps: int,
+                     eval_examples: int = 256) -> ml_collections.ConfigDict:
+  """The `:tiny` size every Fashion-MNIST config offers the test suite: 512 training images,
+  `eval_examples` test images, batch 32, a few steps. Changes `c` in place and returns it."""
+  c.data.train_split = 'train[:512]'
+  c.data.eval_split = f'test[:{eval_examples}]'
+  c.batch_size = 32
+  c.eval_batch_size = eval_examples // 2
+  c.total_steps = total_steps
+  c.log_every = log_every
+  c.checkpoint_every = checkpoint_every
+  c.optim.warmup_steps = warmup_steps
+  return c

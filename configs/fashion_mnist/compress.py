@@ -16,7 +16,7 @@ export_accuracy and sparsity.
 import ml_collections
 
 from jkd.data import default_data_config
-from jkd.defaults import base_config
+from jkd.defaults import base_config, shrink_for_tests
 
 VARIANTS = ('qat', 'ptq', 'prune50', 'prune24', 'qat_kd')
 
@@ -61,13 +61,7 @@ def get_config(arg=None):
   if variant == 'prune50':
     c.prune.enabled = True
   if tiny:
-    c.data.train_split = 'train[:512]'
-    c.data.eval_split = 'test[:256]'
-    c.batch_size = 32
-    c.eval_batch_size = 128
-    c.total_steps = 1 if variant == 'ptq' else 6
-    c.log_every = 2
-    c.checkpoint_every = 0
-    c.optim.warmup_steps = 1
+    shrink_for_tests(c, total_steps=1 if variant == 'ptq' else 6, log_every=2,
+                     checkpoint_every=0, warmup_steps=1)
     c.prune.update_every = 2
   return c

@@ -14,7 +14,7 @@ for the test suite. Terms can be changed from the command line, e.g.
 import ml_collections
 
 from jkd.data import default_data_config
-from jkd.defaults import base_config
+from jkd.defaults import base_config, shrink_for_tests
 
 RECIPES = {
     'kd': {'ce': dict(weight=0.1), 'kd': dict(weight=0.9, temperature=4.0)},
@@ -50,12 +50,5 @@ def get_config(arg=None):
   c.checkpoint_every = 1000
   c.log_every = 100
   if tiny:
-    c.data.train_split = 'train[:512]'
-    c.data.eval_split = 'test[:256]'
-    c.batch_size = 32
-    c.eval_batch_size = 128
-    c.total_steps = 12
-    c.log_every = 4
-    c.checkpoint_every = 6
-    c.optim.warmup_steps = 2
+    shrink_for_tests(c, total_steps=12, log_every=4, checkpoint_every=6, warmup_steps=2)
   return c

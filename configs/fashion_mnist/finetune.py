@@ -14,7 +14,7 @@ pretraining config's encoder (name, posemb).
 import ml_collections
 
 from jkd.data import default_data_config
-from jkd.defaults import base_config
+from jkd.defaults import base_config, shrink_for_tests
 
 
 def get_config(arg=None):
@@ -37,14 +37,8 @@ def get_config(arg=None):
   if arg == 'tiny':
     c.model.name = 'vit_nano_p4'
     c.model.drop_path = 0.0
-    c.data.train_split = 'train[:512]'
-    c.data.eval_split = 'test[:128]'
-    c.batch_size = 32
-    c.eval_batch_size = 64
-    c.total_steps = 6
-    c.log_every = 3
-    c.checkpoint_every = 6
-    c.optim.warmup_steps = 2
+    shrink_for_tests(c, total_steps=6, log_every=3, checkpoint_every=6, warmup_steps=2,
+                     eval_examples=128)
   elif arg:
     raise ValueError(f'unknown config arg {arg!r}; use tiny')
   return c

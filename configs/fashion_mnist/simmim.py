@@ -18,7 +18,7 @@ patches with the garment's shape and brightness. `:tiny` is the test-suite size.
 import ml_collections
 
 from jkd.data import default_data_config
-from jkd.defaults import base_config
+from jkd.defaults import base_config, shrink_for_tests
 
 
 def get_config(arg=None):
@@ -47,16 +47,10 @@ def get_config(arg=None):
   c.log_every = 50
   if arg == 'tiny':
     c.model.name = 'vit_nano_p4'
-    c.data.train_split = 'train[:512]'
-    c.data.eval_split = 'test[:128]'
-    c.batch_size = 32
-    c.eval_batch_size = 64
-    c.total_steps = 30
-    c.log_every = 5
-    c.checkpoint_every = 30
+    shrink_for_tests(c, total_steps=30, log_every=5, checkpoint_every=30, warmup_steps=3,
+                     eval_examples=128)
     c.optim.lr = 2e-3
     c.optim.lr_batch_base = 0
-    c.optim.warmup_steps = 3
   elif arg:
     raise ValueError(f'unknown config arg {arg!r}; use tiny')
   return c

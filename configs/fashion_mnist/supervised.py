@@ -12,7 +12,7 @@ and flip, which is the GPU recipe. `:tiny` is the test-suite size (a few steps).
 import ml_collections
 
 from jkd.data import default_data_config
-from jkd.defaults import base_config
+from jkd.defaults import base_config, shrink_for_tests
 
 
 def get_config(arg=None):
@@ -40,14 +40,7 @@ def get_config(arg=None):
     c.label_smoothing = 0.1
     c.eval_every = 2000
   elif arg == 'tiny':
-    c.data.train_split = 'train[:512]'
-    c.data.eval_split = 'test[:256]'
-    c.batch_size = 32
-    c.eval_batch_size = 128
-    c.total_steps = 12
-    c.log_every = 4
-    c.checkpoint_every = 4
-    c.optim.warmup_steps = 2
+    shrink_for_tests(c, total_steps=12, log_every=4, checkpoint_every=4, warmup_steps=2)
   elif arg:
     raise ValueError(f'unknown config arg {arg!r}; use gpu or tiny')
   return c
