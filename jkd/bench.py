@@ -126,7 +126,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   module_name, job_fields = JOBS[settings.job]
   config = _bench_run_config(config, job_fields)
   os.makedirs(workdir, exist_ok=True)
+  with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))):
+    return _time_job(config, settings, module_name, workdir)
 
+
+def _time_job(config, settings, module_name: str, workdir: str) -> dict:
+  """Builds the job's task, compiles its step, times it and writes `bench.json`."""
   task = importlib.import_module(module_name).build_task(config, workdir)
   mesh = parallel.make_mesh(config.get('mesh'))
   parallel.check_batch_divisible(task.global_batch_size, mesh)

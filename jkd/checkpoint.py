@@ -8,7 +8,6 @@ checkpoint saved on one mesh restores onto another.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import jax
@@ -32,8 +31,11 @@ class RunCheckpointer:
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=True)
+    # Handlers named up front, so item metadata (shapes, dtypes) is readable before a restore.
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+                'meta': ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'data', 'meta'))
+                                         item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -105,13 +107,22 @@ def load_arrays(workdir: str, step: int | None = None) -> tuple[dict, dict]:
   try:
     item_meta = ckpt.manager.item_metadata(step)['state']
     tree = getattr(item_meta, 'tree', item_meta)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    with warnings.catch_warnings():  # "Sharding info not provided": host arrays need none.
-      warnings.simplefilter('ignore', UserWarning)
-      restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    # Read every array whole onto one host (CPU) device: this works whatever mesh and number of
+    # devices saved it (a pod's teacher read on one GPU), and keeps accelerator memory free.
+    host = jax.sharding.SingleDeviceSharding(_host_device())
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), tree)
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))
   except Exception as e:
     raise UserError(f'Could not read the weights of {checkpoint_dir(workdir)} step {step} '
                     f'({type(e).__name__}: {str(e)[:200]}).') from e
   ckpt.close()
-  return restored['state'], meta
+  return jax.tree.map(np.asarray, restored['state']), meta
+
+
+def _host_device() -> jax.Device:
+  """A CPU device of this process if JAX has the CPU backend, else its first local device."""
+  try:
+    return jax.local_devices(backend='cpu')[0]
+  except RuntimeError:  # e.g. JAX_PLATFORMS=cuda leaves no CPU backend
+    return jax.local_devices()[0]

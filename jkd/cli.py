@@ -9,6 +9,8 @@
   jkd demo     --workdir DIR [--config configs/demo.py[:fast|full]]
 
 Bad input ends with exit code 2 and one paragraph naming the problem and the fix.
+Multi-process runs (TPU pods, SLURM, GKE, launch/local.sh) are joined from the environment:
+see jkd/distributed.py and launch/README.md.
 """
 from __future__ import annotations
 
@@ -135,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    # Before anything touches a device: join the multi-process run the environment names.
+    from jkd import distributed
+    distributed.initialize()
     if args.command == 'eval':
       _run_eval(args, overrides)
     elif args.command == 'bench':

@@ -23,6 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  # Entries replacing jkd.parallel.DEFAULT_RULES, e.g. (('embed', None), ('mlp', 'fsdp')).
+  c.sharding_rules = ()
   c.init_from = ''             # A workdir whose weights initialise this run (fine-tuning).
   c.init_prefix = ()           # Sub-tree of its params to take, e.g. ('encoder',).
   return c

@@ -150,7 +150,8 @@ def run(task: Task, config, workdir: str, *, label: str | None = None) -> dict:
   ckpt = RunCheckpointer(workdir, keep=config.get('keep_checkpoints', 3))
   writer = MetricWriter(workdir, total_steps=task.total_steps, label=label or task.kind)
   try:
-    return _run(task, config, workdir, mesh, ckpt, writer, start_wall)
+    with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))):
+      return _run(task, config, workdir, mesh, ckpt, writer, start_wall)
   finally:
     ckpt.close()
     writer.close()
@@ -189,7 +190,8 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
   elif task.on_init is not None:
     state = task.on_init(state)
   writer.info(f'{n_params:,} parameters; mesh {dict(mesh.shape)}; {jax.device_count()} '
-              f'{jax.devices()[0].platform} device(s); global batch {task.global_batch_size}')
+              f'{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es); '
+              f'global batch {task.global_batch_size}')
 
   step_fn, extra_args = jit_train_step(task, mesh, state_shardings)
   eval_fn = (jax.jit(task.eval_step, out_shardings=parallel.replicated(mesh))

@@ -2,15 +2,19 @@
 
 One table (`DEFAULT_RULES`, MaxText style) maps the logical axis names that model parameters
 carry onto the mesh axes `data`, `fsdp` and `tensor`. The same code runs on one CPU, 8 simulated
-CPU devices, a GPU or a TPU pod: only the mesh changes.
+CPU devices, a GPU or a TPU pod: only the mesh changes. A run may replace entries of the table
+with `config.sharding_rules` (see `merge_rules`); `loop.run` makes that table active while it
+runs (`use_rules`), so the student, the teacher and the optimizer state all follow it.
 
 The rules are turned into `NamedSharding`s once, outside any Flax rules context (flax issue
 3676: rules context + mesh can crash on 3-D attention kernels).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -36,6 +40,47 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('conv_out', 'fsdp'),
     ('norm', None),
 )
+
+
+_ACTIVE_RULES: contextvars.ContextVar[tuple[tuple[str, Any], ...]] = contextvars.ContextVar(
+    'jkd_sharding_rules', default=DEFAULT_RULES)
+
+
+def merge_rules(overrides: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+  """DEFAULT_RULES with the entries named in `overrides` (`config.sharding_rules`) replaced.
+
+  Args:
+    overrides: pairs (logical_name, mesh_axis | (mesh_axes...) | None), e.g.
+      `(('embed', None), ('mlp', ('fsdp', 'tensor')))`. A name not in DEFAULT_RULES is added.
+  """
+  table = dict(DEFAULT_RULES)
+  for pair in overrides or ():
+    if len(pair) != 2 or not isinstance(pair[0], str):
+      raise UserError(f'config.sharding_rules entry {tuple(pair)!r} is not a pair '
+                      f"(logical_name, mesh_axis or None), e.g. ('embed', 'fsdp').")
+    name, axes = pair
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    bad = [a for a in names if a not in MESH_AXES]
+    if bad:
+      raise UserError(f'config.sharding_rules maps {name!r} to unknown mesh axes {bad}; the '
+                      f'mesh axes are {", ".join(MESH_AXES)} (or None to replicate).')
+    table[name] = axes if isinstance(axes, str) or axes is None else tuple(axes)
+  return tuple(table.items())
+
+
+@contextlib.contextmanager
+def use_rules(rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
+  """Makes `rules` the table `tree_shardings` uses inside the block (one run's setting)."""
+  token = _ACTIVE_RULES.set(tuple(rules))
+  try:
+    yield
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
+def active_rules() -> tuple[tuple[str, Any], ...]:
+  """The rules table in force: DEFAULT_RULES unless a run set `config.sharding_rules`."""
+  return _ACTIVE_RULES.get()
 
 
 def make_mesh(axis_sizes: Mapping[str, int] | None = None,
@@ -68,11 +113,11 @@ def make_mesh(axis_sizes: Mapping[str, int] | None = None,
 
 
 def logical_to_mesh_spec(logical: Sequence[str | None] | None,
-                         rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
+                         rules: Sequence[tuple[str, Any]] | None = None) -> P:
   """Maps one tuple of logical names to a PartitionSpec; a mesh axis is used at most once."""
   if logical is None:
     return P()
-  table = dict(rules)
+  table = dict(active_rules() if rules is None else rules)
   used, out = set(), []
   for name in logical:
     axes = table.get(name) if name is not None else None
@@ -94,11 +139,13 @@ def _fit_spec_to_shape(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
 
 
 def tree_shardings(abstract_tree: Any, mesh: Mesh,
-                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+                   rules: Sequence[tuple[str, Any]] | None = None) -> Any:
   """NamedShardings for a tree whose leaves may be `nn.Partitioned` boxes (from eval_shape).
 
-  Unboxed leaves (optimizer counters, batch statistics without names) are replicated.
+  Unboxed leaves (optimizer counters, batch statistics without names) are replicated. `rules`
+  defaults to `active_rules()`.
   """
+  rules = active_rules() if rules is None else rules
   def one(leaf):
     if isinstance(leaf, nn.LogicallyPartitioned) or isinstance(leaf, nn.Partitioned):
       spec = logical_to_mesh_spec(leaf.names, rules)

@@ -1,0 +1,108 @@
+"""Two real processes joined by jax.distributed (CPU collectives over localhost), and moving a
+checkpoint to another device count.
+
+One run of 12 steps is made three ways with the same global batch, mesh shape and seed:
+  ref:  1 process  x 4 simulated devices, mesh data=2 x fsdp=2;
+  mp:   2 processes x 2 simulated devices each (launch/local.sh), same mesh across processes;
+  move: mp's checkpoint at step 8 restored onto 1 process x 1 device and trained to step 12.
+All three must end with the same parameters.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jkd import distributed
+from jkd.checkpoint import load_arrays
+from jkd.errors import UserError
+
+from conftest import REPO, SUPERVISED, read_jsonl, run_jkd
+
+# fp32; only the order of cross-device (and cross-process) reductions differs between runs.
+TOLERANCE = 2e-5
+ARGS = ['--config', SUPERVISED + ':tiny', '--config.model.name=vit_nano_p4',
+        '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.checkpoint_every=4']
+
+
+def _max_param_diff(a_workdir, b_workdir):
+  a, b = load_arrays(a_workdir)[0]['params'], load_arrays(b_workdir)[0]['params']
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('multiprocess')
+  ref, mp = str(root / 'ref'), str(root / 'mp')
+  out = run_jkd('train', *ARGS, '--workdir', ref,
+                env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert out.returncode == 0, out.stderr[-3000:]
+  env = dict(os.environ, JKD_LOCAL_DEVICES='2', JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  mp_out = subprocess.run(
+      ['launch/local.sh', '2', sys.executable, '-m', 'jkd.cli', 'train', *ARGS, '--workdir', mp],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert mp_out.returncode == 0, mp_out.stdout[-3000:] + mp_out.stderr[-3000:]
+  return ref, mp, mp_out.stdout
+
+
+def test_two_processes_match_one_process(runs):
+  ref, mp, log = runs
+  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}; 4 cpu device(s) in 2 process(es)" in log
+  assert _max_param_diff(ref, mp) <= TOLERANCE
+  ref_summary = json.load(open(os.path.join(ref, 'summary.json')))
+  mp_summary = json.load(open(os.path.join(mp, 'summary.json')))
+  assert mp_summary['steps'] == 12
+  assert abs(ref_summary['final_train_loss'] - mp_summary['final_train_loss']) <= 1e-4
+  assert abs(ref_summary['test_accuracy'] - mp_summary['test_accuracy']) <= 1 / 256
+
+
+def test_only_process_zero_logs(runs):
+  _, mp, log = runs
+  assert '[p0] [train] step 12/12' in log
+  assert '[p1] [train]' not in log
+  lines = read_jsonl(os.path.join(mp, 'metrics.jsonl'))
+  steps = [l['step'] for l in lines if 'split' not in l]
+  assert steps == sorted(set(steps)), steps  # one writer: no duplicated lines
+
+
+def test_checkpoint_restores_onto_another_device_count(runs, tmp_path):
+  _, mp, _ = runs
+  moved = str(tmp_path / 'moved')
+  shutil.copytree(mp, moved)
+  shutil.rmtree(os.path.join(moved, 'checkpoints', '12'))  # as if stopped after step 8
+  os.remove(os.path.join(moved, 'summary.json'))
+  out = run_jkd('train', *ARGS, '--config.mesh.data=-1', '--config.mesh.fsdp=1',
+                '--workdir', moved, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'resumed from' in out.stdout and 'at step 8' in out.stdout
+  assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}; 1 cpu device(s)" in out.stdout
+  assert json.load(open(os.path.join(moved, 'summary.json')))['steps'] == 12
+  assert _max_param_diff(mp, moved) <= TOLERANCE
+
+
+@pytest.mark.parametrize('env, expected', [
+    ({}, False),
+    ({'JAX_COORDINATOR_ADDRESS': 'host:1234'}, True),
+    ({'SLURM_PROCID': '0', 'SLURM_NTASKS': '1'}, False),
+    ({'SLURM_PROCID': '3', 'SLURM_NTASKS': '16'}, True),
+    ({'OMPI_COMM_WORLD_SIZE': '4'}, True),
+    ({'JKD_DISTRIBUTED': 'on'}, True),
+    ({'JKD_DISTRIBUTED': 'off', 'JAX_COORDINATOR_ADDRESS': 'host:1234'}, False),
+])
+def test_when_jkd_joins_a_multiprocess_run(env, expected):
+  assert distributed.wants_distributed(env) is expected
+
+
+def test_bad_distributed_settings_are_user_errors():
+  with pytest.raises(UserError, match='JKD_DISTRIBUTED'):
+    distributed.wants_distributed({'JKD_DISTRIBUTED': 'yes please'})
+  out = run_jkd('train', '--config', SUPERVISED + ':tiny', '--workdir', '/tmp/never',
+                env={'JKD_DISTRIBUTED': 'on', 'JAX_NUM_PROCESSES': 'two'})
+  assert out.returncode == 2 and 'JAX_NUM_PROCESSES' in out.stderr
+  assert 'Traceback' not in out.stderr
