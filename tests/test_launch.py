@@ -161,7 +161,9 @@ def _fake_worker(tmp_path):
   venv_bin = home / 'jkd' / '.venv' / 'bin'
   _write_executable(str(venv_bin / 'activate'), 'PATH="$PWD/.venv/bin:$PATH"; export PATH\n')
   _write_executable(str(venv_bin / 'jkd'),
-                    '#!/bin/sh\nprintf "%s\\0" jkd "$@" > "$HOME/argv"\nenv > "$HOME/env"\n')
+                    '#!/bin/sh\nprintf "%s\\0" jkd "$@" > "$HOME/argv"\n'
+                    # env appears whole (mv), so a reader polling for it never sees half a file.
+                    'env > "$HOME/env.tmp" && mv "$HOME/env.tmp" "$HOME/env"\n')
   return home
 
 
