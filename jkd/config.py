@@ -108,7 +108,7 @@ def parse_value(text: str, current: Any, key: str) -> Any:
   if isinstance(current, str):
     return text
   try:
-    value = ast.literal_eval(text)
+    value = _literal(text)
   except (ValueError, SyntaxError):
     if current is None:
       return text  # A None default takes any string (e.g. an optional path).
@@ -122,6 +122,18 @@ def parse_value(text: str, current: Any, key: str) -> Any:
       fail('dict')
     return ml_collections.ConfigDict(value)
   return value
+
+
+def _literal(text: str) -> Any:
+  """`ast.literal_eval`, plus the `dict(a=1, b='x')` spelling users write for dict fields."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    node = ast.parse(text.strip(), mode='eval').body
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'dict'
+        and not node.args and all(k.arg for k in node.keywords)):
+      return {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+    raise
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -20,6 +20,16 @@ def test_tuple_and_none_fields_parse():
   assert c.data.data_dir == '/tmp/x'
 
 
+def test_dict_fields_take_dict_call_or_literal():
+  c = load_config(SUPERVISED, ['mesh=dict(data=2, fsdp=4)'])
+  assert c.mesh.to_dict() == {'data': 2, 'fsdp': 4}
+  c = load_config(SUPERVISED, ["mesh={'data': -1, 'tensor': 2}",
+                               "sharding_rules=(('mlp', ('fsdp', 'tensor')),)"])
+  assert c.mesh.tensor == 2 and c.sharding_rules == (('mlp', ('fsdp', 'tensor')),)
+  with pytest.raises(UserError, match='dict'):
+    load_config(SUPERVISED, ['mesh=dict(data=int(2))'])
+
+
 @pytest.mark.parametrize('override, words', [
     ('optim.lrr=1', ['optim.lrr', 'Did you mean lr']),
     ('batch_size=abc', ['batch_size', 'integer']),
