@@ -236,6 +236,19 @@ def test_tfds_mock_variable_size_images(tmp_path):
     evals = list(data.make_eval_iterator(cfg, global_batch_size=4, process_index=0,
                                          process_count=1))
     assert evals[0]['image'].shape == (4, 64, 64, 3)
+    # The crop's area range is a config field (MAE: (0.2, 1); SimMIM: (0.67, 1)); bad ranges
+    # are user errors.
+    cfg.update(crop_scale=(0.2, 1.0), crop_ratio=(1.0, 1.0))
+    assert next(_train(cfg, global_batch_size=4, seed=0))['image'].shape == (4, 64, 64, 3)
+    cfg.update(crop_scale=(0.5, 0.2))
+    with pytest.raises(UserError, match='crop_scale'):
+      _train(cfg, global_batch_size=4, seed=0)
+
+
+def test_random_resized_crop_scale_bounds_the_area():
+  image = np.arange(40 * 40 * 1, dtype=np.uint8).reshape(40, 40, 1)
+  whole = augment.random_resized_crop(image, np.random.default_rng(0), 40, (1.0, 1.0), (1.0, 1.0))
+  np.testing.assert_array_equal(whole, image)  # area 1 and ratio 1: the image itself
 
 
 # ---------------------------------------------------------------- synthetic

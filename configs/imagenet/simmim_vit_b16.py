@@ -11,8 +11,7 @@ The paper reaches 83.8% top-1 after 100 epochs of fine-tuning at 224.
 
 Differences from the paper: jkd's ViT has no relative position bias (the paper's ViT uses a
 shared RPB); this uses fixed 2-D sin-cos positions instead. Augmentation: RandomResizedCrop
-(paper scale (0.67, 1.0), ratio (3/4, 4/3); jkd's pipeline uses (0.08, 1.0) until `jkd.data`
-exposes it) + flip.
+with the paper's scale (0.67, 1.0) and ratio (3/4, 4/3), + flip.
 """
 import ml_collections
 
@@ -30,6 +29,7 @@ def get_config(arg=None):
   c.data = default_data_config('imagenet2012')
   c.data.image_size = 192
   c.data.inception_crop = True
+  c.data.crop_scale = (0.67, 1.0)
   c.data.flip = True
   c.data.num_workers = 32
   c.model = ml_collections.ConfigDict({

@@ -61,6 +61,8 @@ def default_data_config(name: str = 'fashion_mnist') -> ml_collections.ConfigDic
   cfg.prefetch = 4
   cfg.crop_fraction = 0.875
   cfg.inception_crop = True
+  cfg.crop_scale = (0.08, 1.0)   # Inception crop area range (MAE: (0.2, 1.0); SimMIM: (0.67, 1)).
+  cfg.crop_ratio = (3 / 4, 4 / 3)
   if name == 'synthetic':
     cfg.num_classes = 10
     cfg.channels = 3
@@ -108,6 +110,13 @@ class _BatchReader:
     self.flip = bool(cfg_get(cfg, 'flip', False)) and train
     self.inception = train and self.variable and bool(cfg_get(cfg, 'inception_crop', True))
     self.crop_fraction = float(cfg_get(cfg, 'crop_fraction', 0.875))
+    self.crop_scale = tuple(float(v) for v in cfg_get(cfg, 'crop_scale', (0.08, 1.0)))
+    self.crop_ratio = tuple(float(v) for v in cfg_get(cfg, 'crop_ratio', (3 / 4, 4 / 3)))
+    if (len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
+        or len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]):
+      raise UserError(f'config.data.crop_scale={self.crop_scale} / crop_ratio={self.crop_ratio}: '
+                      'give (low, high) with 0 < low <= high <= 1 for the area fraction and '
+                      '0 < low <= high for the aspect ratio, e.g. crop_scale=(0.2, 1.0).')
     # In-memory arrays at the wanted size need no per-example work: one fancy-index gather.
     self.gather = hasattr(source, 'get_batch') and (
         not self.size or source.get_batch(np.zeros(1, np.int64))[0].shape[1:3] ==
@@ -116,7 +125,7 @@ class _BatchReader:
   def _image(self, image, rng) -> np.ndarray:
     image = augment.decode(image)
     if self.inception:
-      return augment.random_resized_crop(image, rng, self.size)
+      return augment.random_resized_crop(image, rng, self.size, self.crop_scale, self.crop_ratio)
     if self.variable:
       return augment.center_crop(image, self.size, self.crop_fraction)
     if self.size:
