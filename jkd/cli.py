@@ -6,6 +6,7 @@
   jkd compress --config FILE.py[:ARG] --workdir DIR --config.init_from=TRAINED [...]
   jkd eval     --workdir DIR [--split test] [--export]
   jkd bench    --config FILE.py[:ARG] --workdir DIR [...]
+  jkd plan     --config FILE.py[:ARG] [--workdir DIR] [--device-memory 80GB] [--teacher M]
   jkd demo     --workdir DIR [--config configs/demo.py[:fast|full]]
 
 Bad input ends with exit code 2 and one paragraph naming the problem and the fix.
@@ -42,6 +43,7 @@ DESCRIPTIONS = {
     'eval': "evaluate a workdir's latest checkpoint (or --export) on a split (eval.json)",
     'demo': 'the whole pipeline on Fashion-MNIST: MAE teacher, KD student, int8 (report.md)',
     'bench': 'time train steps on synthetic data on the available accelerator (bench.json)',
+    'plan': 'per-device memory of a config\'s step, whether it fits, and a mesh that does',
 }
 
 
@@ -80,6 +82,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--workdir', required=True, help='where every stage and the report go')
   p.add_argument('--config', default=None,
                  help='default configs/demo.py (sized for a 2-core CPU); :fast or :full')
+  p = sub.add_parser('plan', help=DESCRIPTIONS['plan'])
+  p.add_argument('--config', required=True, help='config file, e.g. configs/bench/vit_b16.py')
+  p.add_argument('--workdir', default=None, help='optional: where plan.json is written')
+  p.add_argument('--device-memory', default='80GB', help='memory per device (80GB, 16GiB...)')
+  p.add_argument('--teacher', default=None,
+                 help='teacher model name (e.g. vit_l16): plan distillation without a workdir')
+  p.add_argument('--devices', type=int, default=None,
+                 help='devices of the planned machine (default: the product of config.mesh)')
+  p.add_argument('--measure', action='store_true',
+                 help='also compile (and run once) the real step here: XLA\'s memory figures')
   p = sub.add_parser('eval', help=DESCRIPTIONS['eval'])
   p.add_argument('--workdir', required=True)
   p.add_argument('--config', default=None,
@@ -112,6 +124,23 @@ def _run_demo(args, overrides: list[str]) -> dict:
   return demo.run(load_config(spec, overrides), args.workdir)
 
 
+def _run_plan(args, overrides: list[str]) -> dict:
+  from jkd import memory
+  from jkd.config import load_config
+  config = load_config(args.config, overrides)
+  result = memory.plan(config, teacher=args.teacher, num_devices=args.devices,
+                       device_memory=memory.parse_bytes(args.device_memory))
+  print(memory.format_plan(result))
+  if args.measure:
+    result['xla'] = memory.compile_step(config, teacher=args.teacher, run=True)
+    print(memory.format_measured(result))
+  if args.workdir:
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, 'plan.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
 def _run_eval(args, overrides: list[str]) -> dict:
   from jkd.evaluate import evaluate_workdir
   result = evaluate_workdir(args.workdir, config_spec=args.config, overrides=overrides,
@@ -142,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize()
     if args.command == 'eval':
       _run_eval(args, overrides)
+    elif args.command == 'plan':
+      _run_plan(args, overrides)
     elif args.command == 'bench':
       _run_bench(args, overrides)
     elif args.command == 'demo':

@@ -1,0 +1,166 @@
+"""The memory planner (jkd.memory, `jkd plan`) against what jax and XLA really hold.
+
+Run as a script (`python tests/test_memory.py`, with 8 simulated CPU devices) it compiles the real
+jkd train steps and prints XLA's `memory_analysis()` beside the estimate, one JSON line per case;
+docs/scaling.md quotes these figures.
+"""
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_jkd
+
+# (name, student model overrides, mesh, teacher): small ViTs at 32×32, global batch 64, fp32
+# (XLA's CPU bf16 is emulated in fp32, so only fp32 buffers are meaningful on CPU).
+XLA_CASES = [
+    ('train data=8', {'depth': 2}, {'data': 8}, None),
+    ('train fsdp=4 tensor=2', {'depth': 2, 'num_heads': 4}, {'fsdp': 4, 'tensor': 2}, None),
+    ('distill fsdp=8', {'depth': 2}, {'fsdp': 8}, 'vit_mini_p4'),
+]
+# XLA's temporaries / our (grads + weight copies + student and teacher activations). The
+# activations are what jax's autodiff saves before XLA optimises; XLA fuses away 10-20% of them
+# on CPU and adds scratch for the backward pass, and it need not hold all the gathered weights
+# we count at once: measured 0.75 (distill, fsdp=8) to 0.90 (train, data=8). The band keeps the
+# estimate an upper bound within 30%.
+TEMP_RATIO = (0.7, 1.1)
+
+
+def _case_config(overrides, mesh):
+  from jkd.config import load_config
+  config = load_config('configs/bench/vit_s16.py:cpu',
+                       ['model.name=vit_nano_p4', 'model.dtype=float32', 'batch_size=64'])
+  for k, v in overrides.items():
+    config.model[k] = v
+  config.mesh = mesh
+  return config
+
+
+def measure_cases():
+  """Compiles every XLA_CASES step; yields one dict per case (run with 8 CPU devices)."""
+  from jkd import memory
+  for name, overrides, mesh, teacher in XLA_CASES:
+    config = _case_config(overrides, mesh)
+    xla = memory.compile_step(config, teacher=teacher)
+    est = memory.estimate(config.model.to_dict(), teacher=teacher, global_batch=64,
+                          image_size=32, num_classes=config.data.num_classes, mesh=mesh)
+    temp = est.grads + est.weight_copies + est.activations + (est.teacher_activations or 0)
+    yield {'case': name, 'xla': xla, 'estimate': est.as_dict(),
+           'arguments': est.params + est.optimizer + est.teacher_params + est.inputs,
+           'temp': temp, 'temp_ratio': round(xla['temp'] / temp, 3),
+           'peak_ratio': round(xla['peak'] / est.total, 3)}
+
+
+@pytest.fixture(scope='module')
+def xla_results():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, 'tests/test_memory.py'], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{')]
+
+
+def test_state_bytes_equal_xla_arguments(xla_results):
+  """Params, optimizer state, teacher and batch are exact: XLA's argument bytes per device.
+  The estimate counts the 16-byte RNG key, which jit drops when a step draws no randomness."""
+  from jkd.memory import RNG_KEY_BYTES
+  assert len(xla_results) == len(XLA_CASES)
+  for r in xla_results:
+    assert 0 <= r['arguments'] - r['xla']['argument'] <= RNG_KEY_BYTES, r
+
+
+def test_activations_within_band_of_xla_temp(xla_results):
+  for r in xla_results:
+    assert TEMP_RATIO[0] <= r['temp_ratio'] <= TEMP_RATIO[1], r
+
+
+def _saved_residual_bytes(model, batch, size):
+  """Bytes per example that jax's autodiff keeps for the backward pass of `model`."""
+  import jax
+  import jax.numpy as jnp
+  from jax.ad_checkpoint import print_saved_residuals
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)  # Traced, never run.
+  params = jax.eval_shape(model.init, jax.random.key(0), images)['params']
+
+  def loss(p, x):  # Normalised as the train step does: the images become a residual too.
+    return model.apply({'params': p}, ((x - 0.5) * 2).astype(model.dtype), train=True).sum()
+  text = io.StringIO()
+  with contextlib.redirect_stdout(text):
+    print_saved_residuals(loss, params, images)
+  total = 0
+  for line in text.getvalue().splitlines():
+    m = re.match(r'(\w+)\[([\d,]*)\]', line)
+    dims = [int(d) for d in m.group(2).split(',') if d] if m else []
+    if 'from the argument' in line or batch not in dims:  # Weights, not activations.
+      continue
+    size_of = {'f32': 4, 'bf16': 2, 'f16': 2}[m.group(1)]
+    total += size_of * int(jnp.prod(jnp.array(dims)))
+  return total // batch
+
+
+@pytest.mark.parametrize('dtype, overrides', [
+    ('float32', {'depth': 2}),
+    ('bfloat16', {'depth': 1, 'pool': 'token', 'num_heads': 4}),
+])
+def test_activation_formula_equals_saved_residuals(dtype, overrides):
+  import jax.numpy as jnp
+  from jkd import memory, models
+  model = models.create('vit_nano_p4', dtype=jnp.dtype(dtype), **overrides)
+  batch = 7  # A size no model dimension has: residuals are the tensors with it.
+  assert memory.vit_activation_bytes(model, (32, 32, 3), 1) == _saved_residual_bytes(
+      model, batch, 32)
+
+
+def test_teacher_inference_peak_matches_xla():
+  """The frozen teacher's working set: XLA's temporaries of a ViT forward (fp32, 256 tokens,
+  where the attention and MLP phases of the formula are about equal) match within 5%."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from jkd import memory, models
+  model = models.create('vit_mini_p4')
+  images = jax.ShapeDtypeStruct((16, 64, 64, 3), jnp.float32)
+  variables = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), images))
+  compiled = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  estimate = memory.vit_activation_bytes(model, (64, 64, 3), 16, train=False)
+  assert abs(temp / estimate - 1) <= 0.05, (temp, estimate)
+
+
+def test_parameter_bytes_follow_the_rules():
+  """Exact per-device parameter bytes from an abstract mesh: ViT-L on 256 chips, no devices."""
+  from jkd import memory
+  data_only = memory.estimate('vit_l16', global_batch=256, mesh={'data': 8})
+  assert data_only.params == data_only.param_count * 4   # Replicated, fp32.
+  assert data_only.optimizer >= 2 * data_only.params     # AdamW mu and nu.
+  fsdp = memory.estimate('vit_l16', global_batch=256, mesh={'fsdp': 256})
+  # embed=1024 divides by 256, so every matrix is split; biases along heads/mlp are not.
+  assert data_only.params / 256 < fsdp.params < data_only.params / 200
+  assert fsdp.local_batch == 1
+
+
+def test_plan_cli_writes_plan_and_suggests_a_mesh(tmp_path):
+  workdir = tmp_path / 'plan'
+  out = run_jkd('plan', '--config', 'configs/bench/vit_b16.py', '--teacher', 'vit_h14',
+                '--config.batch_size=64', '--config.mesh.data=8', '--device-memory', '4GB',
+                '--workdir', str(workdir), timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  plan = json.loads((workdir / 'plan.json').read_text())
+  est = plan['estimate']
+  assert (est['student'], est['teacher'], est['local_batch']) == ('vit_b16', 'vit_h14', 8)
+  assert est['params'] == est['param_count'] * 4   # data=8 replicates the student.
+  assert not plan['fits'] and 'does NOT fit' in out.stdout
+  assert plan['suggestion'] and plan['suggestion']['total'] <= plan['usable']
+  assert '--config.mesh.fsdp=' in out.stdout
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, REPO)
+  for result in measure_cases():
+    print(json.dumps(result), flush=True)
