@@ -287,7 +287,21 @@ class ViT(nn.Module):
 
   Intermediates (apply with mutable=['intermediates']; each value is a 1-tuple, as `sow` stores
   it): 'patch_embed' (B, L, D) tokens entering the encoder (position embedding added, class
-  token prepended when pool='token'); 'encoder' (see `Encoder`); 'pre_logits' (B, D) fp32.
+  token prepended when pool='token', distillation token after it when distill_token=True);
+  'encoder' (see `Encoder`); 'pre_logits' (B, D) fp32, the class head's input; with a
+  distillation token also 'dist_pre_logits' (B, D) fp32, the distillation head's input.
+
+  Distillation token (DeiT, Touvron et al. 2021, arXiv:2012.12877): `distill_token=True` adds
+  a second learned token 'dist_token' (1, 1, D) beside the class token, read by its own head
+  'head_dist'. `__call__` returns DeiT's inference rule, the mean of the two heads'
+  logits, (head(cls) + head_dist(dist)) / 2, in train and eval mode alike, so every trainer,
+  `jkd eval` and a teacher built from the checkpoint see one (B, C) output. A distillation
+  trainer asks for the two heads separately with `model.apply(..., method='heads')`, which
+  returns (class logits, distillation logits); a method rather than a sown value because
+  capturing 'intermediates' switches attention to the slow explicit path. With pool='gap' the
+  class head reads the mean of the patch tokens (the distillation token excluded) and the
+  distillation head the distillation token; pool='token' is the paper's layout (198 tokens at
+  224/16).
 
   Attributes:
     num_classes: classes of the head; 0 means no head, and `__call__` returns pre-logits.
@@ -304,6 +318,7 @@ class ViT(nn.Module):
     dtype: compute dtype; parameters stay fp32 and logits are returned as fp32.
     attention: 'xla', 'cudnn' or None; see `Attention`.
     head_zero_init: zero-initialise the head (the usual ViT recipe).
+    distill_token: add DeiT's distillation token and head (see above); needs num_classes > 0.
   """
   num_classes: int
   patch_size: int = 16
@@ -318,6 +333,7 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   attention: str | None = 'xla'
   head_zero_init: bool = True
+  distill_token: bool = False
 
   def setup(self):
     if self.pool not in ('gap', 'token'):
@@ -327,14 +343,27 @@ class ViT(nn.Module):
     self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width,
                            self.dropout, self.drop_path, self.dtype, self.attention)
+    if self.distill_token and not self.num_classes:
+      raise UserError('distill_token=True needs a classifier head: set num_classes > 0, or '
+                      'drop distill_token.')
     if self.pool == 'token':
       self.cls = self.param('cls', logical(_zeros, (None, None, 'embed')), (1, 1, self.width))
+    if self.distill_token:
+      # Random, not zero like 'cls': two identical zero tokens would start as exact copies
+      # (DeiT draws both from trunc_normal(0.02)).
+      self.dist_token = self.param('dist_token', logical(nn.initializers.normal(0.02),
+                                                         (None, None, 'embed')),
+                                   (1, 1, self.width))
     if self.num_classes:
       head_init = _zeros if self.head_zero_init else _xavier
       # The head runs in fp32: it is tiny, and the logits feed losses that need the precision.
       self.head = nn.Dense(self.num_classes, dtype=jnp.float32,
                            kernel_init=logical(head_init, ('embed', 'classes')),
                            bias_init=logical(_zeros, ('classes',)))
+      if self.distill_token:
+        self.head_dist = nn.Dense(self.num_classes, dtype=jnp.float32,
+                                  kernel_init=logical(head_init, ('embed', 'classes')),
+                                  bias_init=logical(_zeros, ('classes',)))
     self.token_dropout = nn.Dropout(self.dropout)
 
   @nn.compact
@@ -366,21 +395,58 @@ class ViT(nn.Module):
       train: enables dropout and stochastic depth (needs a 'dropout' rng when they are > 0).
 
     Returns:
-      logits (B, num_classes) fp32, or pre-logits (B, D) fp32 when num_classes == 0.
+      logits (B, num_classes) fp32, or pre-logits (B, D) fp32 when num_classes == 0. With a
+      distillation token: the mean of the class and distillation heads' logits (DeiT).
     """
-    x = self.embed(images)
-    if self.pool == 'token':
-      cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))
-      x = jnp.concatenate([cls, x], axis=1)
-    self.sow('intermediates', 'patch_embed', x)
-    x = self.token_dropout(x, deterministic=not train)
-    x = self.encoder(x, train=train)
-    x = x[:, 0] if self.pool == 'token' else x.mean(axis=1)
-    x = x.astype(jnp.float32)
-    self.sow('intermediates', 'pre_logits', x)
+    if self.distill_token:
+      cls_logits, dist_logits = self.heads(images, train=train)
+      return (cls_logits + dist_logits) / 2
+    x, _ = self._pooled(images, train)
     if not self.num_classes:
       return x
     return self.head(x)
+
+  def heads(self, images: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The two heads of a ViT with `distill_token=True`, for DeiT distillation.
+
+    Args:
+      images: (B, H, W, C) float.
+      train: as in `__call__`.
+
+    Returns:
+      (class-head logits, distillation-head logits), each (B, num_classes) fp32. DeiT trains
+      the first with the labels and the second with the teacher; `__call__` is their mean.
+    """
+    if not self.distill_token:
+      raise UserError('This ViT has no distillation head: create it with distill_token=True '
+                      '(e.g. --config.model.distill_token=True).')
+    x, x_dist = self._pooled(images, train)
+    return self.head(x), self.head_dist(x_dist)
+
+  def _pooled(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array | None]:
+    """Encodes; returns the class head's input (B, D) fp32 and the distillation head's (or
+    None without a distillation token)."""
+    x = self.embed(images)
+    b = x.shape[0]
+    prefix = []
+    if self.pool == 'token':
+      prefix.append(jnp.broadcast_to(self.cls.astype(self.dtype), (b, 1, self.width)))
+    if self.distill_token:
+      prefix.append(jnp.broadcast_to(self.dist_token.astype(self.dtype), (b, 1, self.width)))
+    if prefix:
+      x = jnp.concatenate([*prefix, x], axis=1)
+    self.sow('intermediates', 'patch_embed', x)
+    x = self.token_dropout(x, deterministic=not train)
+    x = self.encoder(x, train=train)
+    n = len(prefix)  # Leading non-patch tokens: [cls][dist].
+    pooled = x[:, 0] if self.pool == 'token' else x[:, n:].mean(axis=1)
+    pooled = pooled.astype(jnp.float32)
+    self.sow('intermediates', 'pre_logits', pooled)
+    if not self.distill_token:
+      return pooled, None
+    dist = x[:, n - 1].astype(jnp.float32)
+    self.sow('intermediates', 'dist_pre_logits', dist)
+    return pooled, dist
 
 
 def block_outputs(intermediates) -> list[jax.Array]:

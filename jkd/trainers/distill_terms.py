@@ -5,6 +5,11 @@ A term is `{kind, weight, ...options}`; `config.losses` is a list of terms or a 
 `--config.losses.kd.weight=0.5`). Terms read the student's and the teacher's logits or named
 intermediate features ("taps": 'stage2', 'block3', 'pre_logits', or a full path such as
 'encoder/block3/out'), so no model code changes to distill from a new layer.
+
+A student with DeiT's distillation token (`ViT(distill_token=True)`) has two heads: 'ce' reads
+its class head and every term against the teacher (kd, dkd, dist, kd_logit_std, deit_hard,
+deit_soft) its distillation head, as in DeiT. Without the token those terms read the one head
+(DeiT's "hard distillation without token" baseline).
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ TERMS: dict[str, dict[str, Any]] = {
     'dkd': {'alpha': 1.0, 'beta': 8.0, 'temperature': 4.0, 'warmup_steps': 0},
     'dist': {'beta': 1.0, 'gamma': 1.0, 'temperature': 1.0},
     'kd_logit_std': {'temperature': 2.0},
+    'deit_hard': {},
+    'deit_soft': {'temperature': 1.0},
     'fitnet': {'student': 'stage2', 'teacher': 'stage2', 'projector': 'auto'},
     'at': {'student': ('stage1', 'stage2', 'stage3'), 'teacher': ('stage1', 'stage2', 'stage3'),
            'p': 2, 'mode': 'code'},
@@ -34,7 +41,7 @@ TERMS: dict[str, dict[str, Any]] = {
     'pkt': {'student': 'pre_logits', 'teacher': 'pre_logits'},
     'sp': {'student': 'pre_logits', 'teacher': 'pre_logits'},
 }
-LOGIT_TERMS = ('ce', 'kd', 'dkd', 'dist', 'kd_logit_std')
+LOGIT_TERMS = ('ce', 'kd', 'dkd', 'dist', 'kd_logit_std', 'deit_hard', 'deit_soft')
 
 
 def parse_terms(spec: Any) -> list[dict]:
@@ -108,27 +115,35 @@ def _embedding(x: jax.Array) -> jax.Array:
 
 
 def term_value(term: dict, *, s_logits, t_logits, labels, targets, s_feats, t_feats,
-               projected, step) -> jax.Array:
+               projected, step, s_dist_logits=None) -> jax.Array:
   """The (unweighted) value of one term. Teacher inputs are constants inside `jkd.losses`.
 
-  `labels` are the hard labels (B,), `targets` the (possibly mixed) one-hot targets (B, C).
+  `s_logits` (B, C) are the student's (class-head) logits, `s_dist_logits` (B, C) its
+  distillation head's or None; `labels` are the hard labels (B,), `targets` the (possibly
+  mixed) one-hot targets (B, C).
   """
   kind = term['kind']
   if kind == 'ce':
     return optax.softmax_cross_entropy(
         s_logits, optax.smooth_labels(targets, term['label_smoothing'])).mean()
+  # Terms against the teacher's logits read the distillation head where there is one (DeiT).
+  s_dist = s_logits if s_dist_logits is None else s_dist_logits
   if kind == 'kd':
-    return losses.kd(s_logits, t_logits, term['temperature'])
+    return losses.kd(s_dist, t_logits, term['temperature'])
   if kind == 'dkd':
-    value = losses.dkd(s_logits, t_logits, labels, term['alpha'], term['beta'],
+    value = losses.dkd(s_dist, t_logits, labels, term['alpha'], term['beta'],
                        term['temperature'])
     if term['warmup_steps']:  # mdistiller: min(epoch / warmup, 1) ramps the DKD weight.
       value = value * jnp.minimum(step.astype(jnp.float32) / term['warmup_steps'], 1.0)
     return value
   if kind == 'dist':
-    return losses.dist(s_logits, t_logits, term['beta'], term['gamma'], term['temperature'])
+    return losses.dist(s_dist, t_logits, term['beta'], term['gamma'], term['temperature'])
   if kind == 'kd_logit_std':
-    return losses.kd_logit_std(s_logits, t_logits, term['temperature'])
+    return losses.kd_logit_std(s_dist, t_logits, term['temperature'])
+  if kind == 'deit_hard':
+    return losses.deit_hard(s_dist, t_logits)
+  if kind == 'deit_soft':
+    return losses.deit_soft(s_dist, t_logits, term['temperature'])
   if kind == 'fitnet':
     s, t = projected.get(term['name'], s_feats[term['name']]), t_feats[term['name']]
     if s.ndim == 4 and s.shape[1:3] != t.shape[1:3]:
