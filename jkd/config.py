@@ -63,13 +63,29 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     walked.append(name)
     if not isinstance(node, ml_collections.ConfigDict):
       raise UserError(f'--config.{key}: {".".join(walked)!r} is a value, not a group of settings.')
-  current = _child(node, leaf, walked)
+  if leaf not in node and walked and walked[-1] == 'model' and 'name' in node:
+    current = _model_field(node['name'], leaf, node, walked)
+  else:
+    current = _child(node, leaf, walked)
   value = parse_value(text, current, key)
   try:
     node[leaf] = value
   except (TypeError, ValueError) as e:
     raise UserError(f'--config.{key}={text}: {e}. The field currently holds '
                     f'{current!r} ({type(current).__name__}).') from e
+
+
+def _model_field(model_name: str, leaf: str, node, walked: list[str]):
+  """A field of the named model that the config file did not list (e.g. `model.drop_path`):
+  any field `jkd.models.create` accepts may be overridden; typed by the model's default."""
+  from jkd import models  # pylint: disable=g-import-not-at-top  (flax only when needed)
+  try:
+    default = models.field_default(model_name, leaf)
+  except (KeyError, UserError):
+    return _child(node, leaf, walked)  # the usual unknown-key error, with the close matches
+  if default is not None and not isinstance(default, (bool, int, float, str, tuple, list)):
+    return str(default)  # e.g. a dtype: the config spells it as a string ('bfloat16')
+  return default
 
 
 def _child(node: ml_collections.ConfigDict, name: str, walked: list[str]) -> Any:

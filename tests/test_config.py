@@ -20,6 +20,17 @@ def test_tuple_and_none_fields_parse():
   assert c.data.data_dir == '/tmp/x'
 
 
+def test_any_field_of_the_named_model_can_be_overridden():
+  # Fields the config file does not list, typed by the model's own default.
+  c = load_config(SUPERVISED, ['model.name=vit_nano_p4', 'model.distill_token=true',
+                               'model.drop_path=0.1'])
+  assert c.model.distill_token is True and c.model.drop_path == 0.1
+  with pytest.raises(UserError, match='integer|number'):
+    load_config(SUPERVISED, ['model.name=vit_nano_p4', 'model.depth=deep'])
+  with pytest.raises(UserError, match='distill_token'):  # resnet8_s has no such field
+    load_config(SUPERVISED, ['model.distill_token=true'])
+
+
 def test_dict_fields_take_dict_call_or_literal():
   c = load_config(SUPERVISED, ['mesh=dict(data=2, fsdp=4)'])
   assert c.mesh.to_dict() == {'data': 2, 'fsdp': 4}

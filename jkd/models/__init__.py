@@ -90,6 +90,19 @@ def _lookup(name: str):
   return _REGISTRY[name]
 
 
+def field_default(name: str, field: str):
+  """The value model `name` uses for `field` unless overridden (KeyError if it has none)."""
+  cls, defaults = _lookup(name)
+  if field not in _fields(cls):
+    raise KeyError(field)
+  if field in defaults:
+    return defaults[field]
+  spec = next(f for f in dataclasses.fields(cls) if f.name == field)
+  if spec.default is not dataclasses.MISSING:
+    return spec.default
+  return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else None
+
+
 def _fields(cls) -> list[str]:
   # `parent` and `name` are Flax plumbing, not model settings.
   return sorted(f.name for f in dataclasses.fields(cls) if f.name not in ('parent', 'name'))
