@@ -3,9 +3,10 @@ difference and how the parameters were really laid out.
 
 Executed by tests/test_parallel.py in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (it must be set before jax is imported).
-Usage: python tests/sharded_equivalence.py JOB MODEL MESH_JSON [TEACHER_MODEL]
-  JOB: 'train' (supervised step) or 'distill' (KD step from a frozen TEACHER_MODEL teacher whose
-  random weights are saved to a temporary workdir first).
+Usage: python tests/sharded_equivalence.py JOBS MODEL MESH_JSON [TEACHER_MODEL]
+  JOBS: comma-separated 'train' (supervised step) and/or 'distill' (KD step from a frozen
+  TEACHER_MODEL teacher whose random weights are saved to a temporary workdir first).
+Prints one JSON line {job: result}.
 """
 import json
 import sys
@@ -55,12 +56,12 @@ def train_steps(task, mesh, batches):
   return state, losses, extra
 
 
-def main():
-  job, model, mesh_sizes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+def compare(job: str, model: str, mesh_sizes: dict, teacher: str | None) -> dict:
+  """Two steps of `job` on 1 device and on the mesh `mesh_sizes`, from the same batches."""
   overrides = [f'model.name={model}', 'batch_size=16', 'data.crop_padding=0']
   if job == 'distill':
     teacher_dir = tempfile.mkdtemp(prefix='jkd-teacher-')
-    save_random_teacher(sys.argv[4], teacher_dir)
+    save_random_teacher(teacher, teacher_dir)
     overrides.append(f'teacher.workdir={teacher_dir}')
   config = load_config(TINY[job], overrides)
   module = distill if job == 'distill' else supervised
@@ -76,16 +77,19 @@ def main():
   diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1),
                                                          jax.tree.leaves(pn)))
   # Layouts read from `.sharding` of the live arrays, not from the rules.
-  specs = {_path(p): _spec(x) for p, x in jax.tree_util.tree_leaves_with_path(sn.params)}
-  sharded = sorted(_path(p) for p, x in jax.tree_util.tree_leaves_with_path(sn.params)
-                   if not x.sharding.is_fully_replicated)
-  teacher_specs = ({_path(p): _spec(x)
-                    for p, x in jax.tree_util.tree_leaves_with_path(extra_n[0])}
-                   if extra_n else {})
-  print(json.dumps({'devices': jax.device_count(), 'mesh': dict(parallel.make_mesh(mesh_sizes).shape),
-                    'loss_1': l1, 'loss_n': ln, 'max_param_diff': diff,
-                    'sharded': sharded, 'specs': specs,
-                    'teacher_specs': teacher_specs}))
+  leaves = jax.tree_util.tree_leaves_with_path(sn.params)
+  teacher_leaves = jax.tree_util.tree_leaves_with_path(extra_n[0]) if extra_n else []
+  return {'devices': jax.device_count(), 'mesh': dict(parallel.make_mesh(mesh_sizes).shape),
+          'loss_1': l1, 'loss_n': ln, 'max_param_diff': diff,
+          'sharded': sorted(_path(p) for p, x in leaves if not x.sharding.is_fully_replicated),
+          'specs': {_path(p): _spec(x) for p, x in leaves},
+          'teacher_specs': {_path(p): _spec(x) for p, x in teacher_leaves}}
+
+
+def main():
+  jobs, model, mesh_sizes = sys.argv[1].split(','), sys.argv[2], json.loads(sys.argv[3])
+  teacher = sys.argv[4] if len(sys.argv) > 4 else None
+  print(json.dumps({job: compare(job, model, mesh_sizes, teacher) for job in jobs}))
 
 
 if __name__ == '__main__':

@@ -132,8 +132,10 @@ def test_export_matches_fake_quant_forward_and_keeps_zeros(compressed):
   info = data.get_info(config.data)
   model = quant.qat_model(models.create('resnet8_s', num_classes=10), config.quant)
   x = data.normalize(batch['image'], info.mean, info.std)
-  fq = np.asarray(model.apply({'params': arrays['params'], **arrays['model_state']}, x,
-                              train=False))
+  # Qwix finds weights among the module's params by identity, so they must be jax Arrays
+  # (load_arrays returns host numpy arrays).
+  variables = jax.tree.map(jnp.asarray, {'params': arrays['params'], **arrays['model_state']})
+  fq = np.asarray(model.apply(variables, x, train=False))
   ex = np.asarray(predict(batch['image']))
   # Stated tolerance. The two paths do the same integer arithmetic, but float rounding can put
   # an activation on the other side of a .5 quantization boundary now and then: that flips one
