@@ -29,13 +29,12 @@ from jkd import data, loop, parallel
 from jkd.errors import UserError
 
 # bench job -> (trainer module with `build_task(config, workdir)`, config fields it sets).
-# Adding a job is one line here once its trainer exists, e.g.
-#   'distill': ('jkd.trainers.distill', {}),
-#   'mae': ('jkd.trainers.pretrain', {'method': 'mae'}),
-#   'simmim': ('jkd.trainers.pretrain', {'method': 'simmim'}),
-#   'qat': ('jkd.trainers.compress', {}),
+# Adding a job is one line here once its trainer exists and can run without a prior workdir
+# (distill and compress still need a trained teacher / model workdir).
 JOBS: dict[str, tuple[str, dict[str, Any]]] = {
     'supervised': ('jkd.trainers.supervised', {}),
+    'mae': ('jkd.trainers.pretrain', {'method': 'mae'}),
+    'simmim': ('jkd.trainers.pretrain', {'method': 'simmim'}),
 }
 
 # Dense (no sparsity) bf16 tensor-core peak per device, from the vendors' spec sheets.
@@ -216,6 +215,42 @@ def _time_job(config, settings, module_name: str, workdir: str) -> dict:
       print(f'warning: the loss is {final_loss} after the timed steps; the timing stands but '
             'the step is numerically broken at these settings (on CPU use dtype float32).')
   return result
+
+
+def mim_bench_config(recipe: str, arg: str | None) -> ml_collections.ConfigDict:
+  """A SimMIM/MAE pretraining recipe (a `configs/imagenet/*.py` path) made a bench config:
+  synthetic data at the recipe's image size, global batch 256 (as the supervised bench, so the
+  two compare per example), `bench.job` = the recipe's method. `arg` 'cpu'/'tiny' shrink it as
+  `imagenet_bench_config` does (32×32, batch 8, float32, XLA attention; 'tiny': 2 blocks)."""
+  from jkd.config import load_config  # pylint: disable=g-import-not-at-top
+  c = load_config(recipe)
+  c.bench = default_bench_config()
+  c.bench.job = c.method
+  size = c.data.image_size
+  c.data = data.default_data_config('synthetic')
+  c.data.image_size = size
+  c.data.num_classes = 1000
+  c.batch_size = 256
+  c.total_steps = 10_000      # Sizes the lr schedule only.
+  c.optim.warmup_steps = 0
+  c.optim.lr_batch_base = 0
+  if arg in ('cpu', 'tiny'):
+    c.data.image_size = 32
+    c.batch_size = 8
+    c.model.dtype = 'float32'
+    c.model.attention = 'xla'
+    c.bench.warmup_steps, c.bench.steps, c.bench.repeats = 1, 3, 3
+    if c.get('mask_patch_size'):
+      c.mask_patch_size = 16   # a multiple of the 16-pixel patches that divides 32
+    if arg == 'tiny':
+      c.model.depth = 2
+      if 'decoder_depth' in c.model:
+        c.model.decoder_depth = 1
+  elif arg == 'tpu':
+    c.model.attention = 'xla'   # cuDNN is NVIDIA-only.
+  elif arg not in (None, '', 'gpu'):
+    raise ValueError(f'unknown config arg {arg!r}; use gpu, tpu, cpu or tiny')
+  return c
 
 
 def _bench_run_config(config: ml_collections.ConfigDict,

@@ -17,7 +17,9 @@ EXTRA_KEYS = ('peak_source', 'flops_source', 'memory_source', 'jax_version', 'ba
 
 # `:tiny` is the `:cpu` variant with fewer blocks, so compilation stays in seconds.
 @pytest.mark.parametrize('config, model', [('vit_s16.py', 'vit_s16'),
-                                           ('resnet50.py', 'resnet50')])
+                                           ('resnet50.py', 'resnet50'),
+                                           ('mae_vit_b16.py', 'vit_b16'),
+                                           ('simmim_vit_b16.py', 'vit_b16')])
 def test_bench_writes_contract_keys(tmp_path, capsys, config, model):
   w = str(tmp_path / 'w')
   spec = os.path.join(REPO, 'configs', 'bench', config) + ':tiny'
@@ -27,6 +29,8 @@ def test_bench_writes_contract_keys(tmp_path, capsys, config, model):
   for key in CONTRACT_KEYS + EXTRA_KEYS:
     assert key in result, key
   assert result['model'] == model and result['batch_size'] == 8
+  assert result['job'] == {'mae_vit_b16.py': 'mae', 'simmim_vit_b16.py': 'simmim'}.get(
+      config, 'supervised')
   assert result['dtype'] == 'float32' and result['device'] and result['num_devices'] >= 1
   assert result['examples_per_sec'] > 0 and result['step_ms'] > 0
   assert len(result['step_ms_all']) == 2
