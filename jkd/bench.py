@@ -12,6 +12,7 @@ Writes `WORKDIR/bench.json` (see `run`) and prints a short table.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -19,6 +20,7 @@ import platform
 import statistics
 import time
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,9 @@ JOBS: dict[str, tuple[str, dict[str, Any]]] = {
     'supervised': ('jkd.trainers.supervised', {}),
     'mae': ('jkd.trainers.pretrain', {'method': 'mae'}),
     'simmim': ('jkd.trainers.pretrain', {'method': 'simmim'}),
+    # A frozen teacher from config.teacher.workdir, or config.teacher.model with zero weights
+    # (a benchmark needs its cost, not its knowledge).
+    'distill': ('jkd.trainers.distill', {}),
 }
 
 # Dense (no sparsity) bf16 tensor-core peak per device, from the vendors' spec sheets.
@@ -125,7 +130,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   module_name, job_fields = JOBS[settings.job]
   config = _bench_run_config(config, job_fields)
   os.makedirs(workdir, exist_ok=True)
-  with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))):
+  teacher_stand_in = contextlib.nullcontext()
+  if settings.job == 'distill':
+    from jkd import memory  # pylint: disable=g-import-not-at-top
+    from jkd.trainers import distill  # pylint: disable=g-import-not-at-top
+    config = memory.distill_config(config)
+    if not config.teacher.get('workdir'):
+      if not config.teacher.get('model'):
+        raise UserError('config.bench.job=distill needs a teacher: --config.teacher.model=NAME '
+                        '(zero weights, for timing) or --config.teacher.workdir=DIR.')
+      teacher_stand_in = mock.patch.object(distill, 'load_teacher', memory.zero_teacher)
+  with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))), teacher_stand_in:
     return _time_job(config, settings, module_name, workdir)
 
 

@@ -317,7 +317,7 @@ def named_teacher(config: ml_collections.ConfigDict, name: str) -> ml_collection
   return cfg
 
 
-def _zero_teacher(config, num_classes: int):
+def zero_teacher(config, num_classes: int):
   """Stands in for `distill.load_teacher`: `config.teacher.model` with zero weights, taking
   the student's attention and pooling settings where the teacher has those fields."""
   from jkd import data
@@ -361,7 +361,7 @@ def compile_step(config: ml_collections.ConfigDict, *, teacher: str | None = Non
   if is_distill:
     config = distill_config(config, teacher)
     if teacher or not config.teacher.get('workdir'):  # A named teacher wins, as in `plan`.
-      patch = mock.patch.object(distill, 'load_teacher', _zero_teacher)
+      patch = mock.patch.object(distill, 'load_teacher', zero_teacher)
   with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))), patch:
     task = (distill if is_distill else supervised).build_task(config, '')
     mesh = parallel.make_mesh(config.get('mesh'))

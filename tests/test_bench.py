@@ -19,7 +19,8 @@ EXTRA_KEYS = ('peak_source', 'flops_source', 'memory_source', 'jax_version', 'ba
 @pytest.mark.parametrize('config, model', [('vit_s16.py', 'vit_s16'),
                                            ('resnet50.py', 'resnet50'),
                                            ('mae_vit_b16.py', 'vit_b16'),
-                                           ('simmim_vit_b16.py', 'vit_b16')])
+                                           ('simmim_vit_b16.py', 'vit_b16'),
+                                           ('kd_vit_b16_s16.py', 'vit_s16')])
 def test_bench_writes_contract_keys(tmp_path, capsys, config, model):
   w = str(tmp_path / 'w')
   spec = os.path.join(REPO, 'configs', 'bench', config) + ':tiny'
@@ -29,8 +30,8 @@ def test_bench_writes_contract_keys(tmp_path, capsys, config, model):
   for key in CONTRACT_KEYS + EXTRA_KEYS:
     assert key in result, key
   assert result['model'] == model and result['batch_size'] == 8
-  assert result['job'] == {'mae_vit_b16.py': 'mae', 'simmim_vit_b16.py': 'simmim'}.get(
-      config, 'supervised')
+  assert result['job'] == {'mae_vit_b16.py': 'mae', 'simmim_vit_b16.py': 'simmim',
+                           'kd_vit_b16_s16.py': 'distill'}.get(config, 'supervised')
   assert result['dtype'] == 'float32' and result['device'] and result['num_devices'] >= 1
   assert result['examples_per_sec'] > 0 and result['step_ms'] > 0
   assert len(result['step_ms_all']) == 2
@@ -42,6 +43,13 @@ def test_bench_writes_contract_keys(tmp_path, capsys, config, model):
   assert result['peak_memory_bytes'] > 0
   assert 'host input pipeline not measured' in result['input']
   assert math.isfinite(result['final_loss'])
+
+
+def test_distill_bench_without_teacher_is_user_error(tmp_path, capsys):
+  spec = os.path.join(REPO, 'configs', 'bench', 'kd_vit_b16_s16.py') + ':tiny'
+  code = cli.main(['bench', '--config', spec, '--workdir', str(tmp_path),
+                   '--config.teacher.model='])
+  assert code == 2 and 'teacher' in capsys.readouterr().err
 
 
 def test_bench_rejects_unknown_job(tmp_path, capsys):
