@@ -3,9 +3,9 @@
   python benchmarks/memory_table.py                  # prints the markdown tables
   python benchmarks/memory_table.py --write docs/scaling.md   # replaces them in the doc
 
-Teacher -> student distillation steps at 224×224, bf16 compute (fp32 parameters, AdamW state
-and teacher weights as jkd keeps them), for the teachers ViT-B/16, ViT-L/16, ViT-H/14 and the
-students ViT-S/16, ViT-B/16 (pairs where the teacher is larger), 128 examples per device
+Teacher -> student distillation steps at 224×224, bf16 compute (fp32 student parameters and
+AdamW state, bf16 teacher weights, as jkd keeps them), for the teachers ViT-B/16, ViT-L/16,
+ViT-H/14 and the students ViT-S/16, ViT-B/16 (pairs where the teacher is larger), 128 examples per device
 (DeiT's global batch 1024 on 8 GPUs; `--per-device-batch` changes it), on the meshes in
 `SETUPS`. GPU rows use cuDNN flash attention (as configs/bench/*.py do on GPU), TPU rows XLA
 attention. A second table trains the teachers themselves (no distillation: where FSDP matters),

@@ -168,7 +168,8 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
     grads           their gradients: same size and sharding (XLA holds them as temporaries);
     optimizer       the optax state of `optim` (AdamW: mu and nu, fp32, sharded like the params),
                     step counters and batch statistics (exact);
-    teacher_params  the frozen teacher, fp32 as `jkd distill` places it, same rules (exact);
+    teacher_params  the frozen teacher as `jkd distill` places it (weights in its compute dtype
+                    if 16-bit, else fp32; BatchNorm statistics fp32), same rules (exact);
     weight_copies   compute-dtype copies of the weights: the bf16 casts the backward pass
                     reuses and, when fsdp > 1, both models' weights all-gathered over fsdp (XLA
                     may keep them for the whole step; it did for the teacher on CPU);
@@ -216,9 +217,10 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
     t_model = _model(t_cfg, num_classes)
     t_abstract, t_state = abstract_variables(t_cfg, num_classes, image_shape)
     t_count = _count(t_abstract)
-    t_params = (sharded_bytes(t_abstract, sizes, rules, jnp.float32)
+    from jkd.trainers.distill import teacher_storage_dtype  # pylint: disable=g-import-not-at-top
+    t_params = (sharded_bytes(t_abstract, sizes, rules, teacher_storage_dtype(t_model))
                 + sharded_bytes(t_state, sizes, rules, jnp.float32))
-    if jnp.dtype(t_model.dtype).itemsize < 4 or sizes['fsdp'] > 1:
+    if sizes['fsdp'] > 1:  # Stored in its compute dtype: only the fsdp all-gather copies it.
       copies += sharded_bytes(t_abstract, gathered, rules, t_model.dtype)
     t_acts = vit_activation_bytes(t_model, image_shape, local, sizes['tensor'], train=False)
   return Estimate(
@@ -526,7 +528,7 @@ def format_plan(result: dict) -> str:
     who += (f' <- teacher {e["teacher"]} ({e["teacher_param_count"] / 1e6:.1f}M params, '
             f'{e["teacher_dtype"]} compute)')
   rows = [('student params (fp32)', e['params']), ('gradients (fp32)', e['grads']),
-          ('optimizer state', e['optimizer']), ('teacher params (fp32)', e['teacher_params']),
+          ('optimizer state', e['optimizer']), ('teacher params', e['teacher_params']),
           ('weight copies (compute dtype)', e['weight_copies']),
           ('student activations', e['activations']),
           ('teacher activations (peak)', e['teacher_activations']),

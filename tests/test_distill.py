@@ -4,9 +4,11 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jkd import parallel
 from jkd.checkpoint import load_arrays
 from jkd.config import load_config
 from jkd.errors import UserError
@@ -161,6 +163,17 @@ from jkd.trainers import teacher_cache  # noqa: E402
 CACHE_RUN = ['total_steps=6', 'log_every=1', 'mixup_alpha=0.2', 'checkpoint_every=0']
 CACHE_OPTS = ['teacher.cache.topk=10', 'teacher.cache.dtype=float32',
               'teacher.cache.shard_steps=4']
+
+
+def test_bf16_teacher_is_stored_in_bf16(teacher):
+  # A frozen teacher needs no fp32 masters: its weights sit on the mesh in its compute dtype,
+  # its BatchNorm statistics stay fp32 (no forward here: CPU bf16 ResNets are not run).
+  config = load_config(f'{DISTILL}:tiny', [f'teacher.workdir={teacher}',
+                                           'teacher.dtype=bfloat16'])
+  task = distill.build_task(config, '/tmp/unused')
+  (placed,), _ = task.place_extra_args(parallel.make_mesh({'data': 1}))
+  assert {x.dtype for x in jax.tree.leaves(placed['params'])} == {jnp.dtype('bfloat16')}
+  assert {x.dtype for x in jax.tree.leaves(placed['batch_stats'])} == {jnp.dtype('float32')}
 
 
 @pytest.fixture(scope='module')
