@@ -44,28 +44,36 @@ TERMS: dict[str, dict[str, Any]] = {
 LOGIT_TERMS = ('ce', 'kd', 'dkd', 'dist', 'kd_logit_std', 'deit_hard', 'deit_soft')
 
 
-def parse_terms(spec: Any) -> list[dict]:
-  """Normalises `config.losses` to a list of complete term dicts with `name`, `kind`, `weight`."""
+def parse_terms(spec: Any, kinds: Mapping[str, Mapping[str, Any]] | None = None,
+                example: str = "[dict(kind='ce', weight=0.1), dict(kind='kd', weight=0.9)]",
+                what: str = '') -> list[dict]:
+  """Normalises `config.losses` to a list of complete term dicts with `name`, `kind`, `weight`.
+
+  Args:
+    spec: a list of terms or a dict {name: term}; a term is {kind, weight, ...options}.
+    kinds: kind -> default options (default `TERMS`); options not listed are rejected.
+    example, what: for the error messages (e.g. what='MIM distillation ').
+  """
+  kinds = TERMS if kinds is None else kinds
   if isinstance(spec, ml_collections.ConfigDict):
     spec = spec.to_dict()
   items = list(spec.items()) if isinstance(spec, Mapping) else [
       (dict(t).get('kind', ''), t) for t in (spec or [])]
   if not items:
-    raise UserError('config.losses is empty: name at least one term, e.g. '
-                    "[dict(kind='ce', weight=0.1), dict(kind='kd', weight=0.9)].")
+    raise UserError(f'config.losses is empty: name at least one term, e.g. {example}.')
   terms = []
   for name, term in items:
     term = dict(term)
     kind = term.pop('kind', name)
-    if kind not in TERMS:
-      raise UserError(f'config.losses: unknown kind {kind!r} (term {name!r}). Known kinds: '
-                      f'{", ".join(TERMS)}.')
+    if kind not in kinds:
+      raise UserError(f'config.losses: unknown {what}kind {kind!r} (term {name!r}). Known '
+                      f'kinds: {", ".join(kinds)}.')
     weight = float(term.pop('weight', 1.0))
-    unknown = set(term) - set(TERMS[kind])
+    unknown = set(term) - set(kinds[kind])
     if unknown:
       raise UserError(f'config.losses term {name!r} ({kind}): unknown options {sorted(unknown)}; '
-                      f'it takes {sorted(TERMS[kind]) or "none"} besides weight.')
-    terms.append({'name': name, 'kind': kind, 'weight': weight, **TERMS[kind], **term})
+                      f'it takes {sorted(kinds[kind]) or "none"} besides weight.')
+    terms.append({'name': name, 'kind': kind, 'weight': weight, **kinds[kind], **term})
   return terms
 
 

@@ -51,7 +51,7 @@ from jkd.errors import UserError
 from jkd.models.mim import METHODS, create_mim
 from jkd.models.vit import ViT
 from jkd.optim import make_optimizer
-from jkd.trainers import common
+from jkd.trainers import common, distill_terms
 from jkd.trainers.pretrain import EVAL_MASK_SEED, MASK_COLOR, MimObjective, _last_eval
 
 STUDENT = 'student'        # params['student']: the SimMIM / MAE student that is kept.
@@ -75,31 +75,15 @@ _METHOD_ONLY = set.union(*_OWN_FIELDS.values()) - set.intersection(*_OWN_FIELDS.
 
 def parse_terms(spec: Any) -> list[dict]:
   """`config.losses` -> a list of complete terms `{name, kind, weight, ...options}`."""
-  if isinstance(spec, ml_collections.ConfigDict):
-    spec = spec.to_dict()
-  items = list(spec.items()) if isinstance(spec, Mapping) else [
-      (dict(t).get('kind', ''), t) for t in (spec or [])]
-  if not items:
-    raise UserError("config.losses is empty: name at least one term, e.g. {'pixel': "
-                    "dict(weight=1.0), 'teacher_pixel': dict(weight=1.0)}.")
-  terms = []
-  for name, term in items:
-    term = dict(term)
-    kind = term.pop('kind', name)
-    if kind not in TERMS:
-      raise UserError(f'config.losses: unknown MIM distillation kind {kind!r} (term {name!r}). '
-                      f'Known kinds: {", ".join(TERMS)}.')
-    weight = float(term.pop('weight', 1.0))
-    unknown = set(term) - set(TERMS[kind])
-    if unknown:
-      raise UserError(f'config.losses term {name!r} ({kind}): unknown options {sorted(unknown)}; '
-                      f'it takes {sorted(TERMS[kind]) or "none"} besides weight.')
-    term = {'name': name, 'kind': kind, 'weight': weight, **TERMS[kind], **term}
+  terms = distill_terms.parse_terms(
+      spec, TERMS, example="{'pixel': dict(weight=1.0), 'teacher_pixel': dict(weight=1.0)}",
+      what='MIM distillation ')
+  for term in terms:
+    name = term['name']
     for option, allowed in _CHOICES.items():
       if option in term and term[option] not in allowed:
         raise UserError(f'config.losses term {name!r}: {option}={term[option]!r}; use one of '
                         f'{", ".join(allowed)}.')
-    terms.append(term)
   return terms
 
 
