@@ -91,12 +91,7 @@ def imagenet_bench_config(model: dict, arg: str | None) -> ml_collections.Config
   c.optim.warmup_steps = 0
   c.optim.grad_clip = 0.0
   if arg in ('cpu', 'tiny'):
-    c.data.image_size = 32
-    c.batch_size = 8
-    c.model.dtype = 'float32'
-    c.bench.warmup_steps = 1
-    c.bench.steps = 3
-    c.bench.repeats = 3
+    _shrink_for_cpu(c)
   elif arg not in (None, '', 'gpu', 'tpu'):
     raise ValueError(f'unknown config arg {arg!r}; use gpu, tpu, cpu or tiny')
   return c
@@ -232,6 +227,14 @@ def _time_job(config, settings, module_name: str, workdir: str) -> dict:
   return result
 
 
+def _shrink_for_cpu(c: ml_collections.ConfigDict) -> None:
+  """The ':cpu'/':tiny' size of a bench config: 32×32, batch 8, float32, a few timed steps."""
+  c.data.image_size = 32
+  c.batch_size = 8
+  c.model.dtype = 'float32'
+  c.bench.warmup_steps, c.bench.steps, c.bench.repeats = 1, 3, 3
+
+
 def mim_bench_config(recipe: str, arg: str | None) -> ml_collections.ConfigDict:
   """A SimMIM/MAE pretraining recipe (a `configs/imagenet/*.py` path) made a bench config:
   synthetic data at the recipe's image size, global batch 256 (as the supervised bench, so the
@@ -250,11 +253,8 @@ def mim_bench_config(recipe: str, arg: str | None) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 0
   c.optim.lr_batch_base = 0
   if arg in ('cpu', 'tiny'):
-    c.data.image_size = 32
-    c.batch_size = 8
-    c.model.dtype = 'float32'
+    _shrink_for_cpu(c)
     c.model.attention = 'xla'
-    c.bench.warmup_steps, c.bench.steps, c.bench.repeats = 1, 3, 3
     if c.get('mask_patch_size'):
       c.mask_patch_size = 16   # a multiple of the 16-pixel patches that divides 32
     if arg == 'tiny':

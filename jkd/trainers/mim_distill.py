@@ -52,7 +52,7 @@ from jkd.models.mim import METHODS, create_mim
 from jkd.models.vit import ViT
 from jkd.optim import make_optimizer
 from jkd.trainers import common, distill_terms
-from jkd.trainers.pretrain import EVAL_MASK_SEED, MASK_COLOR, MimObjective, _last_eval
+from jkd.trainers.pretrain import EVAL_MASK_SEED, MimObjective, _last_eval, figure_inputs
 
 STUDENT = 'student'        # params['student']: the SimMIM / MAE student that is kept.
 PROJECTORS = 'projectors'  # params['projectors']: feature heads, dropped after training.
@@ -400,15 +400,7 @@ def write_comparison(path: str, s_obj: MimObjective, s_params, t_obj: MimObjecti
     pred = jax.jit(lambda p, x, m, o=obj: o.forward(p, x, m, train=False))(
         params, target.astype(dt), mask)
     recons.append(obj.reconstruct(pred, target, mask)[1])
-  _, h, w, _ = target.shape
-  p = s_obj.patch
-  pixel = np.asarray(masking.upsample_mask(
-      s_obj.patch_mask(mask).reshape(-1, h // p, w // p), p))[..., None]
-  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-  to_pixels = lambda x: np.clip(np.asarray(x, np.float32) * std + mean, 0, 1)  # noqa: E731
-  originals = to_pixels(target)
-  rgb = np.repeat(originals, 3, axis=-1) if originals.shape[-1] == 1 else originals
-  masked = rgb * (1 - pixel) + MASK_COLOR * pixel
+  originals, masked, to_pixels = figure_inputs(s_obj, target, mask, mean, std)
   return figures.save_reconstructions(
       path, originals, masked, to_pixels(recons[1]), title=title,
       predictions=to_pixels(recons[0]), row_labels=('original', 'masked', 'student', 'teacher'))

@@ -158,6 +158,14 @@ def write_reconstructions(path: str, objective: MimObjective, params, images_uin
   pred = jax.jit(lambda p, x, m: objective.forward(p, x, m, train=False))(
       params, target.astype(dtype), mask)
   pred, recon = objective.reconstruct(pred, target, mask)
+  originals, masked, to_pixels = figure_inputs(objective, target, mask, mean, std)
+  return figures.save_reconstructions(path, originals, masked, to_pixels(recon), title=title,
+                                      predictions=to_pixels(pred))
+
+
+def figure_inputs(objective, target, mask, mean, std):
+  """(originals, masked inputs, to_pixels) for a reconstruction figure of normalised `target`
+  [B, H, W, C] under `mask`; `to_pixels` maps normalised images back to [0, 1]."""
   _, h, w, _ = target.shape
   p = objective.patch
   pixel = np.asarray(masking.upsample_mask(
@@ -167,9 +175,7 @@ def write_reconstructions(path: str, objective: MimObjective, params, images_uin
   originals = to_pixels(target)
   # Masked patches in a colour no image contains, so a grey garment never reads as masked.
   rgb = np.repeat(originals, 3, axis=-1) if originals.shape[-1] == 1 else originals
-  masked = rgb * (1 - pixel) + MASK_COLOR * pixel
-  return figures.save_reconstructions(path, originals, masked, to_pixels(recon), title=title,
-                                      predictions=to_pixels(pred))
+  return originals, rgb * (1 - pixel) + MASK_COLOR * pixel, to_pixels
 
 
 def _last_eval(workdir: str) -> dict:
