@@ -154,6 +154,19 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh,
   return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def place_frozen(tree: Any, abstract_tree: Any, mesh: Mesh, dtype=np.float32) -> tuple[Any, Any]:
+  """Puts a frozen model's host (numpy) tree on `mesh`, each leaf cast to `dtype`.
+
+  The layout comes from `abstract_tree` (the same structure, from `jax.eval_shape` of the
+  model's init, leaves boxed with logical axis names) under the active rules, so a teacher is
+  sharded exactly as a student of the same architecture would be and is never gathered whole on
+  one device. Returns (placed tree of jax.Arrays, its NamedShardings).
+  """
+  shardings = tree_shardings(abstract_tree, mesh)
+  placed = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, dtype), s), tree, shardings)
+  return placed, shardings
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over the data-like axes; the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES))

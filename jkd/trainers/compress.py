@@ -16,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jkd import data, loop, losses, parallel
+from jkd import data, loop, losses
 from jkd.compress import export as export_lib
 from jkd.compress import pruning, quant
 from jkd.errors import UserError
 from jkd.optim import make_optimizer
-from jkd.trainers import common
-from jkd.trainers.distill import load_teacher
+from jkd.trainers import common, distill
 
 
 def _make_tx(config, steps):
@@ -58,7 +57,7 @@ def build_task(config, workdir: str) -> loop.Task:
   kd_weight = float(config.get('kd_weight', 0.0)) if use_teacher else 0.0
   kd_temperature = float(config.get('kd_temperature', 4.0))
   if use_teacher:
-    teacher, teacher_np, teacher_desc = load_teacher(config, info.num_classes)
+    teacher, teacher_np, teacher_desc = distill.load_teacher(config, info.num_classes)
 
   def init_state(key):
     params, model_state = common.init_variables(float_model, key, shape)
@@ -102,11 +101,7 @@ def build_task(config, workdir: str) -> loop.Task:
     return base_eval(state, batch)
 
   def place_teacher(mesh):
-    abstract = jax.eval_shape(lambda k: common.init_variables(teacher, k, shape),
-                              jax.random.key(0))
-    shardings = parallel.tree_shardings({'params': abstract[0], **abstract[1]}, mesh)
-    placed = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s),
-                          teacher_np, shardings)
+    placed, shardings = distill.place_teacher(teacher, teacher_np, shape, mesh)
     return (placed,), (shardings,)
 
   eval_batches = lambda: data.make_eval_iterator(  # noqa: E731

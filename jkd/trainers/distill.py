@@ -72,16 +72,14 @@ def place_teacher(teacher, teacher_np, shape, mesh):
   """Puts the teacher's numpy variables on `mesh`, sharded by the student's logical-axis rules:
   parameters in `teacher_storage_dtype`, other collections (BatchNorm statistics) in fp32.
   Returns (variables, shardings)."""
-  abstract = jax.eval_shape(lambda k: common.init_variables(teacher, k, shape),
-                            jax.random.key(0))
-  boxed = {'params': abstract[0], **abstract[1]}
-  shardings = parallel.tree_shardings(boxed, mesh)
+  params, state = jax.eval_shape(lambda k: common.init_variables(teacher, k, shape),
+                                 jax.random.key(0))
+  abstract = {'params': params, **state}
   storage = teacher_storage_dtype(teacher)
-  placed = {
-      name: jax.tree.map(
-          lambda x, s, d=(storage if name == 'params' else np.float32):
-          jax.device_put(np.asarray(x, d), s), tree, shardings[name])
-      for name, tree in teacher_np.items()}
+  placed, shardings = {}, {}
+  for name, tree in teacher_np.items():
+    placed[name], shardings[name] = parallel.place_frozen(
+        tree, abstract[name], mesh, storage if name == 'params' else np.float32)
   return placed, shardings
 
 

@@ -51,7 +51,7 @@ from jkd.errors import UserError
 from jkd.models.mim import METHODS, create_mim
 from jkd.models.vit import ViT
 from jkd.optim import make_optimizer
-from jkd.trainers import common, distill_terms
+from jkd.trainers import common, distill, distill_terms
 from jkd.trainers.pretrain import EVAL_MASK_SEED, MimObjective, _last_eval, figure_inputs
 
 STUDENT = 'student'        # params['student']: the SimMIM / MAE student that is kept.
@@ -229,9 +229,8 @@ def build_task(config, workdir: str) -> loop.Task:
     abstract = jax.eval_shape(lambda k: teacher.init(
         {'params': k}, jnp.zeros((1, *shape), jnp.float32), t_obj.draw_mask(k, 1),
         train=False)['params'], jax.random.key(0))
-    shardings = parallel.tree_shardings(abstract, mesh)
-    placed = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s),
-                          teacher_np, shardings)
+    placed, shardings = parallel.place_frozen(teacher_np, abstract, mesh,
+                                              distill.teacher_storage_dtype(teacher))
     return (placed,), (shardings,)
 
   def to_student_space(t_pred, target):
