@@ -31,8 +31,7 @@ from jkd import data, loop, parallel
 from jkd.errors import UserError
 
 # bench job -> (trainer module with `build_task(config, workdir)`, config fields it sets).
-# Adding a job is one line here once its trainer exists and can run without a prior workdir
-# (distill and compress still need a trained teacher / model workdir).
+# Adding a job is one line here once its trainer's task can be built without a prior workdir.
 JOBS: dict[str, tuple[str, dict[str, Any]]] = {
     'supervised': ('jkd.trainers.supervised', {}),
     'mae': ('jkd.trainers.pretrain', {'method': 'mae'}),
@@ -40,6 +39,9 @@ JOBS: dict[str, tuple[str, dict[str, Any]]] = {
     # A frozen teacher from config.teacher.workdir, or config.teacher.model with zero weights
     # (a benchmark needs its cost, not its knowledge).
     'distill': ('jkd.trainers.distill', {}),
+    # `jkd compress`'s step (config.quant QAT, config.prune) from random weights, not from
+    # config.init_from: the same reasoning.
+    'compress': ('jkd.trainers.compress', {}),
 }
 
 # Dense (no sparsity) bf16 tensor-core peak per device, from the vendors' spec sheets.
@@ -112,7 +114,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     whole host), `peak_flops` (per device) and `peak_source`,
     `flops_per_example` and `flops_source`, `peak_memory_bytes` (per device) and
     `memory_source`, `device`, `num_devices`, `jax_version`, `batch_size`, `model`, `dtype`,
-    `job`, `params`, `compile_s`, `final_loss` and `input`.
+    `job`, `params`, `compile_s`, `final_loss` and `input`; job 'compress' adds its `quant`
+    and `prune` groups.
   """
   settings = default_bench_config()
   settings.update(config.get('bench', {}))
@@ -135,6 +138,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise UserError('config.bench.job=distill needs a teacher: --config.teacher.model=NAME '
                         '(zero weights, for timing) or --config.teacher.workdir=DIR.')
       teacher_stand_in = mock.patch.object(distill, 'load_teacher', memory.zero_teacher)
+  if settings.job == 'compress' and not ('quant' in config and 'prune' in config):
+    raise UserError('config.bench.job=compress needs the config.quant and config.prune groups '
+                    'of `jkd compress` (as in configs/bench/qat_vit_s16.py).')
   with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))), teacher_stand_in:
     return _time_job(config, settings, module_name, workdir)
 
@@ -217,6 +223,9 @@ def _time_job(config, settings, module_name: str, workdir: str) -> dict:
       'final_loss': final_loss if np.isfinite(final_loss) else str(final_loss),
       'input': INPUT_NOTE,
   }
+  if settings.job == 'compress':  # `dtype` alone would hide the int8 fake quantization.
+    result['quant'] = config.quant.to_dict()
+    result['prune'] = config.prune.to_dict()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'bench.json'), 'w') as f:
       json.dump(result, f, indent=2)
@@ -382,13 +391,25 @@ def _peak_memory(compiled, device) -> tuple[int | None, str]:
   return int(total), 'compiled.memory_analysis: arguments + outputs - aliased + temp'
 
 
+def _compression(r: dict) -> str:
+  """A compress result's quantization and pruning for the table (', QAT w8/a8'); else ''."""
+  notes = []
+  q = r.get('quant') or {}
+  if q.get('enabled'):
+    notes.append(f'{q.get("mode", "qat").upper()} w{q.get("weight_bits")}/a{q.get("act_bits")}')
+  p = r.get('prune') or {}
+  if p.get('enabled'):
+    notes.append(f'pruned {p.get("n_m") or p.get("target_sparsity")}')
+  return ''.join(f', {n}' for n in notes)
+
+
 def format_table(r: dict) -> str:
   """A short human-readable summary of a bench result."""
   def num(v, fmt):
     return format(v, fmt) if isinstance(v, (int, float)) else 'n/a'
   rows = [
-      ('job / model', f'{r["job"]} / {r["model"]} ({r["dtype"]}, batch {r["batch_size"]}, '
-                      f'image {tuple(r["image_shape"] or ())})'),
+      ('job / model', f'{r["job"]} / {r["model"]} ({r["dtype"]}{_compression(r)}, batch '
+                      f'{r["batch_size"]}, image {tuple(r["image_shape"] or ())})'),
       ('device', f'{r["num_devices"]} x {r["device"]} (jax {r["jax_version"]})'),
       ('examples/s', num(r['examples_per_sec'], ',.1f')),
       ('step ms (median)', f'{num(r["step_ms"], ".2f")}  (repeats: '

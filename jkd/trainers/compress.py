@@ -37,10 +37,12 @@ def _make_tx(config, steps):
 
 
 def build_task(config, workdir: str) -> loop.Task:
-  """The compress Task for `jkd.loop.run`."""
-  if not config.get('init_from'):
-    raise UserError('jkd compress needs a trained model: set --config.init_from=DIR to the '
-                    'workdir of `jkd train` or `jkd distill`.')
+  """The compress Task for `jkd.loop.run`.
+
+  Its `on_init` loads `config.init_from`; without one the model keeps its random
+  initialisation, which `jkd bench` (job 'compress') times: the step costs the same. `train`,
+  the `jkd compress` command, requires `init_from`.
+  """
   info = data.get_info(config.data)
   shape = common.input_shape(info, config.data)
   float_model = common.create_model(config.model, info.num_classes)
@@ -140,9 +142,13 @@ def build_task(config, workdir: str) -> loop.Task:
       meta={'model': config.model.name, 'dataset': config.data.name,
             'num_classes': info.num_classes, 'image_shape': list(shape)},
       place_extra_args=place_teacher if use_teacher else None,
-      on_init=on_init, on_finish=on_finish)
+      on_init=on_init if config.get('init_from') else None, on_finish=on_finish)
 
 
 def train(config, workdir: str) -> dict:
   """Runs `jkd compress`: returns the summary (also in `workdir/summary.json`)."""
+  # Checked here, not in `build_task`, so that `jkd bench` can time the step from random weights.
+  if not config.get('init_from'):
+    raise UserError('jkd compress needs a trained model: set --config.init_from=DIR to the '
+                    'workdir of `jkd train` or `jkd distill`.')
   return loop.run(build_task(config, workdir), config, workdir, label='compress')
