@@ -3,6 +3,7 @@ compress` + `jkd eval --export` end to end on tiny real Fashion-MNIST."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -152,3 +153,22 @@ def test_export_matches_fake_quant_forward_and_keeps_zeros(compressed):
   q = by_name['params/stage2_block0/conv1/kernel/array/qvalue']
   assert q.dtype == np.int8 and np.mean(conv == 0) > 0.2
   assert np.all(q[conv == 0] == 0)
+
+
+def test_weights_only_qat_exports_integer_weights_with_the_same_forward(tmp_path):
+  """act_bits=32 (int8 weights, float activations): QAT runs, and the export stores int8
+  weights whose dequantized forward is the QAT forward."""
+  from jkd import models
+  cfg = ml_collections.ConfigDict({'enabled': True, 'weight_bits': 8, 'act_bits': 32})
+  model = models.create('resnet8_s', num_classes=10)
+  images = jax.random.randint(jax.random.key(1), (4, 28, 28, 1), 0, 256).astype(jnp.uint8)
+  x = images.astype(jnp.float32) / 255.0
+  variables = nn.meta.unbox(model.init(jax.random.key(0), x, train=False))
+  fq = np.asarray(quant.qat_model(model, cfg).apply(variables, x, train=False))
+  assert not np.allclose(fq, np.asarray(model.apply(variables, x, train=False)), atol=1e-6)
+  export.export_model(str(tmp_path), model, cfg, variables['params'],
+                      {'batch_stats': variables['batch_stats']}, image_shape=(28, 28, 1),
+                      mean=0.0, std=1.0)
+  predict, manifest = export.load_export(str(tmp_path))
+  np.testing.assert_allclose(np.asarray(predict(images)), fq, atol=1e-4 * np.max(np.abs(fq)))
+  assert any(t['dtype'] == 'int8' for t in manifest['tensors'])

@@ -72,6 +72,7 @@ def export_model(export_dir: str, model: nn.Module, quant_cfg, params, model_sta
   os.makedirs(export_dir, exist_ok=True)
   enabled = bool(quant_cfg.get('enabled', False))
   params = jax.device_get(params)
+  weights_only = enabled and quant.weights_only(quant_cfg)
   if enabled:
     run_model = quant.serving_model(model, quant_cfg)
     params = quant.quantize_weights(model, quant_cfg, params, image_shape)
@@ -100,6 +101,8 @@ def export_model(export_dir: str, model: nn.Module, quant_cfg, params, model_sta
         x = unpack_int4(x, shape).astype(jnp.int4)
       leaves.append(x)
     v = jax.tree.unflatten(treedef, leaves)
+    if weights_only:
+      v = quant.dequantize_weights(v)
     x = images.astype(jnp.float32) / 255.0
     x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     return run_model.apply(v, x, train=False).astype(jnp.float32)

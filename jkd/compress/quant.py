@@ -74,10 +74,12 @@ def fake_quant(x: jax.Array, bits: int = 8, axis: int | Sequence[int] | None = N
 
 
 def _rule(quant_cfg, rule_cls):
+  act_qtype = _qtype(quant_cfg.get('act_bits', 8))
+  # Dynamic-range activations (see the module docstring). Qwix rejects the flag when nothing
+  # quantizes the activations (weights-only, act_bits=32), so it is set only with an act type.
+  act = {'act_qtype': act_qtype, 'act_static_scale': False} if act_qtype is not None else {}
   return rule_cls(module_path=quant_cfg.get('module_path', '.*'),
-                  weight_qtype=_qtype(quant_cfg.get('weight_bits', 8)),
-                  act_qtype=_qtype(quant_cfg.get('act_bits', 8)),
-                  act_static_scale=False)  # See the module docstring: dynamic-range acts.
+                  weight_qtype=_qtype(quant_cfg.get('weight_bits', 8)), **act)
 
 
 def qat_model(model: nn.Module, quant_cfg) -> nn.Module:
@@ -88,9 +90,29 @@ def qat_model(model: nn.Module, quant_cfg) -> nn.Module:
   return qwix.quantize_model(model, qwix.QtProvider([_rule(quant_cfg, qwix.QtRule)]))
 
 
+def weights_only(quant_cfg) -> bool:
+  """True when only the weights are quantized (act_bits 32 or 0: W8A32 / W4A32)."""
+  return _qtype(quant_cfg.get('act_bits', 8)) is None
+
+
 def serving_model(model: nn.Module, quant_cfg) -> nn.Module:
-  """The model that runs on real integer weights (`QArray` params from `quantize_weights`)."""
+  """The model that runs on real integer weights (`QArray` params from `quantize_weights`).
+
+  Weights-only quantization is served by the float model on dequantized weights
+  (`dequantize_weights`): Qwix's PTQ convolution needs int activations as well.
+  """
+  if weights_only(quant_cfg):
+    return model
   return qwix.quantize_model(model, qwix.PtqProvider([_rule(quant_cfg, qwix.QuantizationRule)]))
+
+
+def dequantize_weights(variables):
+  """Every `QArray` leaf (int values and scales) -> its float32 value, qvalue * scale; the rest
+  unchanged. With weights-only QAT these are exactly the weights its forward pass used."""
+  # Qwix's PTQ params wrap each QArray with how it was quantized (`.array` holds the QArray).
+  quantized = lambda x: isinstance(getattr(x, 'array', x), qwix.QArray)  # noqa: E731
+  return jax.tree.map(lambda x: qwix.dequantize(getattr(x, 'array', x)) if quantized(x) else x,
+                      variables, is_leaf=quantized)
 
 
 def quantize_weights(model: nn.Module, quant_cfg, params, image_shape) -> dict:
@@ -99,6 +121,10 @@ def quantize_weights(model: nn.Module, quant_cfg, params, image_shape) -> dict:
   This is the PTQ of the weights (absmax per output channel); applied to QAT-trained params it
   gives exactly the weights the QAT forward pass used.
   """
+  if weights_only(quant_cfg):
+    # The integer weights do not depend on the activation type; the int8-activation serving
+    # model only provides their QArray layout (see `serving_model`).
+    quant_cfg = {**dict(quant_cfg), 'act_bits': 8}
   serving = serving_model(model, quant_cfg)
   abstract = jax.eval_shape(
       lambda: serving.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
