@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0             # Steps between evals; 0 = at the end only.
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
+  c.stop_check_every = 10      # Multi-process: steps between agreeing on a SIGTERM (jkd.loop).
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
   # Entries replacing jkd.parallel.DEFAULT_RULES, e.g. (('embed', None), ('mlp', 'fsdp')).
   c.sharding_rules = ()

@@ -102,6 +102,23 @@ class _StopSignal:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
+  def agreed(self, step: int, every: int) -> bool:
+    """Whether every process stops after `step`.
+
+    One process: as soon as a signal arrived. Several: a checkpoint save is collective, so all
+    must stop at the same step, and a signal may reach one host only, or the hosts at different
+    steps (a TPU maintenance event, `scancel` of one task). Every `every` steps (the same steps
+    on all processes) the flags are all-gathered; any one set stops them all. That costs one
+    small collective and a host sync per check, hence not every step.
+    """
+    if jax.process_count() == 1:
+      return self.received is not None
+    if step % every:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.received or 0))
+    return bool(np.any(np.asarray(flags)))
+
 
 def init_sharded(init_state: Callable, key: jax.Array, mesh) -> tuple[TrainState, Any]:
   """Creates the state already sharded by the logical-axis rules (never whole on one device)."""
@@ -200,6 +217,8 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
   log_every = max(int(config.get('log_every', 50)), 1)
   eval_every = int(config.get('eval_every', 0))
   ckpt_every = int(config.get('checkpoint_every', 0))
+  # Multi-process runs agree on stopping every this many steps (see `_StopSignal.agreed`).
+  stop_check_every = max(int(config.get('stop_check_every', 10)), 1)
   meta = dict(task.meta, kind=task.kind, params=n_params, config=config.to_dict())
   step = int(state.step)
   throughput, pending, last_loss = Throughput(), [], float('nan')
@@ -248,12 +267,13 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
         save(step)
       if eval_every and step % eval_every == 0 and step < task.total_steps:
         eval_results = run_eval(step)
-      if stop.received is not None:
+      if stop.agreed(step, stop_check_every):
         save(step)
         ckpt.wait()
-        writer.info(f'stopped by signal {stop.received} at step {step}; checkpoint saved. Run '
+        signum = stop.received or signal.SIGTERM  # Another process's signal stopped this one.
+        writer.info(f'stopped by signal {int(signum)} at step {step}; checkpoint saved. Run '
                     'the same command again to resume.')
-        raise SystemExit(128 + int(stop.received))
+        raise SystemExit(128 + int(signum))
 
   if ckpt.latest_step() != step:
     save(step)

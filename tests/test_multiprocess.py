@@ -9,7 +9,9 @@ All three must end with the same parameters.
 """
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -84,6 +86,57 @@ def test_checkpoint_restores_onto_another_device_count(runs, tmp_path):
   assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}; 1 cpu device(s)" in out.stdout
   assert json.load(open(os.path.join(moved, 'summary.json')))['steps'] == 12
   assert _max_param_diff(mp, moved) <= TOLERANCE
+
+
+def _pid_of_process(process_id: int, workdir: str) -> int:
+  """The pid of the jkd process with JAX_PROCESS_ID=process_id working on `workdir`."""
+  for entry in os.listdir('/proc'):
+    try:
+      cmdline = open(f'/proc/{entry}/cmdline', 'rb').read().split(b'\0')
+      environ = open(f'/proc/{entry}/environ', 'rb').read().split(b'\0')
+    except (OSError, ValueError):
+      continue
+    if (workdir.encode() in cmdline and b'jkd.cli' in cmdline
+        and f'JAX_PROCESS_ID={process_id}'.encode() in environ):
+      return int(entry)
+  raise AssertionError(f'no jkd process {process_id} for {workdir}')
+
+
+def test_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path):
+  """SIGTERM reaches process 1 only (one host preempted): both processes still save the same
+  step (a collective checkpoint) and exit 143; the run then resumes from that step."""
+  workdir = str(tmp_path / 'signalled')
+  args = [*ARGS, '--config.total_steps=400', '--config.log_every=1',
+          '--config.checkpoint_every=0', '--config.stop_check_every=2', '--workdir', workdir]
+  env = dict(os.environ, JKD_LOCAL_DEVICES='2', JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.Popen(['launch/local.sh', '2', sys.executable, '-m', 'jkd.cli', 'train',
+                           *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  seen = []
+  try:
+    for line in proc.stdout:  # Until both processes are training.
+      seen.append(line)
+      if re.search(r'\[p0\] \[train\] step +3/400', line):
+        break
+    os.kill(_pid_of_process(1, workdir), signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  log = ''.join(seen) + rest
+  assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+  stopped = re.search(r'\[p0\] \[train\] stopped by signal 15 at step (\d+)', log)
+  assert stopped, log[-3000:]
+  step = int(stopped.group(1))
+  assert step % 2 == 0 and 3 <= step < 400
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [str(step)]
+  resumed = subprocess.run(['launch/local.sh', '2', sys.executable, '-m', 'jkd.cli', 'train',
+                            *args, f'--config.total_steps={step + 2}'], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stdout[-3000:]
+  assert f'at step {step}' in resumed.stdout
+  assert json.load(open(os.path.join(workdir, 'summary.json')))['steps'] == step + 2
 
 
 @pytest.mark.parametrize('env, expected', [
