@@ -1,13 +1,17 @@
 """jkd vs PyTorch/timm, side by side: the same train steps on the same GPU.
 
-  python benchmarks/compare.py [--out docs/bench_gpu.md] [--workdir /tmp/jkd_compare]
+  python benchmarks/compare.py --gap --out docs/bench_gpu.md [--workdir /tmp/jkd_compare]
+  python benchmarks/compare.py --jobs mae_vit_b16 simmim_vit_b16 --gap   # some jobs only
 
-Runs `jkd bench --config configs/bench/<job>.py` for ViT-B/16, ViT-S/16 and ResNet-50, then
-`benchmarks/timm_reference.py` for the same models, each in its own child process one after the
-other (so JAX and PyTorch never hold the GPU at the same time), and prints a markdown table:
-jkd img/s, timm img/s, their ratio, jkd MFU (and timm's, from jkd's FLOP count of the same
-model), and peak memory. Both sides time a full train step (forward, backward, AdamW) on one
-synthetic batch of 256 that stays on the device, median of repeats after warm-up.
+For every job in JOBS (or `--jobs`) runs `jkd bench --config configs/bench/<job>.py`, then
+`benchmarks/timm_reference.py --model <job>` — supervised ViT-B/16, ViT-S/16 and ResNet-50,
+KD ViT-B/16 -> ViT-S/16, MAE and SimMIM ViT-B/16 pretraining, int8 QAT of ViT-S/16 — each in
+its own child process one after the other (so JAX and PyTorch never hold the GPU at the same
+time), and prints a markdown table: jkd img/s, timm img/s, their ratio, jkd MFU (and timm's,
+from jkd's FLOP count of the same step), and peak memory. Both sides time a full train step
+(forward, loss, backward, AdamW) on one synthetic batch of 256 that stays on the device,
+median of repeats after warm-up. `--gap` builds the PyTorch ViTs without a class token, as the
+jkd configs (see `timm_reference.py`).
 
 `--skip-timm` times jkd only (a TPU, or a GPU without torch); `--config-arg tiny --skip-timm` is
 a quick functional check on CPU.
@@ -20,7 +24,9 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOBS = ('vit_b16', 'vit_s16', 'resnet50')
+# Each is configs/bench/<job>.py on the jkd side and `timm_reference.py --model <job>`.
+JOBS = ('vit_b16', 'vit_s16', 'resnet50', 'kd_vit_b16_s16', 'mae_vit_b16', 'simmim_vit_b16',
+        'qat_vit_s16')
 
 
 def run_jkd(job: str, workdir: str, config_arg: str, overrides: list[str]) -> dict:
@@ -81,7 +87,7 @@ def markdown(jkd: dict[str, dict], timm: dict[str, dict]) -> str:
   notes = [
       device_line + '.',
       f'MFU against {first["peak_flops"] / 1e12:.3g} TFLOP/s per device ({first["peak_source"]}).',
-      '*timm MFU = timm img/s x jkd\'s XLA FLOPs per image of the same model.',
+      '*timm MFU = timm img/s x jkd\'s XLA FLOPs per image of the same step.',
       'jkd peak memory: ' + first['memory_source'] + '; timm: torch.cuda.max_memory_allocated '
       'over the timed steps.',
       'Both: one fixed device-resident synthetic batch (input pipeline not measured), median of '
@@ -97,7 +103,8 @@ def main(argv=None) -> int:
   parser.add_argument('--config-arg', default='', help="config ARG, e.g. 'tpu' or 'tiny'")
   parser.add_argument('--skip-timm', action='store_true', help='time jkd only')
   parser.add_argument('--gap', action='store_true',
-                      help='timm ViTs without class token (196 tokens, as the jkd configs)')
+                      help='PyTorch ViTs without class token (196 patch tokens, as the jkd '
+                           'configs; MAE/SimMIM encoders on patch tokens only)')
   parser.add_argument('--out', help='also write the markdown table to this file')
   args, overrides = parser.parse_known_args(argv)  # The rest go to jkd bench (--config.x=y).
   if not args.skip_timm:  # Fail before spending minutes on jkd when the other half cannot run.

@@ -9,7 +9,8 @@ compute with fp32 parameters, cuDNN fused attention over 196 tokens, pooled head
 Qwix quantization-aware training as `jkd compress` runs it (the default of
 `configs/fashion_mnist/compress.py`): every conv and dense layer (patch embedding, q/k/v, attention
 output, MLP, head) quantizes its weights to int8 symmetric per output channel and its input
-activations to int8 symmetric with a dynamic (absmax) scale, multiplies in int8 and trains the
+activations to int8 symmetric with a dynamic absmax scale (per token for dense layers, per example
+for the patch-embedding conv), multiplies in int8 and trains the
 float weights through straight-through gradients. No pruning, no teacher. The weights are random:
 `config.init_from` matters to what `jkd compress` learns, not to what its step costs. On GPU the
 attention's own two matmuls run in bf16 inside the cuDNN kernel, which Qwix does not intercept
