@@ -1,0 +1,268 @@
+"""benchmarks/results_tables.py: the command plan of every table, its specs against the configs,
+the runner's skip / failure / time-limit behaviour (with a stand-in for `jkd`), and (slow) a
+real tiny distill table end to end."""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import REPO
+
+RUNNER = os.path.join(REPO, 'benchmarks', 'results_tables.py')
+_spec = importlib.util.spec_from_file_location('results_tables', RUNNER)
+rt = importlib.util.module_from_spec(_spec)
+sys.modules['results_tables'] = rt  # dataclasses look their module up while it loads.
+_spec.loader.exec_module(rt)
+
+CFG = 'configs/fashion_mnist'
+
+
+def _dry_run(capsys, *args):
+  assert rt.main(['--dry-run', '--root', 'R', *args]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith('#')
+  return lines[1:]
+
+
+def _matching(lines, *parts):
+  """The command lines that contain every one of `parts`."""
+  return [line for line in lines if all(p in line for p in parts)]
+
+
+def test_dry_run_supervised(capsys):
+  lines = _dry_run(capsys, '--table', 'supervised', '--seeds', '0', '1', '2')
+  assert len(lines) == 3
+  for seed, line in enumerate(lines):
+    assert line == (f'jkd train --config {CFG}/supervised.py:gpu --workdir '
+                    f'R/gpu/sup_resnet18/seed{seed} --config.seed={seed}')
+
+
+def test_dry_run_mim(capsys):
+  lines = _dry_run(capsys, '--table', 'mim', '--seeds', '0', '1', '2')
+  assert len(lines) == 15
+  for s in (0, 1, 2):
+    for method in ('mae', 'simmim'):
+      pre = _matching(lines, f'jkd pretrain --config {CFG}/{method}.py ', f'--config.seed={s}')
+      ft = _matching(lines, f'jkd train --config {CFG}/finetune.py ', f'--config.seed={s}',
+                     f'--config.init_from=R/gpu/{method}/seed{s}')
+      assert len(pre) == len(ft) == 1 and lines.index(pre[0]) < lines.index(ft[0])
+    scratch = _matching(lines, f'{CFG}/finetune.py ', f'--config.seed={s}')
+    assert len([l for l in scratch if 'init_from' not in l]) == 1  # noqa: E741
+
+
+def test_dry_run_distill(capsys):
+  lines = _dry_run(capsys, '--table', 'distill', '--seeds', '0', '1', '2')
+  teacher = [l for l in lines if '/teacher/' in l.split('--workdir ')[1].split()[0]]  # noqa: E741
+  assert teacher == [f'jkd train --config {CFG}/supervised.py --workdir R/gpu/teacher/seed0 '
+                     '--config.seed=0 --config.model.name=resnet20_s']
+  assert lines[0] == teacher[0]  # before every student
+  recipes = _distill_recipes()
+  assert set(rt.DISTILL_RECIPES) | {'deit'} == set(recipes)
+  for s in (0, 1, 2):
+    for recipe in recipes:
+      assert len(_matching(lines, f'jkd distill --config {CFG}/distill.py:{recipe} ',
+                           f'--config.seed={s}',
+                           '--config.teacher.workdir=R/gpu/teacher/seed0')) == 1, (recipe, s)
+    assert len(_matching(lines, 'jkd train', f'/student_scratch/seed{s} ')) == 1
+    assert len(_matching(lines, 'jkd train', f'/vit_scratch/seed{s} ')) == 1
+  assert len(lines) == 1 + 3 * (len(recipes) + 2)
+
+
+def test_dry_run_compress(capsys):
+  lines = _dry_run(capsys, '--table', 'compress', '--seeds', '0', '1', '2')
+  assert set(rt.COMPRESS_VARIANTS) == set(_load(f'{CFG}/compress.py').VARIANTS)
+  for s in (0, 1, 2):
+    student = f'R/gpu/student_scratch/seed{s}'
+    assert len(_matching(lines, 'jkd train', f'--workdir {student} ')) == 1
+    for v in rt.COMPRESS_VARIANTS:
+      hits = _matching(lines, f'jkd compress --config {CFG}/compress.py:{v} ',
+                       f'--config.seed={s}', f'--config.init_from={student}')
+      assert len(hits) == 1, (v, s)
+      assert ('--config.teacher.workdir=R/gpu/teacher/seed0' in hits[0]) == (v == 'qat_kd')
+      assert lines.index(hits[0]) > lines.index(_matching(lines, f'--workdir {student} ')[0])
+
+
+def test_dry_run_tiny_scale_and_overrides(capsys):
+  lines = _dry_run(capsys, '--table', 'compress', '--scale', 'tiny', '--seeds', '4',
+                   '--rows', 'qat_kd', '--', '--config.log_every=1')
+  assert [l.split()[3] for l in lines] == [  # noqa: E741
+      f'{CFG}/supervised.py:tiny', f'{CFG}/supervised.py:tiny', f'{CFG}/compress.py:tiny-qat_kd']
+  assert all(l.endswith('--config.log_every=1') and '/tiny/' in l for l in lines)  # noqa: E741
+  assert '--config.seed=4' in lines[0] and '--config.seed=0' in lines[1]  # the teacher: once
+
+
+def test_bad_arguments_exit_2():
+  for args in (['--table', 'nope'], ['--table', 'mim', '--rows', 'nope'],
+               ['--table', 'mim', '--', '--config.seed=3'], ['--table', 'mim', '--', 'x']):
+    p = subprocess.run([sys.executable, RUNNER, *args, '--dry-run'], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and 'error:' in p.stderr, (args, p.stderr)
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location('cfg_' + os.path.basename(path)[:-3],
+                                                os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _distill_recipes():
+  return list(_load(f'{CFG}/distill.py').RECIPES)
+
+
+def _flat(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def _job_config(name, scale):
+  from jkd.config import load_config
+  job = rt.JOBS[name]
+  arg = job.gpu_arg if scale == 'gpu' else job.tiny_arg
+  overrides = [*job.overrides, *(job.gpu_overrides if scale == 'gpu' else ())]
+  return _flat(load_config(os.path.join(REPO, CFG, job.config) + (f':{arg}' if arg else ''),
+                           overrides).to_dict())
+
+
+@pytest.mark.parametrize('scale', rt.SCALES)
+def test_every_job_config_loads_and_scratch_matches_its_distilled_student(scale):
+  configs = {name: _job_config(name, scale) for name in rt.JOBS}
+  # The baselines differ from their distilled students only in the loss and the teacher.
+  ignore = re.compile(r'^(losses|teacher)\.|^(checkpoint_every|log_every|model\.distill_token)$')
+  for scratch, student in (('student_scratch', 'kd'), ('vit_scratch', 'deit')):
+    a, b = configs[scratch], configs[student]
+    diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b)
+            if not ignore.search(k) and a.get(k) != b.get(k)}
+    assert not diff, (scratch, student, diff)
+  assert configs['deit']['model.distill_token'] and 'model.distill_token' not in configs[
+      'vit_scratch']
+
+
+# --- The runner with a stand-in for `jkd`: fast, no training. ---------------------------------
+
+FAKE_JKD = textwrap.dedent('''
+    import json, os, signal, sys, time
+    args = sys.argv[1:]
+    wd = args[args.index('--workdir') + 1]
+    seed = int([a for a in args if a.startswith('--config.seed=')][0].split('=')[1])
+    os.makedirs(wd, exist_ok=True)
+    print('fake jkd', ' '.join(args), flush=True)
+    if os.environ.get('FAKE_FAIL') and os.environ['FAKE_FAIL'] in wd:
+      sys.exit(5)
+    if os.environ.get('FAKE_SLEEP'):
+      def stop(*unused):
+        open(os.path.join(wd, 'got_sigterm'), 'w').close()
+        sys.exit(143)
+      signal.signal(signal.SIGTERM, stop)
+      time.sleep(float(os.environ['FAKE_SLEEP']))
+    summary = {'test_accuracy': 0.8 + 0.01 * seed + 0.002 * ('qat' in wd), 'wall_s': 2.0,
+               'params': 1000, 'model': 'fake_net', 'steps': 3}
+    if args[0] == 'compress':
+      summary.update(export_bytes=1000, compression_ratio=4.0, sparsity=0.5,
+                     export_accuracy=summary['test_accuracy'], fp32_bytes=4000)
+    json.dump(summary, open(os.path.join(wd, 'summary.json'), 'w'))
+''')
+
+
+def _run_fake(tmp_path, *args, env=None, timeout=120):
+  fake = tmp_path / 'fake_jkd.py'
+  fake.write_text(FAKE_JKD)
+  full_env = dict(os.environ, **(env or {}))
+  return subprocess.run(
+      [sys.executable, RUNNER, '--root', str(tmp_path / 'root'), '--scale', 'tiny',
+       '--launcher', f'{sys.executable} {fake}', *args],
+      capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+
+
+def test_runner_tables_skip_and_sections(tmp_path):
+  out = str(tmp_path / 'doc.md')
+  p = _run_fake(tmp_path, '--table', 'compress', '--seeds', '0', '1', '--out', out)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert p.stdout.count('fake jkd') == 1 + 2 * 6  # teacher once, student + 5 variants per seed
+  results = json.load(open(tmp_path / 'root' / 'tiny' / 'tables' / 'compress' / 'results.json'))
+  for row in results['rows']:
+    assert len(row['test_accuracy']['values']) == 2, row
+    assert row['test_accuracy']['std'] is not None
+  assert results['rows'][1]['export_bytes']['mean'] == 1000
+  assert results['environments'] and all('jax' in e for e in results['environments'])
+  assert all(r['command'].startswith('jkd ') for r in results['runs'].values())
+  md = open(tmp_path / 'root' / 'tiny' / 'tables' / 'compress' / 'table.md').read()
+  for row in rt.TABLES['compress'].rows:
+    line = next(l for l in md.splitlines() if l.startswith(f'| {row.label} |'))  # noqa: E741
+    assert ' ± ' in line, line
+  assert '| fp32 student |' in md and '4,000 | 1.00× |' in md and '4.00×' in md
+  # Again: every run is skipped; a second table goes into its own section of the same file.
+  p = _run_fake(tmp_path, '--table', 'compress', '--seeds', '0', '1', '--out', out)
+  assert p.returncode == 0 and 'fake jkd' not in p.stdout
+  assert p.stdout.count('skipped') == 13
+  p = _run_fake(tmp_path, '--table', 'supervised', '--seeds', '0', '--out', out)
+  assert p.returncode == 0
+  doc = open(out).read()
+  assert doc.count('results_tables:compress:tiny:begin') == 1
+  assert doc.count('results_tables:supervised:tiny:end') == 1
+  assert '| ResNet-18 (`supervised.py:gpu`) | fake_net (1,000 params) | 80.00 ± n/a |' in doc
+
+
+def test_runner_failure_stops_and_rerun_resumes(tmp_path):
+  p = _run_fake(tmp_path, '--table', 'compress', '--seeds', '0', '1', '--rows', 'qat',
+                env={'FAKE_FAIL': 'qat/seed1'})
+  assert p.returncode == 1
+  assert 'FAILED: qat seed 1 exited with code 5' in p.stdout
+  assert 'jkd compress --config configs/fashion_mnist/compress.py:tiny-qat' in p.stdout
+  assert '| int8 QAT | fake_net (1,000 params) | 80.20 ± n/a |' in p.stdout  # the partial table
+  p = _run_fake(tmp_path, '--table', 'compress', '--seeds', '0', '1', '--rows', 'qat')
+  assert p.returncode == 0 and p.stdout.count('fake jkd') == 1
+  assert p.stdout.count('skipped') == 3
+
+
+def test_runner_time_limit_stops_the_run_with_sigterm(tmp_path):
+  t0 = time.time()
+  p = _run_fake(tmp_path, '--table', 'supervised', '--seeds', '0', '1', '--time-limit', '10',
+                env={'FAKE_SLEEP': '60'})
+  assert p.returncode == 3, p.stdout[-2000:]
+  assert time.time() - t0 < 50
+  assert 'stopped by the time limit of 10 s' in p.stdout and 'run the same command again' in (
+      p.stdout)
+  root = tmp_path / 'root' / 'tiny' / 'sup_resnet18'
+  assert (root / 'seed0' / 'got_sigterm').exists() and not (root / 'seed1').exists()
+  meta = json.load(open(str(root / 'seed0') + '.run.json'))
+  assert meta['attempts'][-1]['exit_code'] == 143
+
+
+# --- The real thing at tiny size. ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_distill_table_end_to_end_and_rerun_skips(tmp_path):
+  args = [sys.executable, RUNNER, '--table', 'distill', '--scale', 'tiny', '--seeds', '0', '1',
+          '--rows', 'scratch', 'kd', '--root', str(tmp_path)]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  p = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+  assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+  assert p.stdout.count('[distill] done') == 2 and p.stdout.count('[train] done') == 3
+  table_dir = tmp_path / 'tiny' / 'tables' / 'distill'
+  md = open(table_dir / 'table.md').read()
+  for label, n in (('student from scratch', 2), ('KD (0.1 CE + 0.9 KD, T=4)', 2),
+                   ('teacher (resnet20_s, seed 0 only)', 1)):
+    line = next(l for l in md.splitlines() if l.startswith(f'| {label} |'))  # noqa: E741
+    assert ' ± ' in line and f'| {n} |' in line, line
+  results = json.load(open(table_dir / 'results.json'))
+  rows = {r['name']: r for r in results['rows']}
+  assert len(rows['scratch']['test_accuracy']['values']) == 2
+  assert len(rows['kd']['test_accuracy']['values']) == 2
+  assert rows['kd']['delta_vs_baseline'] is not None
+  assert results['runs']['kd/seed1']['command'].startswith(
+      'jkd distill --config configs/fashion_mnist/distill.py:tiny-kd ')
+  assert results['environments'][0]['platform'] == 'cpu'
+  t0 = time.time()
+  p = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+  assert p.returncode == 0 and p.stdout.count('skipped') == 5 and 'done in' not in p.stdout
+  assert time.time() - t0 < 30
