@@ -57,11 +57,7 @@ def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=
 
   mesh = parallel.make_mesh(config.get('mesh'))
   key = jax.random.key(config.seed, impl=config.get('rng_impl', 'rbg'))
-  abstract = jax.eval_shape(task.init_state, key)
-  shardings = parallel.tree_shardings(abstract, mesh)
-  import flax.linen as nn
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.meta.unbox(abstract), shardings)
+  abstract, _ = loop.abstract_sharded_state(task.init_state, key, mesh)
   state, _, _ = ckpt.restore(abstract, expect_kind=kind)
   ckpt.close()
   t0 = time.perf_counter()

@@ -120,6 +120,17 @@ class _StopSignal:
     return bool(np.any(np.asarray(flags)))
 
 
+def abstract_sharded_state(init_state: Callable, key: jax.Array, mesh) -> tuple[Any, Any]:
+  """The state's (unboxed) `jax.ShapeDtypeStruct`s, each with its sharding under the active
+  logical-axis rules, and those shardings; nothing is allocated. What a restore or a
+  compile-only memory plan needs."""
+  abstract = jax.eval_shape(init_state, key)
+  shardings = parallel.tree_shardings(abstract, mesh)
+  structs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         nn.meta.unbox(abstract), shardings)
+  return structs, shardings
+
+
 def init_sharded(init_state: Callable, key: jax.Array, mesh) -> tuple[TrainState, Any]:
   """Creates the state already sharded by the logical-axis rules (never whole on one device)."""
   abstract = jax.eval_shape(init_state, key)

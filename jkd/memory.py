@@ -368,10 +368,7 @@ def compile_step(config: ml_collections.ConfigDict, *, teacher: str | None = Non
     task = (distill if is_distill else supervised).build_task(config, '')
     mesh = parallel.make_mesh(config.get('mesh'))
     key = jax.random.key(config.seed, impl=config.get('rng_impl', 'rbg'))
-    abstract = jax.eval_shape(task.init_state, key)
-    shardings = parallel.tree_shardings(abstract, mesh)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         nn.meta.unbox(abstract), shardings)
+    state, shardings = loop.abstract_sharded_state(task.init_state, key, mesh)
     step_fn, extra = loop.jit_train_step(task, mesh, shardings)
     batch = parallel.global_batch(next(task.train_iterator), mesh)
     getattr(task.train_iterator, 'close', lambda: None)()

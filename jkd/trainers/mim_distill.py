@@ -52,7 +52,8 @@ from jkd.models.mim import METHODS, create_mim
 from jkd.models.vit import ViT
 from jkd.optim import make_optimizer
 from jkd.trainers import common, distill, distill_terms
-from jkd.trainers.pretrain import EVAL_MASK_SEED, MimObjective, _last_eval, figure_inputs
+from jkd.trainers.pretrain import (EVAL_MASK_SEED, MimObjective, _last_eval, figure_inputs,
+                                  first_eval_images)
 
 STUDENT = 'student'        # params['student']: the SimMIM / MAE student that is kept.
 PROJECTORS = 'projectors'  # params['projectors']: feature heads, dropped after training.
@@ -353,17 +354,12 @@ def build_task(config, workdir: str) -> loop.Task:
            'teacher': teacher_desc}
     if jax.process_index() != 0:
       return out
-    n = int(config.get('num_figure_images', 8))
-    images = []
-    for batch in eval_batches():
-      images.append(batch['image'][batch['mask'] > 0])
-      if sum(len(x) for x in images) >= n:
-        break
+    images = first_eval_images(eval_batches(), int(config.get('num_figure_images', 8)))
     path = os.path.join(workdir, 'reconstructions.png')
     title = (f'{method.upper() if method == "mae" else "SimMIM"} distillation: student '
              f'{config.model.name} vs teacher {teacher_desc["model"]}, step {int(state.step)}')
     write_comparison(path, s_obj, jax.device_get(state.params[STUDENT]), t_obj, teacher_np,
-                     np.concatenate(images)[:n], mean=mean, std=std, dtype=dtype,
+                     images, mean=mean, std=std, dtype=dtype,
                      t_dtype=t_dtype, title=title)
     return {**out, 'reconstructions': path}
 

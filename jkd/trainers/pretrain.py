@@ -178,6 +178,16 @@ def figure_inputs(objective, target, mask, mean, std):
   return originals, rgb * (1 - pixel) + MASK_COLOR * pixel, to_pixels
 
 
+def first_eval_images(eval_batches, n: int) -> np.ndarray:
+  """The first `n` real (unpadded) images of the eval set, (n, H, W, C) as stored, for figures."""
+  images = []
+  for batch in eval_batches:
+    images.append(batch['image'][batch['mask'] > 0])
+    if sum(len(x) for x in images) >= n:
+      break
+  return np.concatenate(images)[:n]
+
+
 def _last_eval(workdir: str) -> dict:
   """The last eval line the loop wrote to metrics.jsonl (it evaluates just before on_finish)."""
   path = os.path.join(workdir, 'metrics.jsonl')
@@ -224,13 +234,7 @@ def build_task(config, workdir: str) -> loop.Task:
     out = {'eval_loss': _last_eval(workdir).get('loss')}
     if jax.process_index() != 0:
       return out
-    n = int(config.get('num_figure_images', 8))
-    images = []
-    for batch in eval_batches():
-      images.append(batch['image'][batch['mask'] > 0])
-      if sum(len(x) for x in images) >= n:
-        break
-    images = np.concatenate(images)[:n]
+    images = first_eval_images(eval_batches(), int(config.get('num_figure_images', 8)))
     path = os.path.join(workdir, 'reconstructions.png')
     loss = out['eval_loss']
     method = {'mae': 'MAE', 'simmim': 'SimMIM'}[config.method]
