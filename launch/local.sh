@@ -24,39 +24,69 @@ port=${JKD_LOCAL_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(
 devices=${JKD_LOCAL_DEVICES:-1}
 platform=${JKD_LOCAL_PLATFORM:-cpu}
 
+# Each process runs in its own session (setsid), so a Ctrl-C in this terminal reaches this script
+# only and each process gets exactly one SIGTERM from it: jkd treats a second signal as "stop at
+# once", which would cut its last checkpoint short.
+detach=()
+if command -v setsid >/dev/null; then detach=(setsid); fi
+
 pids=()
-cleanup() {  # SIGTERM reaches jkd itself (it saves a checkpoint and exits), then its wrapper.
-  for pid in "${pids[@]}"; do
-    pkill -TERM -P "$pid" 2>/dev/null || true
-    kill -TERM "$pid" 2>/dev/null || true
-  done
+stopping=0
+signal_all() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 }
-trap cleanup INT TERM
+on_signal() {
+  if (( stopping )); then
+    echo "[local.sh] signalled again: stopping every process at once" >&2
+  else
+    echo "[local.sh] stopping: each process saves a checkpoint and exits (signal again to stop at once)" >&2
+  fi
+  stopping=$((stopping + 1))
+  signal_all
+}
+trap on_signal INT TERM
 
 for ((i = 0; i < num_processes; i++)); do
-  (
-    set -o pipefail
-    export JAX_COORDINATOR_ADDRESS="localhost:${port}" JAX_NUM_PROCESSES="$num_processes" \
-      JAX_PROCESS_ID="$i" JKD_DISTRIBUTED=on PYTHONUNBUFFERED=1
-    if [[ "$platform" == cpu ]]; then
-      export JAX_PLATFORMS=cpu
-      export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}"
-    else
-      export JAX_LOCAL_DEVICE_IDS="${JAX_LOCAL_DEVICE_IDS:-$i}"
-    fi
-    "$@" 2>&1 | sed -u "s/^/[p${i}] /"
-  ) &
+  vars=(JAX_COORDINATOR_ADDRESS="localhost:${port}" JAX_NUM_PROCESSES="$num_processes"
+        JAX_PROCESS_ID="$i" JKD_DISTRIBUTED=on PYTHONUNBUFFERED=1)
+  if [[ "$platform" == cpu ]]; then
+    vars+=(JAX_PLATFORMS=cpu
+           XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}")
+  else
+    vars+=(JAX_LOCAL_DEVICE_IDS="${JAX_LOCAL_DEVICE_IDS:-$i}")
+  fi
+  # $! is the process itself (setsid and env exec it), not a wrapper. The prefixing sed ignores
+  # INT/TERM so it outlives the process and prints its last lines (the checkpoint it saved).
+  "${detach[@]}" env "${vars[@]}" "$@" > >(trap '' INT TERM; exec sed -u "s/^/[p${i}] /") 2>&1 &
   pids+=($!)
 done
 
+# Reap the processes as they finish. A process stopped by a signal (130, 143) has saved a
+# checkpoint, and the others stop at the same step by themselves (jkd agrees on the stop step
+# across processes): they are left alone. Any other failure would leave the others blocked in
+# a collective, so they are stopped.
 status=0
-for ((done_count = 0; done_count < num_processes; done_count++)); do
-  wait -n || status=$?
-  if [[ $status -ne 0 ]]; then
-    echo "[local.sh] a process failed (exit $status); stopping the others" >&2
-    cleanup
-    wait || true
-    exit "$status"
-  fi
+declare -A finished=()
+while (( ${#finished[@]} < num_processes )); do
+  running=()
+  for index in "${!pids[@]}"; do
+    [[ -n "${finished[$index]:-}" ]] || running+=("${pids[$index]}")
+  done
+  rc=0
+  wait -n "${running[@]}" || rc=$?
+  for index in "${!pids[@]}"; do
+    pid=${pids[$index]}
+    if [[ -z "${finished[$index]:-}" ]] && ! kill -0 "$pid" 2>/dev/null; then
+      finished[$index]=$rc
+      if (( rc != 0 && status == 0 )); then status=$rc; fi
+      if (( rc != 0 && rc != 130 && rc != 143 && stopping == 0 )); then
+        echo "[local.sh] process $index failed (exit $rc); stopping the others" >&2
+        stopping=1
+        signal_all
+      fi
+      break  # wait -n reaped one process; a second one that ended meanwhile comes next round.
+    fi
+  done
 done
-exit 0
+wait  # The output prefixers.
+exit "$status"

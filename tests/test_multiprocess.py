@@ -102,10 +102,9 @@ def _pid_of_process(process_id: int, workdir: str) -> int:
   raise AssertionError(f'no jkd process {process_id} for {workdir}')
 
 
-def test_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path):
-  """SIGTERM reaches process 1 only (one host preempted): both processes still save the same
-  step (a collective checkpoint) and exit 143; the run then resumes from that step."""
-  workdir = str(tmp_path / 'signalled')
+def _signal_a_training_run(workdir, deliver):
+  """Starts a 2-process run with launch/local.sh, calls deliver(popen) once both processes are
+  training, and returns (exit code, whole log, the step both stopped at)."""
   args = [*ARGS, '--config.total_steps=400', '--config.log_every=1',
           '--config.checkpoint_every=0', '--config.stop_check_every=2', '--workdir', workdir]
   env = dict(os.environ, JKD_LOCAL_DEVICES='2', JAX_PLATFORMS='cpu')
@@ -119,24 +118,48 @@ def test_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path):
       seen.append(line)
       if re.search(r'\[p0\] \[train\] step +3/400', line):
         break
-    os.kill(_pid_of_process(1, workdir), signal.SIGTERM)
+    deliver(proc)
     rest, _ = proc.communicate(timeout=300)
   finally:
     if proc.poll() is None:
       proc.kill()
   log = ''.join(seen) + rest
-  assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+  # Only process 0 logs; the checkpoint (a collective save) shows that both stopped there.
   stopped = re.search(r'\[p0\] \[train\] stopped by signal 15 at step (\d+)', log)
   assert stopped, log[-3000:]
   step = int(stopped.group(1))
   assert step % 2 == 0 and 3 <= step < 400
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [str(step)]
+  return proc.returncode, log, step, args, env
+
+
+def test_a_signal_to_one_process_stops_every_process_at_one_step(tmp_path):
+  """SIGTERM reaches process 1 only (one host preempted): both processes still save the same
+  step (a collective checkpoint) and exit 143; the run then resumes from that step."""
+  workdir = str(tmp_path / 'signalled')
+  code, log, step, args, env = _signal_a_training_run(
+      workdir, lambda _: os.kill(_pid_of_process(1, workdir), signal.SIGTERM))
+  assert code == 128 + signal.SIGTERM, log[-3000:]
+  # Process 0 stopped by agreement, with no signal of its own: local.sh must not send one
+  # (a second signal makes jkd stop before its checkpoint).
+  assert 'stopping the others' not in log and 'KeyboardInterrupt' not in log, log[-3000:]
   resumed = subprocess.run(['launch/local.sh', '2', sys.executable, '-m', 'jkd.cli', 'train',
                             *args, f'--config.total_steps={step + 2}'], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stdout[-3000:]
   assert f'at step {step}' in resumed.stdout
   assert json.load(open(os.path.join(workdir, 'summary.json')))['steps'] == step + 2
+
+
+def test_ctrl_c_to_local_sh_signals_each_process_once(tmp_path):
+  """Ctrl-C reaches launch/local.sh (SIGINT): it sends each process one SIGTERM, never a
+  second, so both save the same step and exit 143, and so does the script."""
+  code, log, _, _, _ = _signal_a_training_run(
+      str(tmp_path / 'interrupted'), lambda proc: proc.send_signal(signal.SIGINT))
+  assert code == 128 + signal.SIGTERM, log[-3000:]
+  assert '[local.sh] stopping: each process saves a checkpoint' in log
+  assert 'signalled again' not in log and 'stopping the others' not in log, log[-3000:]
+  assert 'KeyboardInterrupt' not in log and 'Traceback' not in log, log[-3000:]
 
 
 @pytest.mark.parametrize('env, expected', [
