@@ -31,10 +31,22 @@ ARGS = ['--config', SUPERVISED + ':tiny', '--config.model.name=vit_nano_p4',
         '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.checkpoint_every=4']
 
 
+# Attention key biases have a true gradient of exactly zero (q . b_k shifts a softmax row by a
+# constant), so what they get is fp32 rounding noise, which Adam normalises into steps of about
+# lr whose sign depends on the reduction order. They are compared by size only.
+ZERO_GRADIENT = "['attn']['key']['bias']"
+
+
 def _max_param_diff(a_workdir, b_workdir):
   a, b = load_arrays(a_workdir)[0]['params'], load_arrays(b_workdir)[0]['params']
   assert jax.tree.structure(a) == jax.tree.structure(b)
-  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  diffs = []
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    if jax.tree_util.keystr(path).endswith(ZERO_GRADIENT):
+      assert max(np.max(np.abs(x)), np.max(np.abs(y))) < 1e-3  # noise-sized, nothing learnt
+    else:
+      diffs.append(float(np.max(np.abs(x - y))))
+  return max(diffs)
 
 
 @pytest.fixture(scope='module')
