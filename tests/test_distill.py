@@ -278,3 +278,22 @@ def test_top_k_round_trip():
   q = jax.nn.softmax(teacher_cache.teacher_logits(batch, 10, 'renorm'))
   np.testing.assert_allclose(np.take_along_axis(np.asarray(q), np.asarray(indices), -1),
                              top / top.sum(-1, keepdims=True), rtol=1e-5)
+
+
+@pytest.mark.parametrize('terms, explicit', [
+    ([dict(kind='kd')], False),
+    ([dict(kind='fitnet', student='block1', teacher='encoder/block3/out')], False),
+    ([dict(kind='at', student=('stage2', 'stage3'), teacher=('stage2', 'stage3'))], False),
+    ([dict(kind='x', student='encoder/block0/attn/attn', teacher='block3')], True),
+    ([dict(kind='x', student=('block1', 'q'), teacher='k')], True),
+])
+def test_only_attention_taps_turn_off_the_fused_attention(terms, explicit):
+  """Block/stage taps leave ViTs on the fused kernel (sow_attention=False); taps of attention
+  maps or q/k/v need the explicit path that sows them."""
+  from jkd import models
+  from jkd.trainers import common
+  from jkd.trainers import distill_terms
+  assert distill_terms.reads_attention(terms) == explicit
+  assert common.without_attention_maps(models.create('vit_nano_p4')).sow_attention is False
+  resnet = models.create('resnet8_s')
+  assert common.without_attention_maps(resnet) is resnet

@@ -147,6 +147,29 @@ def test_attention_fast_path_matches_explicit(vit_vars, dtype, atol):
   np.testing.assert_allclose(fast, reference, atol=atol, rtol=atol)
 
 
+def test_block_outputs_without_attention_maps_keep_the_fast_path(vit_vars, monkeypatch):
+  """sow_attention=False: block outputs are tapped while attention stays on
+  jax.nn.dot_product_attention (cuDNN's fused kernel on GPU), with the explicit path's results."""
+  x = _images()
+  calls = []
+  fused = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                      lambda *a, **k: calls.append(k['implementation']) or fused(*a, **k))
+  model = models.create('vit_nano_p4', **VIT, sow_attention=False)
+  logits, state = _apply(model, vit_vars, x, mutable=['intermediates'])
+  assert calls == ['xla', 'xla']  # Both blocks, none explicit.
+  blocks = state['intermediates']['encoder']
+  assert all('attn' not in blocks[f'block{i}'] for i in range(2))
+  calls.clear()
+  ref_logits, ref_state = _apply(models.create('vit_nano_p4', **VIT), vit_vars, x,
+                                 mutable=['intermediates'])
+  assert calls == []  # The default sows the maps: explicit attention.
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+  for out, ref in zip(models.block_outputs(state['intermediates']),
+                      models.block_outputs(ref_state['intermediates'])):
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('explicit', [False, True])
 def test_seq_lengths_hide_padding(explicit):
   """Padded tokens change neither the real tokens' outputs; their own outputs are zero."""

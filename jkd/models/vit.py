@@ -93,18 +93,22 @@ class Attention(nn.Module):
 
   Without a mutable 'intermediates' collection the product runs through
   `jax.nn.dot_product_attention(implementation=...)` (the fast path; 'cudnn' is the fused
-  flash kernel on NVIDIA GPUs). When 'intermediates' is mutable the attention is computed
-  explicitly instead so that it can be sown for distillation: 'attn' (B, H, L, L) fp32 rows
-  summing to 1, and 'q', 'k', 'v' each (B, H, L, d) in `dtype`.
+  flash kernel on NVIDIA GPUs). When 'intermediates' is mutable and `sow_maps` is set, the
+  attention is computed explicitly instead so that it can be sown for distillation: 'attn'
+  (B, H, L, L) fp32 rows summing to 1, and 'q', 'k', 'v' each (B, H, L, d) in `dtype`. A
+  fused kernel never materialises the maps, so a trainer that taps only block outputs sets
+  `sow_maps=False` and keeps the fast path.
 
   Attributes:
     num_heads: H; the token width must be divisible by it.
     dtype: compute dtype. cuDNN needs bf16 or fp16.
     implementation: 'xla', 'cudnn' or None (jax chooses).
+    sow_maps: sow the maps (explicit attention) when 'intermediates' is mutable.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: str | None = 'xla'
+  sow_maps: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, seq_lengths: jax.Array | None = None) -> jax.Array:
@@ -137,7 +141,7 @@ class Attention(nn.Module):
     if seq_lengths is not None:
       seq_lengths = jnp.asarray(seq_lengths, jnp.int32)
 
-    if self.is_mutable_collection('intermediates'):
+    if self.sow_maps and self.is_mutable_collection('intermediates'):
       out = self._explicit(q, k, v, seq_lengths)
     else:
       if self.implementation == 'cudnn' and jnp.dtype(q.dtype) not in (
@@ -221,6 +225,7 @@ class Encoder1DBlock(nn.Module):
     drop_path: stochastic-depth rate of both residual branches.
     dtype: compute dtype.
     attention: attention implementation, see `Attention`.
+    sow_attention: sow the attention maps, see `Attention.sow_maps`.
   """
   num_heads: int
   mlp_dim: int
@@ -228,13 +233,14 @@ class Encoder1DBlock(nn.Module):
   drop_path: float = 0.
   dtype: Dtype = jnp.float32
   attention: str | None = 'xla'
+  sow_attention: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool,
                seq_lengths: jax.Array | None = None) -> jax.Array:
     """Args: x (B, L, D); seq_lengths optional (B,) int. Returns (B, L, D)."""
     y = _layer_norm('ln1', self.dtype)(x)
-    y = Attention(self.num_heads, self.dtype, self.attention, name='attn')(
+    y = Attention(self.num_heads, self.dtype, self.attention, self.sow_attention, name='attn')(
         y, seq_lengths=seq_lengths)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = x + DropPath(self.drop_path)(y, train=train)
@@ -261,6 +267,7 @@ class Encoder(nn.Module):
     drop_path: stochastic-depth rate of the last block; it rises linearly from 0 at block 0.
     dtype: compute dtype.
     attention: attention implementation, see `Attention`.
+    sow_attention: sow the attention maps, see `Attention.sow_maps`.
   """
   depth: int
   num_heads: int
@@ -269,6 +276,7 @@ class Encoder(nn.Module):
   drop_path: float = 0.
   dtype: Dtype = jnp.float32
   attention: str | None = 'xla'
+  sow_attention: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool,
@@ -277,7 +285,7 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, rate, self.dtype,
-                         self.attention, name=f'block{i}')(
+                         self.attention, self.sow_attention, name=f'block{i}')(
                              x, train=train, seq_lengths=seq_lengths)
     return _layer_norm('encoder_norm', self.dtype)(x)
 
@@ -319,6 +327,8 @@ class ViT(nn.Module):
     attention: 'xla', 'cudnn' or None; see `Attention`.
     head_zero_init: zero-initialise the head (the usual ViT recipe).
     distill_token: add DeiT's distillation token and head (see above); needs num_classes > 0.
+    sow_attention: with 'intermediates' mutable, also sow each block's attention maps (the
+      explicit attention path). False keeps the fused kernel while block outputs are tapped.
   """
   num_classes: int
   patch_size: int = 16
@@ -334,6 +344,7 @@ class ViT(nn.Module):
   attention: str | None = 'xla'
   head_zero_init: bool = True
   distill_token: bool = False
+  sow_attention: bool = True
 
   def setup(self):
     if self.pool not in ('gap', 'token'):
@@ -342,7 +353,8 @@ class ViT(nn.Module):
       raise UserError(f"unknown posemb {self.posemb!r}: use 'learn' or 'sincos2d'.")
     self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width,
-                           self.dropout, self.drop_path, self.dtype, self.attention)
+                           self.dropout, self.drop_path, self.dtype, self.attention,
+                           self.sow_attention)
     if self.distill_token and not self.num_classes:
       raise UserError('distill_token=True needs a classifier head: set num_classes > 0, or '
                       'drop distill_token.')

@@ -34,6 +34,14 @@ def create_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> nn.M
   return models.create(model_cfg.name, **kwargs)
 
 
+def without_attention_maps(model: nn.Module) -> nn.Module:
+  """The model with `sow_attention=False` if it has that field (a ViT), else unchanged: its
+  block outputs can be tapped while attention keeps the fused kernel."""
+  if hasattr(model, 'sow_attention'):
+    return model.clone(sow_attention=False)
+  return model
+
+
 def input_shape(info: data.DatasetInfo, data_cfg) -> tuple[int, int, int]:
   h, w, c = info.image_shape
   size = data_cfg.get('image_size')

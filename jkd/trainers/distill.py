@@ -146,6 +146,11 @@ def build_task(config, workdir: str) -> loop.Task:
     teacher_desc = teacher_cache.describe(config)
   else:
     teacher, teacher_np, teacher_desc = load_teacher(config, info.num_classes)
+  if capture and not T.reads_attention(terms):
+    # Block and stage taps only: ViTs keep the fused attention kernel (cuDNN on GPU) instead
+    # of the explicit path that sowing the maps needs.
+    student = common.without_attention_maps(student)
+    teacher = teacher and common.without_attention_maps(teacher)
   teacher_dtype = common.compute_dtype(config.teacher.get('dtype') or 'float32')
   steps = common.total_steps(config, info.num_examples[config.data.train_split])
   tx, schedule = make_optimizer(config.optim, config.batch_size, steps)

@@ -81,6 +81,21 @@ def needs_features(terms: list[dict]) -> bool:
   return any(t['kind'] not in LOGIT_TERMS for t in terms)
 
 
+ATTENTION_TAPS = ('attn', 'q', 'k', 'v')  # What `vit.Attention` sows on its explicit path.
+
+
+def reads_attention(terms: list[dict]) -> bool:
+  """Whether any term taps an attention map or q/k/v ('encoder/block3/attn/attn', 'attn')
+  rather than block or stage outputs: only those need a ViT's explicit attention path."""
+  for term in terms:
+    for who in ('student', 'teacher'):
+      taps = term.get(who) or ()
+      for tap in (taps,) if isinstance(taps, str) else taps:
+        if str(tap).split('/')[-1] in ATTENTION_TAPS:
+          return True
+  return False
+
+
 def find_tap(intermediates: Mapping, name: str, who: str) -> jax.Array:
   """Finds a sown feature by name: an exact path ('encoder/block3/out'), a last component
   ('stage2', 'pre_logits'), or a ViT block ('block3' -> its output)."""

@@ -195,6 +195,8 @@ def build_task(config, workdir: str) -> loop.Task:
   terms = parse_terms(config.losses)
   kinds = {t['kind'] for t in terms}
   needs_view = bool(kinds & {'masked_feature', 'tinymim_relation'})
+  if 'tinymim_relation' not in kinds:  # Block outputs only: keep the fused attention kernel.
+    t_view = common.without_attention_maps(t_view)
   s_cls, t_cls = getattr(student, 'cls_token', False), getattr(teacher, 'cls_token', False)
   for t in terms:
     if t['kind'] == 'tinymim_relation' and student.width % teacher.num_heads:
