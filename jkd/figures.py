@@ -98,6 +98,12 @@ def save_training_curves(path: str, metrics_files: dict[str, str]) -> str:
       ax2.plot(*zip(*evals), 'o-', color='tab:orange', label='test accuracy')
       ax2.set_ylim(0, 1)
       ax2.tick_params(labelsize=7, colors='tab:orange')
+      # The final accuracy as text: one eval point on a 0-1 axis is hard to read off.
+      step, acc = evals[-1]
+      ax2.annotate(f'{100 * acc:.1f}%', (step, acc), textcoords='offset points', xytext=(-4, -12),
+                   ha='right', fontsize=8, color='tab:orange')
+      if i == len(runs):
+        ax2.set_ylabel('test accuracy', fontsize=8, color='tab:orange')
     if i == 1:
       ax.set_ylabel('train loss', fontsize=8, color='tab:blue')
   fig.tight_layout()
@@ -111,16 +117,26 @@ def save_accuracy_vs_size(path: str, points: dict[str, dict]) -> str:
   Args:
     points: name -> {'test_accuracy': float, 'bytes': int}.
   """
+  from matplotlib import ticker
   fig = _figure(5.0, 3.4)
   ax = fig.add_subplot(1, 1, 1)
+  sizes = set()
   for name, p in points.items():
     if p.get('test_accuracy') is None:
       continue
-    ax.scatter(p['bytes'], 100 * p['test_accuracy'], s=40)
-    ax.annotate(name, (p['bytes'], 100 * p['test_accuracy']), fontsize=8,
-                textcoords='offset points', xytext=(5, 4))
+    acc = 100 * p['test_accuracy']
+    # A legend, not labels beside the points: models of one size (scratch and KD students)
+    # sit on top of each other.
+    ax.scatter(p['bytes'], acc, s=40, label=f'{name}: {acc:.1f}%, {p["bytes"] / 1000:,.0f} kB')
+    sizes.add(p['bytes'])
   ax.set_xscale('log')
-  ax.set_xlabel('stored weights (bytes, log scale)')
+  # Ticks at the models' own sizes, in kB: log-scale defaults crowd or vanish over a 10x range.
+  ax.set_xticks(sorted(sizes))
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f'{x / 1000:,.0f} kB'))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.margins(x=0.15, y=0.15)
+  ax.legend(fontsize=7, loc='best')
+  ax.set_xlabel('stored weights (log scale)')
   ax.set_ylabel('test accuracy (%)')
   ax.set_title('Accuracy vs size', fontsize=10)
   ax.grid(True, alpha=0.3)

@@ -12,7 +12,8 @@ from jkd import models
 from jkd.errors import UserError
 from jkd.models import vit as vit_lib
 
-SMALL = ('resnet8_s', 'resnet18_s', 'resnet20_s', 'vit_nano_p4', 'vit_mini_p4', 'vit_small_p4')
+SMALL = ('resnet8_s', 'resnet18_s', 'resnet20_s', 'vit_micro_p7', 'vit_nano_p4', 'vit_mini_p4',
+         'vit_small_p4')
 
 
 def _images(b=2, size=28, seed=0):
@@ -65,7 +66,8 @@ def test_names_sorted_and_complete():
 def test_every_model_builds(name):
   model = models.create(name)
   small = name in SMALL
-  _, logits = _abstract(model, 32 if small else 224)
+  # 28 px (Fashion-MNIST) for patch 7, 32 px (CIFAR) for the other small models.
+  _, logits = _abstract(model, (28 if name.endswith('_p7') else 32) if small else 224)
   assert logits.shape == (1, 10 if small else 1000)
   assert logits.dtype == jnp.float32
 

@@ -44,6 +44,7 @@ _REGISTRY = {
     'resnet8_s': _resnet([1, 1, 1], width=16, stem='small', num_classes=10),
     'resnet18_s': _resnet([2, 2, 2, 2], stem='small', num_classes=10),
     'resnet20_s': _resnet([3, 3, 3], width=16, stem='small', num_classes=10),
+    'vit_micro_p7': _vit(64, 4, 4, patch=7, num_classes=10),   # 16 tokens: the CPU demo's teacher.
     'vit_nano_p4': _vit(96, 4, 3, patch=4, num_classes=10),
     'vit_mini_p4': _vit(192, 6, 3, patch=4, num_classes=10),
     'vit_small_p4': _vit(256, 8, 4, patch=4, num_classes=10),
