@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
-import os
 import platform
 import statistics
 import time
@@ -27,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jkd import data, loop, parallel
+from jkd import data, loop, parallel, storage
 from jkd.errors import UserError
 
 # bench job -> (trainer module with `build_task(config, workdir)`, config fields it sets).
@@ -127,7 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise UserError(f'config.bench.{name}={settings[name]} must be at least 1.')
   module_name, job_fields = JOBS[settings.job]
   config = _bench_run_config(config, job_fields)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   teacher_stand_in = contextlib.nullcontext()
   if settings.job == 'distill':
     from jkd import memory  # pylint: disable=g-import-not-at-top
@@ -227,8 +225,7 @@ def _time_job(config, settings, module_name: str, workdir: str) -> dict:
     result['quant'] = config.quant.to_dict()
     result['prune'] = config.prune.to_dict()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'bench.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    storage.write_json(storage.join(workdir, 'bench.json'), result)
     print(format_table(result))
     if not np.isfinite(final_loss):
       print(f'warning: the loss is {final_loss} after the timed steps; the timing stands but '

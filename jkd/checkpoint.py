@@ -2,18 +2,20 @@
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. Saves are asynchronous and atomic
 (Orbax writes to a temporary directory and renames), so a run killed mid-save leaves the
-previous checkpoints intact. Restores take a tree of `jax.ShapeDtypeStruct`s with shardings, so a
+previous checkpoints intact. The workdir may be a bucket URL (`gs://...`): Orbax and TensorStore
+write there directly (on GCS Orbax marks a finished step with a commit file instead of a rename).
+Restores take a tree of `jax.ShapeDtypeStruct`s with shardings, so a
 checkpoint saved on one mesh restores onto another.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jkd import storage
 from jkd.errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -21,7 +23,7 @@ FORMAT_VERSION = 1
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  return storage.join(storage.resolve(workdir), CHECKPOINT_DIR)
 
 
 class RunCheckpointer:
@@ -96,7 +98,7 @@ def load_arrays(workdir: str, step: int | None = None) -> tuple[dict, dict]:
   Used to initialise from another run (fine-tuning, a teacher): returns (state_tree, meta), where
   state_tree has keys `params`, `model_state`, `opt_state`, `step`.
   """
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not storage.isdir(checkpoint_dir(workdir)):
     raise UserError(f'{workdir!r} has no checkpoints/ directory: it is not a jkd workdir, or its '
                     'run has not saved yet. Point to the --workdir of a finished jkd run.')
   ckpt = RunCheckpointer(workdir, create=False)

@@ -22,6 +22,7 @@ import os
 import sys
 import textwrap
 
+from jkd import storage
 from jkd.errors import UserError
 
 # command -> (module with build_task(config, workdir) and a run function, run function name)
@@ -105,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run_training(command: str, args, overrides: list[str]) -> dict:
   from jkd.config import load_config
   config = load_config(args.config, overrides)
-  os.makedirs(args.workdir, exist_ok=True)
+  storage.makedirs(args.workdir)
   module_name, fn_name = TRAINERS[command]
   module = importlib.import_module(module_name)
   return getattr(module, fn_name)(config, args.workdir)
@@ -135,9 +136,7 @@ def _run_plan(args, overrides: list[str]) -> dict:
     result['xla'] = memory.compile_step(config, teacher=args.teacher, run=True)
     print(memory.format_measured(result))
   if args.workdir:
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, 'plan.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    storage.write_json(storage.join(args.workdir, 'plan.json'), result)
   return result
 
 
@@ -166,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    if args.workdir:  # Local paths made absolute; a bucket URL checked for its package.
+      args.workdir = storage.resolve(args.workdir)
     # Before anything touches a device: join the multi-process run the environment names.
     from jkd import distributed
     distributed.initialize()

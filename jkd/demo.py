@@ -6,14 +6,13 @@ also a worked example of chaining them.
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import shutil
 import time
 
 import jax
 import numpy as np
 
+from jkd import storage
 from jkd.checkpoint import load_arrays
 from jkd.config import load_config
 from jkd.errors import UserError
@@ -48,11 +47,11 @@ def stored_bytes(workdir: str, summary: dict) -> int:
 
 
 def _run_stage(name, stage, workdir, stage_dirs, log) -> dict:
-  out = os.path.join(workdir, name)
-  summary_path = os.path.join(out, 'summary.json')
-  if os.path.exists(summary_path):
+  out = storage.join(workdir, name)
+  summary_path = storage.join(out, 'summary.json')
+  if storage.exists(summary_path):
     log(f'{name}: already done, skipped ({summary_path})')
-    return json.load(open(summary_path))
+    return storage.read_json(summary_path)
   overrides = list(stage.overrides)
   if stage.init_from:
     overrides.append(f'init_from={stage_dirs[stage.init_from]}')
@@ -60,7 +59,7 @@ def _run_stage(name, stage, workdir, stage_dirs, log) -> dict:
     overrides.append(f'teacher.workdir={stage_dirs[stage.teacher]}')
   config = load_config(os.path.join(configs_dir(), stage.config), overrides)
   module = importlib.import_module(TRAINERS[stage.command])
-  os.makedirs(out, exist_ok=True)
+  storage.makedirs(out)
   return module.train(config, out)
 
 
@@ -68,12 +67,13 @@ def run(config, workdir: str) -> dict:
   """Runs every stage of `config.stages` in order and writes the report. Returns report.json."""
   from jkd import figures
   t0 = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.resolve(workdir)
+  storage.makedirs(workdir)
   names = list(config.get('order') or config.stages.keys())
   missing = [n for n in names if n not in config.stages]
   if missing:
     raise UserError(f'config.order names stages {missing} that config.stages does not define.')
-  stage_dirs = {n: os.path.join(workdir, n) for n in names}
+  stage_dirs = {n: storage.join(workdir, n) for n in names}
   summaries, times = {}, {}
 
   def log(text):
@@ -100,19 +100,18 @@ def run(config, workdir: str) -> dict:
                           'wall_s': times['pretrain']}
   report['scale'] = config.scale
   report['wall_s'] = round(time.time() - t0, 1)
-  with open(os.path.join(workdir, 'report.json'), 'w') as f:
-    json.dump(report, f, indent=2)
+  storage.write_json(storage.join(workdir, 'report.json'), report)
 
-  recon = os.path.join(stage_dirs.get('pretrain', ''), 'reconstructions.png')
-  if os.path.exists(recon):
-    shutil.copy(recon, os.path.join(workdir, 'reconstructions.png'))
-  figures.save_training_curves(os.path.join(workdir, 'training_curves.png'),
-                               {n: os.path.join(stage_dirs[n], 'metrics.jsonl') for n in names})
-  figures.save_accuracy_vs_size(os.path.join(workdir, 'accuracy_vs_size.png'),
+  if 'pretrain' in stage_dirs:
+    recon = storage.join(stage_dirs['pretrain'], 'reconstructions.png')
+    if storage.exists(recon):
+      storage.copy(recon, storage.join(workdir, 'reconstructions.png'))
+  figures.save_training_curves(storage.join(workdir, 'training_curves.png'),
+                               {n: storage.join(stage_dirs[n], 'metrics.jsonl') for n in names})
+  figures.save_accuracy_vs_size(storage.join(workdir, 'accuracy_vs_size.png'),
                                 {n: report[n] for n in REPORTED if n in report})
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(_markdown(report, config, workdir))
-  log(f'report: {os.path.join(workdir, "report.md")} (total {format_duration(report["wall_s"])})')
+  storage.write_text(storage.join(workdir, 'report.md'), _markdown(report, config, workdir))
+  log(f'report: {storage.join(workdir, "report.md")} (total {format_duration(report["wall_s"])})')
   return report
 
 

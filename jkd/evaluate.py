@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import importlib
-import json
-import os
 import time
 
 import jax
 import ml_collections
 
-from jkd import loop, parallel
+from jkd import loop, parallel, storage
 from jkd.checkpoint import RunCheckpointer, checkpoint_dir
 from jkd.errors import UserError
 
@@ -30,10 +28,11 @@ def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=
   through its `jax.export` program instead of the checkpoint."""
   from jkd.cli import KIND_TO_COMMAND, TRAINERS
   from jkd.config import apply_override, load_config
-  if export and not os.path.isfile(os.path.join(workdir, 'export', 'manifest.json')):
+  workdir = storage.resolve(workdir)
+  if export and not storage.isfile(storage.join(workdir, 'export', 'manifest.json')):
     raise UserError(f'{workdir!r} has no export/manifest.json: run `jkd compress` on it first, '
                     'or drop --export to evaluate the checkpoint.')
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not storage.isdir(checkpoint_dir(workdir)):
     raise UserError(f'{workdir!r} has no checkpoints/: not a jkd workdir, or nothing saved yet.')
   ckpt = RunCheckpointer(workdir, create=False)
   meta = ckpt.read_meta()
@@ -70,15 +69,14 @@ def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=
   if 'accuracy' in out:
     out['test_accuracy'] = out['accuracy']
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(out, f, indent=2)
+    storage.write_json(storage.join(workdir, 'eval.json'), out)
   return out
 
 
 def _evaluate_export(workdir: str, config, meta: dict) -> dict:
   from jkd import data
   from jkd.compress.export import evaluate_export, export_size_bytes
-  export_dir = os.path.join(workdir, 'export')
+  export_dir = storage.join(workdir, 'export')
   t0 = time.perf_counter()
   batches = data.make_eval_iterator(
       config.data, config.data.eval_split,
@@ -89,6 +87,5 @@ def _evaluate_export(workdir: str, config, meta: dict) -> dict:
          'export_bytes': export_size_bytes(export_dir),
          'wall_s': round(time.perf_counter() - t0, 2)}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(out, f, indent=2)
+    storage.write_json(storage.join(workdir, 'eval.json'), out)
   return out

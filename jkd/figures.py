@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jkd import storage
+
 
 def save_reconstructions(path: str, originals: np.ndarray, masked: np.ndarray,
                          recons: np.ndarray, *, title: str = '',
@@ -60,8 +62,7 @@ def save_reconstructions(path: str, originals: np.ndarray, masked: np.ndarray,
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path)
-  return path
+  return storage.save_figure(fig, path)
 
 
 def _figure(width: float, height: float):
@@ -79,11 +80,10 @@ def save_training_curves(path: str, metrics_files: dict[str, str]) -> str:
     metrics_files: run name -> its `metrics.jsonl`; missing files are skipped.
   """
   import json
-  import os
-  runs = {n: p for n, p in metrics_files.items() if os.path.exists(p)}
+  runs = {n: p for n, p in metrics_files.items() if storage.exists(p)}
   fig = _figure(3.2 * max(len(runs), 1), 2.8)
   for i, (name, file) in enumerate(runs.items(), 1):
-    lines = [json.loads(l) for l in open(file) if l.strip()]
+    lines = [json.loads(l) for l in storage.read_text(file).splitlines() if l.strip()]
     train = [(l['step'], l['loss']) for l in lines if 'loss' in l and 'split' not in l
              and isinstance(l['loss'], (int, float))]
     evals = [(l['step'], l['accuracy']) for l in lines if 'accuracy' in l]
@@ -107,8 +107,7 @@ def save_training_curves(path: str, metrics_files: dict[str, str]) -> str:
     if i == 1:
       ax.set_ylabel('train loss', fontsize=8, color='tab:blue')
   fig.tight_layout()
-  fig.savefig(path)
-  return path
+  return storage.save_figure(fig, path)
 
 
 def save_accuracy_vs_size(path: str, points: dict[str, dict]) -> str:
@@ -141,5 +140,4 @@ def save_accuracy_vs_size(path: str, points: dict[str, dict]) -> str:
   ax.set_title('Accuracy vs size', fontsize=10)
   ax.grid(True, alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path)
-  return path
+  return storage.save_figure(fig, path)

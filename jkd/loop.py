@@ -9,8 +9,6 @@ metrics, periodic eval, async checkpoints, a clean save on SIGTERM/SIGINT, `summ
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import signal
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -23,6 +21,7 @@ import numpy as np
 import optax
 
 from jkd import parallel
+from jkd import storage
 from jkd.checkpoint import RunCheckpointer
 from jkd.errors import UserError
 from jkd.metrics import MetricWriter, Throughput, format_duration
@@ -173,6 +172,7 @@ def run(task: Task, config, workdir: str, *, label: str | None = None) -> dict:
   Returns the summary dict, also written to `workdir/summary.json`.
   """
   start_wall = time.time()
+  workdir = storage.resolve(workdir)
   mesh = parallel.make_mesh(config.get('mesh'))
   parallel.check_batch_divisible(task.global_batch_size, mesh)
   ckpt = RunCheckpointer(workdir, keep=config.get('keep_checkpoints', 3))
@@ -302,10 +302,10 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
       'model': task.meta.get('model'),
   }
   if task.on_finish is not None:
+    writer.flush()  # on_finish may read metrics.jsonl (the last eval line).
     summary.update(task.on_finish(state) or {})
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2, default=float)
+    storage.write_json(storage.join(workdir, 'summary.json'), summary)
   writer.info(f'done in {format_duration(summary["wall_s"])}: ' + ', '.join(
       f'{k}={v}' for k, v in summary.items() if k in ('test_accuracy', 'steps', 'examples_per_sec')))
   return summary

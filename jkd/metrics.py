@@ -1,18 +1,19 @@
 """Run outputs: `metrics.jsonl`, TensorBoard event files, and a progress line on stdout.
 
-Only process 0 writes. Every JSONL line has `step`; train lines have `loss` and
+Only process 0 writes; the workdir may be local or a bucket URL (see `jkd.storage.LineLog`). Every JSONL line has `step`; train lines have `loss` and
 `examples_per_sec`; eval lines have `split` and `accuracy`.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Mapping
 
 import jax
+
+from jkd import storage
 
 
 def _scalar(v: Any) -> Any:
@@ -41,12 +42,13 @@ class MetricWriter:
     self.stream = stream or sys.stdout
     self._tb = None
     if self.is_main:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+      storage.makedirs(workdir)
+      self._jsonl = storage.LineLog(storage.join(workdir, 'metrics.jsonl'))
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
-          self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+          # tensorboardX writes gs:// and s3:// logdirs itself (google-cloud-storage, boto3).
+          self._tb = SummaryWriter(storage.join(workdir, 'tensorboard'))
         except ImportError:  # TensorBoard files are a convenience, JSONL is the record.
           self._tb = None
 
@@ -54,7 +56,7 @@ class MetricWriter:
     if not self.is_main:
       return
     record = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.write(json.dumps(record))
     if self._tb is not None:
       for k, v in record.items():
         if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -73,9 +75,15 @@ class MetricWriter:
     if self.is_main:
       print(f'[{self.label}] {text}', file=self.stream, flush=True)
 
+  def flush(self) -> None:
+    """Makes every line written so far readable in metrics.jsonl (a bucket's is uploaded)."""
+    if self.is_main and self._jsonl is not None:
+      self._jsonl.flush()
+
   def close(self) -> None:
-    if self.is_main and not self._jsonl.closed:
+    if self.is_main and self._jsonl is not None:
       self._jsonl.close()
+      self._jsonl = None
       if self._tb is not None:
         self._tb.close()
 

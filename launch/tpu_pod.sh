@@ -2,13 +2,14 @@
 # Runs one jkd command on every worker of a Cloud TPU VM pod slice.
 #
 #   launch/tpu_pod.sh [options] -- jkd pretrain --config configs/imagenet/mae_vit_b16.py \
-#       --workdir /gcs/my-bucket/mae_b16 --config.data.data_dir=/gcs/my-bucket/tfds
+#       --workdir gs://my-bucket/mae_b16 --config.data.data_dir=gs://my-bucket/tfds
 #
 # Steps, each on all workers at once (gcloud ... --worker=all):
 #   1. (--create only) create the TPU VM slice;
 #   2. ship the code: this checkout's files (tracked + untracked, not git-ignored) as a tarball
 #      via `tpu-vm scp`, or `git clone` of --repo-url;
-#   3. install: a Python 3.12 venv in the code directory, `pip install -e . 'jax[tpu]'`;
+#   3. install: a Python 3.12 venv in the code directory, `pip install -e '.[gcs]' 'jax[tpu]'`
+#      (gcsfs, for gs:// workdirs and data dirs);
 #   4. run the command with JKD_DISTRIBUTED=on: every worker calls jax.distributed.initialize(),
 #      which reads the slice's layout from the TPU VM metadata server (nothing else to set).
 # The command's --workdir must be one path every worker shares (see launch/README.md): a
@@ -158,7 +159,7 @@ command -v uv > /dev/null || [ -x \"\$HOME/.local/bin/uv\" ] || \
 curl -LsSf https://astral.sh/uv/install.sh | sh -s -- --quiet; \
 PATH=\"\$HOME/.local/bin:\$PATH\" uv venv --quiet --seed --python $(quote "$python_version") .venv; fi; fi; \
 .venv/bin/pip install --quiet --upgrade pip && \
-.venv/bin/pip install --quiet -e . 'jax[tpu]'"
+.venv/bin/pip install --quiet -e '.[gcs]' 'jax[tpu]'"
   echo "tpu_pod.sh: installing jkd and jax[tpu] on every worker" >&2
   on_all_workers "$install"
 fi

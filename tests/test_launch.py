@@ -210,7 +210,7 @@ def test_tpu_pod_creates_copies_installs_and_runs_on_all_workers(tmp_path):
   tarball = scp[5]
   assert tarball.endswith('.tar.gz') and scp[6] == 'my-pod:jkd-src.tar.gz'
   setup = _remote_command(install)
-  assert "pip install --quiet -e . 'jax[tpu]'" in setup
+  assert "pip install --quiet -e '.[gcs]' 'jax[tpu]'" in setup
   assert subprocess.run(['sh', '-n', '-c', setup]).returncode == 0
 
   # The run command, executed as a worker's shell would, reaches jkd unchanged.

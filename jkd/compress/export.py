@@ -14,7 +14,6 @@ before quantization and so exact integer zeros here (`round(0 / s) = 0`).
 from __future__ import annotations
 
 import json
-import os
 import zlib
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkd import storage
 from jkd.compress import quant
 
 WEIGHTS, MANIFEST, PROGRAM = 'weights.bin', 'manifest.json', 'model.jaxexport'
@@ -69,7 +69,7 @@ def export_model(export_dir: str, model: nn.Module, quant_cfg, params, model_sta
     quant_cfg: {enabled, weight_bits, act_bits, module_path}; disabled -> float32 export.
     image_shape: (H, W, C) of one uint8 image; mean/std: normalization of pixel/255.
   """
-  os.makedirs(export_dir, exist_ok=True)
+  storage.makedirs(export_dir)
   enabled = bool(quant_cfg.get('enabled', False))
   params = jax.device_get(params)
   weights_only = enabled and quant.weights_only(quant_cfg)
@@ -82,14 +82,14 @@ def export_model(export_dir: str, model: nn.Module, quant_cfg, params, model_sta
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(variables)
 
   tensors, stored, offset = [], [], 0
-  with open(os.path.join(export_dir, WEIGHTS), 'wb') as f:
-    for path, leaf in leaves_with_path:
-      arr, logical = _storable(leaf)
-      f.write(arr.tobytes())
-      tensors.append({'name': _name(path), 'dtype': str(arr.dtype), 'logical_dtype': logical,
-                      'shape': list(leaf.shape), 'offset': offset, 'bytes': arr.nbytes})
-      stored.append(arr)
-      offset += arr.nbytes
+  for path, leaf in leaves_with_path:
+    arr, logical = _storable(leaf)
+    tensors.append({'name': _name(path), 'dtype': str(arr.dtype), 'logical_dtype': logical,
+                    'shape': list(leaf.shape), 'offset': offset, 'bytes': arr.nbytes})
+    stored.append(arr)
+    offset += arr.nbytes
+  blob = b''.join(a.tobytes() for a in stored)
+  storage.write_bytes(storage.join(export_dir, WEIGHTS), blob)
 
   logical = [(t['logical_dtype'], tuple(t['shape'])) for t in tensors]
 
@@ -110,11 +110,9 @@ def export_model(export_dir: str, model: nn.Module, quant_cfg, params, model_sta
   b = jax.export.symbolic_shape('b')[0]
   args = ([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in stored],
           jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8))
-  exported = jax.export.export(jax.jit(predict))(*args)
-  with open(os.path.join(export_dir, PROGRAM), 'wb') as f:
-    f.write(exported.serialize())
+  program = jax.export.export(jax.jit(predict))(*args).serialize()
+  storage.write_bytes(storage.join(export_dir, PROGRAM), program)
 
-  blob = b''.join(a.tobytes() for a in stored)
   manifest = {
       **(info or {}),
       'quantized': enabled,
@@ -124,20 +122,18 @@ def export_model(export_dir: str, model: nn.Module, quant_cfg, params, model_sta
       'weights_bytes': offset,
       # Pruned zeros make the integer blob compressible; this is what a zip of it weighs.
       'weights_bytes_zlib': len(zlib.compress(blob, 9)),
-      'program_bytes': os.path.getsize(os.path.join(export_dir, PROGRAM)),
+      'program_bytes': len(program),
       'tensors': tensors,
   }
-  with open(os.path.join(export_dir, MANIFEST), 'w') as f:
-    json.dump(manifest, f, indent=1)
+  # Written last: a manifest means a complete export (`jkd eval --export` looks for it).
+  storage.write_text(storage.join(export_dir, MANIFEST), json.dumps(manifest, indent=1))
   return manifest
 
 
 def load_tensors(export_dir: str) -> tuple[list[np.ndarray], dict]:
   """(stored tensors in manifest order, manifest) read back from `weights.bin`."""
-  with open(os.path.join(export_dir, MANIFEST)) as f:
-    manifest = json.load(f)
-  with open(os.path.join(export_dir, WEIGHTS), 'rb') as f:
-    blob = f.read()
+  manifest = storage.read_json(storage.join(export_dir, MANIFEST))
+  blob = storage.read_bytes(storage.join(export_dir, WEIGHTS))
   arrays = []
   for t in manifest['tensors']:
     a = np.frombuffer(blob, dtype=t['dtype'], count=t['bytes'] // np.dtype(t['dtype']).itemsize,
@@ -152,8 +148,8 @@ def load_export(export_dir: str):
   Runs the deserialized `model.jaxexport` on the integer tensors of `weights.bin`.
   """
   arrays, manifest = load_tensors(export_dir)
-  with open(os.path.join(export_dir, PROGRAM), 'rb') as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
+  exported = jax.export.deserialize(bytearray(storage.read_bytes(storage.join(export_dir,
+                                                                             PROGRAM))))
   flat = [jnp.asarray(a) for a in arrays]
   call = jax.jit(exported.call)
   return (lambda images: call(flat, jnp.asarray(images, jnp.uint8))), manifest
@@ -161,7 +157,7 @@ def load_export(export_dir: str):
 
 def export_size_bytes(export_dir: str) -> int:
   """Bytes of the stored weights as written on disk (`weights.bin`)."""
-  return os.path.getsize(os.path.join(export_dir, WEIGHTS))
+  return storage.size(storage.join(export_dir, WEIGHTS))
 
 
 def evaluate_export(export_dir: str, batches) -> dict:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from jkd import storage
 from jkd.errors import UserError
 
 # Directories searched for the four Fashion-MNIST IDX files after `cfg.data_dir` and
@@ -123,14 +124,14 @@ def read_idx(path: str) -> np.ndarray:
   int32 dimensions: magic 2051 for image files (rank 3), 2049 for label files (rank 1).
 
   Args:
-    path: path to a `*-ubyte` or `*-ubyte.gz` file.
+    path: path or URL (gs://...) of a `*-ubyte` or `*-ubyte.gz` file.
 
   Returns:
     uint8 array of shape [N, H, W] for images, [N] for labels.
   """
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
+  data = storage.read_bytes(path)
+  if path.endswith('.gz'):
+    data = gzip.decompress(data)
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
     raise UserError(f'{path} is not a uint8 IDX file (bad magic number); re-download it.')
   rank = data[3]
@@ -144,8 +145,8 @@ def read_idx(path: str) -> np.ndarray:
 
 def _find_idx_file(directory: str, stem: str) -> str | None:
   for name in (stem + '.gz', stem):
-    path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    path = storage.join(directory, name)
+    if storage.isfile(path):
       return path
   return None
 
@@ -157,14 +158,14 @@ def fashion_mnist_search_path(data_dir: str | None) -> list[str]:
   hide a typo in the path.
   """
   dirs = [data_dir] if data_dir else [os.environ.get(FASHION_MNIST_ENV), *FASHION_MNIST_DIRS]
-  return [os.path.expanduser(d) for d in dirs if d]
+  return [d if storage.is_remote(d) else os.path.expanduser(d) for d in dirs if d]
 
 
 def _fashion_mnist_dir(data_dir: str | None) -> str | None:
   for directory in fashion_mnist_search_path(data_dir):
     stems = [s for pair in _FMNIST_FILES.values() for s in pair]
     if all(_find_idx_file(directory, s) for s in stems):
-      return os.path.abspath(directory)
+      return storage.resolve(directory)
   return None
 
 

@@ -9,14 +9,13 @@ report the loss, and the weights are quantized at export. Evaluation runs the fa
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jkd import data, loop, losses
+from jkd import data, loop, losses, storage
 from jkd.compress import export as export_lib
 from jkd.compress import pruning, quant
 from jkd.errors import UserError
@@ -116,7 +115,7 @@ def build_task(config, workdir: str) -> loop.Task:
                                  skip=())
 
   def on_finish(state):
-    export_dir = os.path.join(workdir, 'export')
+    export_dir = storage.join(workdir, 'export')
     manifest = export_lib.export_model(
         export_dir, float_model, qcfg, state.params, state.model_state, image_shape=shape,
         mean=info.mean, std=info.std,

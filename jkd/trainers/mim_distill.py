@@ -35,7 +35,6 @@ a next stage. Eval reports the student's and the teacher's reconstruction loss o
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -45,7 +44,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jkd import data, figures, loop, losses, masking, parallel
+from jkd import data, figures, loop, losses, masking, parallel, storage
 from jkd.checkpoint import load_arrays
 from jkd.errors import UserError
 from jkd.models.mim import METHODS, create_mim
@@ -357,7 +356,7 @@ def build_task(config, workdir: str) -> loop.Task:
     if jax.process_index() != 0:
       return out
     images = first_eval_images(eval_batches(), int(config.get('num_figure_images', 8)))
-    path = os.path.join(workdir, 'reconstructions.png')
+    path = storage.join(workdir, 'reconstructions.png')
     title = (f'{method.upper() if method == "mae" else "SimMIM"} distillation: student '
              f'{config.model.name} vs teacher {teacher_desc["model"]}, step {int(state.step)}')
     write_comparison(path, s_obj, jax.device_get(state.params[STUDENT]), t_obj, teacher_np,

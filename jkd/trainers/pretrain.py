@@ -19,7 +19,6 @@ Loss: SimMIM = L1 on masked pixels (`losses.simmim_l1`), MAE = MSE on removed pa
 from __future__ import annotations
 
 import json
-import os
 
 import flax.linen as nn
 import jax
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jkd import data, figures, loop, losses, masking
+from jkd import data, figures, loop, losses, masking, storage
 from jkd.errors import UserError
 from jkd.models.mim import create_mim
 from jkd.optim import make_optimizer
@@ -190,14 +189,13 @@ def first_eval_images(eval_batches, n: int) -> np.ndarray:
 
 def _last_eval(workdir: str) -> dict:
   """The last eval line the loop wrote to metrics.jsonl (it evaluates just before on_finish)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = storage.join(workdir, 'metrics.jsonl')
+  if not storage.exists(path):
     return {}
   last = {}
-  with open(path) as f:
-    for line in f:
-      if '"split"' in line:
-        last = json.loads(line)
+  for line in storage.read_text(path).splitlines():
+    if '"split"' in line:
+      last = json.loads(line)
   return last
 
 
@@ -235,7 +233,7 @@ def build_task(config, workdir: str) -> loop.Task:
     if jax.process_index() != 0:
       return out
     images = first_eval_images(eval_batches(), int(config.get('num_figure_images', 8)))
-    path = os.path.join(workdir, 'reconstructions.png')
+    path = storage.join(workdir, 'reconstructions.png')
     loss = out['eval_loss']
     method = {'mae': 'MAE', 'simmim': 'SimMIM'}[config.method]
     title = (f'{method} {config.model.name}, step {int(state.step)}, '

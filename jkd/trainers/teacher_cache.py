@@ -31,16 +31,16 @@ build resumes where it stopped. A cache whose identity differs from the run is a
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd import data, parallel
+from jkd import data, parallel, storage
 from jkd.checkpoint import RunCheckpointer, checkpoint_dir
 from jkd.errors import UserError
 from jkd.metrics import format_duration
@@ -89,12 +89,11 @@ def check_terms(terms: list[dict]) -> None:
 
 
 def _read_manifest(directory: str) -> dict | None:
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
+  path = storage.join(directory, MANIFEST)
+  if not storage.isfile(path):
     return None
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = storage.read_json(path)
   except (OSError, ValueError) as e:
     raise UserError(f'{path} is unreadable ({e}): remove the cache directory or point '
                     '--config.teacher.cache.dir to another one.') from e
@@ -105,16 +104,13 @@ def _read_manifest(directory: str) -> dict | None:
 
 
 def _write_json(path: str, obj: dict) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)  # Atomic: a reader never sees half a manifest.
+  storage.write_text(path, json.dumps(obj, indent=1))  # A reader never sees half a manifest.
 
 
 def _teacher_ref(config) -> dict:
   """Which teacher checkpoint (workdir + step) the cache comes from; reads metadata only."""
   workdir = config.teacher.get('workdir')
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not storage.isdir(checkpoint_dir(workdir)):
     raise UserError(f'{workdir!r} has no checkpoints/ directory: it is not a jkd workdir. Point '
                     '--config.teacher.workdir to the workdir of a trained model.')
   ckpt = RunCheckpointer(workdir, create=False)
@@ -123,7 +119,7 @@ def _teacher_ref(config) -> dict:
     meta = ckpt.read_meta(step)
   finally:
     ckpt.close()
-  return {'workdir': os.path.abspath(workdir), 'step': int(step),
+  return {'workdir': storage.resolve(workdir), 'step': int(step),
           'model': (meta.get('config') or {}).get('model', {}).get('name') or meta.get('model')}
 
 
@@ -160,7 +156,7 @@ def _plan(config) -> tuple[str, dict, int, int]:
   info = data.get_info(config.data)
   steps = common.total_steps(config, info.num_examples[config.data.train_split])
   s = settings(config)
-  return os.path.abspath(s['dir']), s, info.num_classes, steps
+  return storage.resolve(s['dir']), s, info.num_classes, steps
 
 
 def _shard_lengths(total_steps: int, shard_steps: int) -> list[int]:
@@ -256,7 +252,7 @@ def _build(config, directory, manifest, lengths, missing, eval_missing, log) -> 
     manifest['build_s'] = round(manifest['build_s'] + time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     if jax.process_index() == 0:
-      _write_json(os.path.join(directory, MANIFEST), manifest)
+      _write_json(storage.join(directory, MANIFEST), manifest)
     done += lengths[i]
     rate = done * config.batch_size / (time.perf_counter() - started)
     log(f'[teacher cache] shard {i + 1}/{len(lengths)}  {done}/{todo} batches  '
@@ -267,7 +263,7 @@ def _build(config, directory, manifest, lengths, missing, eval_missing, log) -> 
                                          teacher_dtype, info, mesh)
     manifest['build_s'] = round(manifest['build_s'] + time.perf_counter() - t0, 2)
     if jax.process_index() == 0:
-      _write_json(os.path.join(directory, MANIFEST), manifest)
+      _write_json(storage.join(directory, MANIFEST), manifest)
     log(f'[teacher cache] teacher accuracy on {config.data.eval_split}: '
         f'{manifest["eval"]["teacher_accuracy"]:.4f}; built in '
         f'{format_duration(manifest["build_s"])}')
@@ -276,11 +272,9 @@ def _build(config, directory, manifest, lengths, missing, eval_missing, log) -> 
 def _write_shard(directory: str, index: int, values, indices, rest) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f'shard_{index:06d}.npz')
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, values=values, indices=indices, rest=rest)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, values=values, indices=indices, rest=rest)
+  storage.write_bytes(storage.join(directory, f'shard_{index:06d}.npz'), buffer.getvalue())
 
 
 def _eval_predictions(config, directory, teacher, t_vars, t_shardings, teacher_dtype, info,
@@ -303,7 +297,9 @@ def _eval_predictions(config, directory, teacher, t_vars, t_shardings, teacher_d
     labels.append(label[mask])
   preds, labels = np.concatenate(preds).astype(np.int32), np.concatenate(labels)
   if jax.process_index() == 0:
-    np.save(os.path.join(directory, EVAL_PREDICTIONS), preds)
+    buffer = io.BytesIO()
+    np.save(buffer, preds)
+    storage.write_bytes(storage.join(directory, EVAL_PREDICTIONS), buffer.getvalue())
   return {'identity': _eval_identity(config), 'examples': int(len(preds)),
           'teacher_accuracy': float(np.mean(preds == labels)) if len(preds) else 0.0}
 
@@ -346,11 +342,11 @@ class CachedTeacherIterator:
       self._manifest = self._open()
     i, j = divmod(k, self._manifest['shard_steps'])
     if self._shard[0] != i:
-      path = os.path.join(self._directory, f'shard_{i:06d}.npz')
-      if not os.path.isfile(path):
+      path = storage.join(self._directory, f'shard_{i:06d}.npz')
+      if not storage.isfile(path):
         raise UserError(f'The teacher cache in {self._directory} has no batch {k} ({path} is '
                         'missing): run `jkd distill` with this config to complete it.')
-      with np.load(path) as f:
+      with np.load(io.BytesIO(storage.read_bytes(path))) as f:
         self._shard = (i, {name: f[name] for name in ('values', 'indices', 'rest')})
     shard = self._shard[1]
     if j >= len(shard['values']):
@@ -408,16 +404,16 @@ def teacher_logits(batch, num_classes: int, rest: str = 'smooth') -> jax.Array:
 
 
 def _eval_predictions_for(config) -> np.ndarray | None:
-  directory = os.path.abspath(settings(config)['dir'])
+  directory = storage.resolve(settings(config)['dir'])
   try:
     manifest = _read_manifest(directory)
   except UserError:
     return None
-  path = os.path.join(directory, EVAL_PREDICTIONS)
+  path = storage.join(directory, EVAL_PREDICTIONS)
   if (manifest is None or (manifest.get('eval') or {}).get('identity') != _eval_identity(config)
-      or not os.path.isfile(path)):
+      or not storage.isfile(path)):
     return None
-  return np.load(path)
+  return np.load(io.BytesIO(storage.read_bytes(path)))
 
 
 def with_eval_predictions(config, batches):
@@ -441,7 +437,7 @@ def with_eval_predictions(config, batches):
 
 def describe(config) -> dict:
   """The teacher a cached run distils from (from the manifest when there is one)."""
-  directory = os.path.abspath(settings(config)['dir'])
+  directory = storage.resolve(settings(config)['dir'])
   try:
     manifest = _read_manifest(directory)
   except UserError:
@@ -453,7 +449,7 @@ def describe(config) -> dict:
 
 def summary(config) -> dict:
   """Cache facts for the run summary: directory, k, one-time build seconds, teacher accuracy."""
-  directory = os.path.abspath(settings(config)['dir'])
+  directory = storage.resolve(settings(config)['dir'])
   manifest = _read_manifest(directory) or {}
   return {'dir': directory, 'topk': manifest.get('identity', {}).get('topk'),
           'build_s': manifest.get('build_s'),
