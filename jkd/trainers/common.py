@@ -131,19 +131,25 @@ def _flatten(tree: Mapping, prefix=()):
 
 
 def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
-                   skip: tuple[str, ...] = ('head',), log=print):
+                   skip: tuple[str, ...] = ('head',), into: str | None = None, log=print):
   """Initialises `state.params` (and BatchNorm stats) from another run's latest checkpoint.
 
   Args:
     params_prefix: path inside the source params to take (e.g. ('encoder',) for the encoder
       of a pretraining model).
+    skip: top-level names of the model that keep their fresh initialisation.
+    into: the key of `state.params` that holds the model (a distilled student sits under
+      'student', beside its projectors, which stay fresh); None: all of `state.params`.
   """
   arrays, meta = load_arrays(workdir)
   source = arrays['params']
   # A distilled student sits under params['student'] beside its dropped projectors.
   for p in params_prefix or tuple(meta.get('params_prefix', ())):
     source = source[p]
-  params, loaded, skipped = merge_pretrained(state.params, source, skip=skip)
+  target = state.params if into is None else state.params[into]
+  params, loaded, skipped = merge_pretrained(target, source, skip=skip)
+  if into is not None:
+    params = {**state.params, into: params}
   if not loaded:
     raise UserError(f'init_from={workdir!r}: none of its weights fit this model '
                     f'({meta.get("model")!r} there). Check config.model and config.init_from.')

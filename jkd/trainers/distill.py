@@ -253,6 +253,11 @@ def build_task(config, workdir: str) -> loop.Task:
         global_batch_size=config.get('eval_batch_size', config.batch_size))
     return teacher_cache.with_eval_predictions(config, batches) if cached else batches
 
+  def on_init(state):
+    # A student warm-started from any workdir whose model fits (a hint stage, a supervised
+    # run, a previous distillation), head included; projectors start fresh.
+    return common.load_init_from(config.init_from, state, skip=(), into=STUDENT)
+
   def on_finish(state):
     return {'teacher': teacher_desc,
             **({'teacher_cache': teacher_cache.summary(config)} if cached else {})}
@@ -268,7 +273,8 @@ def build_task(config, workdir: str) -> loop.Task:
       meta={'model': config.model.name, 'dataset': config.data.name,
             'num_classes': info.num_classes, 'image_shape': list(shape),
             'params_prefix': [STUDENT], 'teacher': teacher_desc},
-      place_extra_args=None if cached else place_extra_args, on_finish=on_finish)
+      place_extra_args=None if cached else place_extra_args,
+      on_init=on_init if config.get('init_from') else None, on_finish=on_finish)
 
 
 def train(config, workdir: str) -> dict:
