@@ -11,17 +11,14 @@ Stages (each its own workdir under WORKDIR, resumable, skipped once finished):
 4. student_kd        the same ResNet distilled from the teacher (0.1 CE + 0.9 KD)
 5. student_compressed  the KD student pruned 50% + int8 QAT with KD, exported as integers
 Writes report.json, report.md and PNG figures (reconstructions, training curves, accuracy vs
-size). Any stage's config can be changed with --config.stages.NAME.overrides="(...)".
+size). Any stage's config can be changed with --config.stages.NAME.overrides="(...)". The
+stages run through `jkd.pipeline` (see `jkd pipeline` for pipelines of your own).
 """
 import ml_collections
 
+from jkd.pipeline import stage
+
 SCALES = ('cpu', 'fast', 'full')
-
-
-def _stage(command, config, overrides=(), init_from='', teacher=''):
-  return ml_collections.ConfigDict(dict(command=command, config=config,
-                                        overrides=tuple(overrides), init_from=init_from,
-                                        teacher=teacher))
 
 
 def get_config(arg=None):
@@ -36,15 +33,15 @@ def get_config(arg=None):
   if scale == 'fast':
     student_steps = ('total_steps=8',)
     c.stages = ml_collections.ConfigDict(dict(
-        pretrain=_stage('pretrain', 'fashion_mnist/mae.py:tiny', ('total_steps=8',)),
-        teacher=_stage('train', 'fashion_mnist/finetune.py:tiny', ('total_steps=8',),
-                       init_from='pretrain'),
-        student_scratch=_stage('train', 'fashion_mnist/supervised.py:tiny', student_steps),
-        student_kd=_stage('distill', 'fashion_mnist/distill.py:tiny', student_steps,
-                          teacher='teacher'),
-        student_compressed=_stage('compress', 'fashion_mnist/compress.py:tiny-qat_kd',
-                                  ('total_steps=6', 'prune.enabled=true'),
-                                  init_from='student_kd', teacher='teacher'),
+        pretrain=stage('pretrain', 'fashion_mnist/mae.py:tiny', ('total_steps=8',)),
+        teacher=stage('train', 'fashion_mnist/finetune.py:tiny', ('total_steps=8',),
+                      init_from='pretrain'),
+        student_scratch=stage('train', 'fashion_mnist/supervised.py:tiny', student_steps),
+        student_kd=stage('distill', 'fashion_mnist/distill.py:tiny', student_steps,
+                         teacher='teacher'),
+        student_compressed=stage('compress', 'fashion_mnist/compress.py:tiny-qat_kd',
+                                 ('total_steps=6', 'prune.enabled=true'),
+                                 init_from='student_kd', teacher='teacher'),
     ))
     return c
   # CPU: 0.5 + 4.4 + 1.3 + 1.3 + 1.1 minutes on 2 cores (8m49s in all, docs/results.md; about
@@ -59,27 +56,27 @@ def get_config(arg=None):
   vit = ('model.name=vit_micro_p7',)
   no_aug = ('data.crop_padding=0', 'data.flip=false')
   c.stages = ml_collections.ConfigDict(dict(
-      pretrain=_stage('pretrain', 'fashion_mnist/mae.py',
-                      vit + ('total_steps=600', 'batch_size=128', 'optim.lr=4e-3',
-                             'optim.lr_batch_base=0', 'optim.warmup_steps=50',
-                             'model.decoder_width=64', 'model.decoder_depth=1',
-                             'model.decoder_heads=2') if cpu else ()),
-      teacher=_stage('train', 'fashion_mnist/finetune.py',
-                     vit + no_aug + ('num_epochs=7', 'model.drop_path=0.0',
-                                     'optim.layer_decay=0.85', 'optim.lr=3e-3',
-                                     'optim.warmup_steps=100') if cpu else (),
-                     init_from='pretrain'),
-      student_scratch=_stage('train', 'fashion_mnist/supervised.py',
-                             ('num_epochs=0.7',) if cpu else ('model.name=resnet8_s',)),
-      student_kd=_stage('distill', 'fashion_mnist/distill.py',
-                        # The scratch student's batch, lr and warmup: only the loss differs.
-                        no_aug + ('num_epochs=0.7', 'batch_size=64', 'optim.lr=2e-3',
-                                  'optim.warmup_steps=100') if cpu else (),
-                        teacher='teacher'),
-      student_compressed=_stage('compress', 'fashion_mnist/compress.py:qat_kd',
-                                no_aug + ('num_epochs=0.3', 'prune.enabled=true',
-                                          'log_every=20') if cpu
-                                else ('prune.enabled=true',),
-                                init_from='student_kd', teacher='teacher'),
+      pretrain=stage('pretrain', 'fashion_mnist/mae.py',
+                     vit + ('total_steps=600', 'batch_size=128', 'optim.lr=4e-3',
+                            'optim.lr_batch_base=0', 'optim.warmup_steps=50',
+                            'model.decoder_width=64', 'model.decoder_depth=1',
+                            'model.decoder_heads=2') if cpu else ()),
+      teacher=stage('train', 'fashion_mnist/finetune.py',
+                    vit + no_aug + ('num_epochs=7', 'model.drop_path=0.0',
+                                    'optim.layer_decay=0.85', 'optim.lr=3e-3',
+                                    'optim.warmup_steps=100') if cpu else (),
+                    init_from='pretrain'),
+      student_scratch=stage('train', 'fashion_mnist/supervised.py',
+                            ('num_epochs=0.7',) if cpu else ('model.name=resnet8_s',)),
+      student_kd=stage('distill', 'fashion_mnist/distill.py',
+                       # The scratch student's batch, lr and warmup: only the loss differs.
+                       no_aug + ('num_epochs=0.7', 'batch_size=64', 'optim.lr=2e-3',
+                                 'optim.warmup_steps=100') if cpu else (),
+                       teacher='teacher'),
+      student_compressed=stage('compress', 'fashion_mnist/compress.py:qat_kd',
+                               no_aug + ('num_epochs=0.3', 'prune.enabled=true',
+                                         'log_every=20') if cpu
+                               else ('prune.enabled=true',),
+                               init_from='student_kd', teacher='teacher'),
   ))
   return c

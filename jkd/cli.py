@@ -8,6 +8,7 @@
   jkd bench    --config FILE.py[:ARG] --workdir DIR [...]
   jkd plan     --config FILE.py[:ARG] [--workdir DIR] [--device-memory 80GB] [--teacher M]
   jkd demo     --workdir DIR [--config configs/demo.py[:fast|full]]
+  jkd pipeline --config FILE.py[:ARG] --workdir DIR [...]   (stages in WORKDIR/<stage>)
 
 Bad input ends with exit code 2 and one paragraph naming the problem and the fix.
 Multi-process runs (TPU pods, SLURM, GKE, launch/local.sh) are joined from the environment:
@@ -45,6 +46,8 @@ DESCRIPTIONS = {
     'demo': 'the whole pipeline on Fashion-MNIST: MAE teacher, KD student, int8 (report.md)',
     'bench': 'time train steps on synthetic data on the available accelerator (bench.json)',
     'plan': 'per-device memory of a config\'s step, whether it fits, and a mesh that does',
+    'pipeline': 'several commands in order, e.g. teacher -> assistant -> student '
+                '(pipeline.json)',
 }
 
 
@@ -83,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--workdir', required=True, help='where every stage and the report go')
   p.add_argument('--config', default=None,
                  help='default configs/demo.py (sized for a 2-core CPU); :fast or :full')
+  p = sub.add_parser('pipeline', help=DESCRIPTIONS['pipeline'])
+  p.add_argument('--config', required=True,
+                 help='pipeline config, e.g. configs/fashion_mnist/pipeline_ta.py')
+  p.add_argument('--workdir', required=True, help='stage NAME runs in WORKDIR/NAME')
   p = sub.add_parser('plan', help=DESCRIPTIONS['plan'])
   p.add_argument('--config', required=True, help='config file, e.g. configs/bench/vit_b16.py')
   p.add_argument('--workdir', default=None, help='optional: where plan.json is written')
@@ -123,6 +130,12 @@ def _run_demo(args, overrides: list[str]) -> dict:
   from jkd.config import load_config
   spec = args.config or os.path.join(demo.configs_dir(), 'demo.py')
   return demo.run(load_config(spec, overrides), args.workdir)
+
+
+def _run_pipeline(args, overrides: list[str]) -> dict:
+  from jkd import pipeline
+  from jkd.config import load_config
+  return pipeline.run(load_config(args.config, overrides), args.workdir)
 
 
 def _run_plan(args, overrides: list[str]) -> dict:
@@ -178,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
       _run_bench(args, overrides)
     elif args.command == 'demo':
       _run_demo(args, overrides)
+    elif args.command == 'pipeline':
+      _run_pipeline(args, overrides)
     else:
       _run_training(args.command, args, overrides)
     return 0

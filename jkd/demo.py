@@ -1,36 +1,21 @@
 """`jkd demo`: pretrain -> fine-tune teacher -> student from scratch -> KD student -> compressed
-student, each stage a resumable workdir under WORKDIR, then `report.json`, `report.md` and
-figures. The stages are the ordinary commands with the configs in `configs/`, so the demo is
-also a worked example of chaining them.
+student, a `jkd.pipeline` whose stages are resumable workdirs under WORKDIR, then `report.json`,
+`report.md` and figures. The stages are the ordinary commands with the configs in `configs/`,
+so the demo is also a worked example of chaining them.
 """
 from __future__ import annotations
 
-import importlib
-import os
 import time
 
 import jax
 import numpy as np
 
-from jkd import storage
+from jkd import pipeline, storage
 from jkd.checkpoint import load_arrays
-from jkd.config import load_config
-from jkd.errors import UserError
 from jkd.metrics import format_duration
 
 REPORTED = ('teacher', 'student_scratch', 'student_kd', 'student_compressed')
-TRAINERS = {'pretrain': 'jkd.trainers.pretrain', 'train': 'jkd.trainers.supervised',
-            'distill': 'jkd.trainers.distill', 'compress': 'jkd.trainers.compress'}
-
-
-def configs_dir() -> str:
-  """The repository's configs/ (jkd is installed editable from the repository)."""
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(here, 'configs')
-  if not os.path.isdir(path):
-    raise UserError(f'jkd demo needs the configs/ directory of the jkd repository (looked in '
-                    f'{path}). Install jkd from a clone: pip install -e .')
-  return path
+configs_dir = pipeline.configs_dir
 
 
 def stored_bytes(workdir: str, summary: dict) -> int:
@@ -46,50 +31,13 @@ def stored_bytes(workdir: str, summary: dict) -> int:
   return int(sum(np.asarray(x).nbytes for x in leaves))
 
 
-def _run_stage(name, stage, workdir, stage_dirs, log) -> dict:
-  out = storage.join(workdir, name)
-  summary_path = storage.join(out, 'summary.json')
-  if storage.exists(summary_path):
-    log(f'{name}: already done, skipped ({summary_path})')
-    return storage.read_json(summary_path)
-  overrides = list(stage.overrides)
-  if stage.init_from:
-    overrides.append(f'init_from={stage_dirs[stage.init_from]}')
-  if stage.teacher:
-    overrides.append(f'teacher.workdir={stage_dirs[stage.teacher]}')
-  config = load_config(os.path.join(configs_dir(), stage.config), overrides)
-  module = importlib.import_module(TRAINERS[stage.command])
-  storage.makedirs(out)
-  return module.train(config, out)
-
-
 def run(config, workdir: str) -> dict:
   """Runs every stage of `config.stages` in order and writes the report. Returns report.json."""
   from jkd import figures
   t0 = time.time()
+  summaries, times, stage_dirs = pipeline.run_stages(config, workdir, label='demo')
   workdir = storage.resolve(workdir)
-  storage.makedirs(workdir)
-  names = list(config.get('order') or config.stages.keys())
-  missing = [n for n in names if n not in config.stages]
-  if missing:
-    raise UserError(f'config.order names stages {missing} that config.stages does not define.')
-  stage_dirs = {n: storage.join(workdir, n) for n in names}
-  summaries, times = {}, {}
-
-  def log(text):
-    print(f'[demo] {text}', flush=True)
-
-  for i, name in enumerate(names, 1):
-    stage = config.stages[name]
-    log(f'stage {i}/{len(names)} {name}: jkd {stage.command} --config configs/{stage.config}')
-    start = time.time()
-    summaries[name] = _run_stage(name, stage, workdir, stage_dirs, log)
-    # A stage finished by an earlier invocation reports its own time.
-    times[name] = round(summaries[name].get('wall_s') or (time.time() - start), 1)
-    acc = summaries[name].get('test_accuracy')
-    log(f'stage {i}/{len(names)} {name}: done in {format_duration(times[name])}'
-        + (f', test accuracy {acc:.4f}' if acc is not None else ''))
-
+  names = list(stage_dirs)
   report = {name: {'test_accuracy': summaries[name].get('test_accuracy'),
                    'params': summaries[name].get('params'),
                    'bytes': stored_bytes(stage_dirs[name], summaries[name]),
@@ -111,7 +59,8 @@ def run(config, workdir: str) -> dict:
   figures.save_accuracy_vs_size(storage.join(workdir, 'accuracy_vs_size.png'),
                                 {n: report[n] for n in REPORTED if n in report})
   storage.write_text(storage.join(workdir, 'report.md'), _markdown(report, config, workdir))
-  log(f'report: {storage.join(workdir, "report.md")} (total {format_duration(report["wall_s"])})')
+  print(f'[demo] report: {storage.join(workdir, "report.md")} '
+        f'(total {format_duration(report["wall_s"])})', flush=True)
   return report
 
 

@@ -1,0 +1,59 @@
+r"""Multi-stage distillation on Fashion-MNIST, one command: `jkd pipeline`.
+
+  jkd pipeline --config configs/fashion_mnist/pipeline.py --workdir runs/takd        # :ta
+  jkd pipeline --config configs/fashion_mnist/pipeline.py:hint --workdir runs/hint
+
+`:ta` (default), teacher -> teacher assistant -> student (TAKD, Mirzadeh et al. 2020): a
+resnet20_s teacher trained from scratch, distilled into a resnet8_s assistant, which is
+distilled into a half-width resnet8_s student (`model.width=8`, about a quarter of its
+parameters). Every distillation is mdistiller's KD recipe (0.1 CE + 0.9 KD, T = 4).
+
+`:hint`, a FitNets-style hint pre-stage then KD (Romero et al. 2015): the resnet8_s student first
+learns to match the teacher's stage-2 features (FitNet term, a 1x1 projector the trainer adds),
+then starts from those weights (`init_from`; the projector is dropped) for KD.
+
+Each stage is a workdir WORKDIR/NAME; rerunning the command skips finished stages and resumes
+the unfinished one. `pipeline.json` gathers the stages' accuracies, sizes and times. Change a
+stage from the command line, e.g. --config.stages.student.overrides="('num_epochs=3',)", or
+start from a teacher you already have: --config.stages.assistant.teacher=runs/my_teacher (and
+drop the teacher stage with --config.order="('assistant', 'student')").
+`:tiny` / `:tiny-hint`: the test-suite size (a few steps per stage).
+"""
+import ml_collections
+
+from jkd.pipeline import stage
+
+VARIANTS = ('ta', 'hint')
+
+
+def get_config(arg=None):
+  arg = arg or 'ta'
+  tiny = arg.startswith('tiny')
+  variant = arg.split('-', 1)[1] if tiny and '-' in arg else ('ta' if tiny else arg)
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown variant {variant!r}; use one of {", ".join(VARIANTS)} '
+                     '(or tiny, tiny-NAME)')
+  size = ':tiny' if tiny else ''
+  # CPU-sized epochs (2 cores); the students use the same batch and schedule.
+  steps = ('total_steps=8',) if tiny else ()
+  teacher_len = steps or ('num_epochs=2',)
+  student_len = steps or ('num_epochs=1',)
+  c = ml_collections.ConfigDict()
+  c.stages = ml_collections.ConfigDict()
+  c.stages.teacher = stage('train', f'fashion_mnist/supervised.py{size}',
+                           ('model.name=resnet20_s',) + teacher_len)
+  if variant == 'ta':
+    c.order = ('teacher', 'assistant', 'student')
+    c.stages.assistant = stage('distill', f'fashion_mnist/distill.py{size}', student_len,
+                               teacher='teacher')
+    c.stages.student = stage('distill', f'fashion_mnist/distill.py{size}',
+                             ('model.width=8',) + student_len, teacher='assistant')
+  else:
+    c.order = ('teacher', 'hint', 'student')
+    recipe = 'tiny-fitnet' if tiny else 'fitnet'
+    c.stages.hint = stage('distill', f'fashion_mnist/distill.py:{recipe}',
+                          ('losses.ce.weight=0.0', 'losses.kd.weight=0.0') + student_len,
+                          teacher='teacher')
+    c.stages.student = stage('distill', f'fashion_mnist/distill.py{size}', student_len,
+                             init_from='hint', teacher='teacher')
+  return c

@@ -1,0 +1,68 @@
+"""`jkd pipeline`: multi-stage distillation in one resumable command (tiny sizes), and the
+stage references it refuses."""
+import json
+import os
+
+import ml_collections
+import pytest
+
+from jkd import pipeline
+from jkd.checkpoint import load_arrays
+from jkd.errors import UserError
+
+from conftest import REPO, run_jkd
+
+PIPELINE = os.path.join(REPO, 'configs', 'fashion_mnist', 'pipeline.py')
+
+
+def test_teacher_assistant_student_runs_in_order_and_resumes(tmp_path):
+  w = str(tmp_path / 'takd')
+  out = run_jkd('pipeline', '--config', PIPELINE + ':tiny', '--workdir', w)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.load(open(os.path.join(w, 'pipeline.json')))
+  assert list(result['stages']) == ['teacher', 'assistant', 'student']
+  for name, stage in result['stages'].items():
+    assert stage['workdir'] == os.path.join(w, name)
+    assert 0.0 <= stage['test_accuracy'] <= 1.0
+    assert json.load(open(os.path.join(w, name, 'summary.json')))['steps'] == 8
+  # Each distillation learnt from the stage before it.
+  for name, teacher in (('assistant', 'teacher'), ('student', 'assistant')):
+    meta = load_arrays(os.path.join(w, name))[1]
+    assert meta['config']['teacher']['workdir'] == os.path.join(w, teacher)
+  stages = result['stages']
+  assert stages['student']['params'] < stages['assistant']['params'] < stages['teacher']['params']
+  # Rerunning finds every stage finished and trains nothing.
+  out = run_jkd('pipeline', '--config', PIPELINE + ':tiny', '--workdir', w)
+  assert out.returncode == 0 and out.stdout.count('already done') == 3, out.stdout[-2000:]
+  assert 'ETA' not in out.stdout  # no progress line: no training step ran
+
+
+def test_hint_stage_then_kd_starts_from_the_hint_weights(tmp_path):
+  w = str(tmp_path / 'hint')
+  out = run_jkd('pipeline', '--config', PIPELINE + ':tiny-hint', '--workdir', w)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # Every student tensor comes from the hint stage (its projector is not part of the student).
+  loaded = [l for l in out.stdout.splitlines() if l.startswith(f'init_from {w}/hint: loaded')]
+  assert len(loaded) == 1 and 'kept 0 fresh' in loaded[0], out.stdout[-3000:]
+  hint = load_arrays(os.path.join(w, 'hint'))[1]['config']['losses']
+  assert hint['fitnet']['weight'] > 0 and hint['ce']['weight'] == hint['kd']['weight'] == 0
+
+
+def _pipeline(**stages):
+  c = ml_collections.ConfigDict()
+  c.order = tuple(stages)
+  c.stages = ml_collections.ConfigDict(stages)
+  return c
+
+
+@pytest.mark.parametrize('stages, message', [
+    (dict(a=pipeline.stage('distill', 'x.py', teacher='b'), b=pipeline.stage('train', 'x.py')),
+     "teacher='b' is not an earlier stage"),
+    (dict(a=pipeline.stage('distill', 'x.py', teacher='a')), "teacher='a' is not an earlier"),
+    (dict(a=pipeline.stage('compress', 'x.py', init_from='no/such/run')),
+     "neither a stage of this pipeline"),
+    (dict(a=pipeline.stage('finetune', 'x.py')), "command 'finetune' is not one of"),
+])
+def test_bad_stage_references_are_refused_before_anything_runs(stages, message):
+  with pytest.raises(UserError, match=message):
+    pipeline.stage_names(_pipeline(**stages))
