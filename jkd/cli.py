@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
                  help='default configs/demo.py (sized for a 2-core CPU); :fast or :full')
   p = sub.add_parser('pipeline', help=DESCRIPTIONS['pipeline'])
   p.add_argument('--config', required=True,
-                 help='pipeline config, e.g. configs/fashion_mnist/pipeline_ta.py')
+                 help='pipeline config, e.g. configs/fashion_mnist/pipeline.py[:hint]')
   p.add_argument('--workdir', required=True, help='stage NAME runs in WORKDIR/NAME')
   p = sub.add_parser('plan', help=DESCRIPTIONS['plan'])
   p.add_argument('--config', required=True, help='config file, e.g. configs/bench/vit_b16.py')
