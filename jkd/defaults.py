@@ -31,6 +31,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_variant(arg: str | None, variants, *, kind: str = 'variant') -> tuple[bool, str]:
+  """Splits a config argument 'NAME', 'tiny' or 'tiny-NAME' into (tiny, NAME).
+
+  None and 'tiny' mean the first of `variants` (the default); an unknown NAME is a ValueError
+  that lists them.
+  """
+  arg = arg or variants[0]
+  tiny = arg.startswith('tiny')
+  name = arg.split('-', 1)[1] if tiny and '-' in arg else (variants[0] if tiny else arg)
+  if name not in variants:
+    raise ValueError(f'unknown {kind} {name!r}; use one of {", ".join(variants)} '
+                     '(or tiny, tiny-NAME)')
+  return tiny, name
+
+
 def shrink_for_tests(c: ml_collections.ConfigDict, *, total_steps: int, log_every: int,
                      checkpoint_every: int, warmup_steps: int,
                      eval_examples: int = 256) -> ml_collections.ConfigDict:

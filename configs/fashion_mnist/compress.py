@@ -16,18 +16,13 @@ export_accuracy and sparsity.
 import ml_collections
 
 from jkd.data import default_data_config
-from jkd.defaults import base_config, shrink_for_tests
+from jkd.defaults import base_config, parse_variant, shrink_for_tests
 
 VARIANTS = ('qat', 'ptq', 'prune50', 'prune24', 'qat_kd')
 
 
 def get_config(arg=None):
-  arg = arg or 'qat'
-  tiny = arg.startswith('tiny')
-  variant = arg.split('-', 1)[1] if tiny and '-' in arg else ('qat' if tiny else arg)
-  if variant not in VARIANTS:
-    raise ValueError(f'unknown variant {variant!r}; use one of {", ".join(VARIANTS)} '
-                     '(or tiny-NAME)')
+  tiny, variant = parse_variant(arg, VARIANTS)
   c = base_config()
   c.data = default_data_config('fashion_mnist')
   c.model = ml_collections.ConfigDict({'name': 'resnet8_s', 'dtype': 'float32'})

@@ -27,7 +27,7 @@ distills without a teacher forward. Logit terms only.
 import ml_collections
 
 from jkd.data import default_data_config
-from jkd.defaults import base_config, shrink_for_tests
+from jkd.defaults import base_config, parse_variant, shrink_for_tests
 
 RECIPES = {
     'kd': {'ce': dict(weight=0.1), 'kd': dict(weight=0.9, temperature=4.0)},
@@ -48,11 +48,7 @@ DEIT_MODEL = {'name': 'vit_nano_p4', 'dtype': 'float32', 'pool': 'token', 'disti
 
 
 def get_config(arg=None):
-  arg = arg or 'kd'
-  tiny = arg.startswith('tiny')
-  recipe = arg.split('-', 1)[1] if tiny and '-' in arg else ('kd' if tiny else arg)
-  if recipe not in RECIPES:
-    raise ValueError(f'unknown recipe {recipe!r}; use one of {", ".join(RECIPES)} (or tiny-NAME)')
+  tiny, recipe = parse_variant(arg, tuple(RECIPES), kind='recipe')
   c = base_config()
   c.data = default_data_config('fashion_mnist')
   c.model = ml_collections.ConfigDict({'name': 'resnet8_s', 'dtype': 'float32'})

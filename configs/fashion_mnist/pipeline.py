@@ -26,18 +26,14 @@ assistant 84.35% (2m23s), student 77.58% (1m07s); `:hint` student 86.36% (hint 2
 """
 import ml_collections
 
+from jkd.defaults import parse_variant
 from jkd.pipeline import stage
 
 VARIANTS = ('ta', 'hint')
 
 
 def get_config(arg=None):
-  arg = arg or 'ta'
-  tiny = arg.startswith('tiny')
-  variant = arg.split('-', 1)[1] if tiny and '-' in arg else ('ta' if tiny else arg)
-  if variant not in VARIANTS:
-    raise ValueError(f'unknown variant {variant!r}; use one of {", ".join(VARIANTS)} '
-                     '(or tiny, tiny-NAME)')
+  tiny, variant = parse_variant(arg, VARIANTS)
   size = ':tiny' if tiny else ''
   # CPU-sized epochs (2 cores). No augmentation in the distillation stages either, as in the
   # teacher's supervised.py: runs of an epoch or two learn faster without it (measured:
