@@ -128,6 +128,7 @@ class Estimate:
   image_shape: tuple
   dtype: str
   teacher_dtype: str | None
+  remat: str  # the student's activation checkpointing ('none' for models without it)
   param_count: int
   teacher_param_count: int
   params: int
@@ -227,7 +228,7 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
       student=s_cfg.name, teacher=t_cfg.name if t_cfg else None, mesh=sizes,
       global_batch=int(global_batch), local_batch=local, image_shape=image_shape,
       dtype=s_cfg.dtype, teacher_dtype=t_cfg.dtype if t_cfg else None,
-      param_count=_count(s_params), teacher_param_count=t_count, params=params, grads=params,
+      remat=getattr(s_model, 'remat', 'none'), param_count=_count(s_params), teacher_param_count=t_count, params=params, grads=params,
       optimizer=optimizer, teacher_params=t_params, weight_copies=copies,
       activations=activations, teacher_activations=t_acts,
       inputs=local * (math.prod(image_shape) + 4) + RNG_KEY_BYTES)
@@ -259,6 +260,14 @@ def vit_activation_bytes(model: nn.Module, image_shape: Sequence[int], local_bat
                                             distillation token)
     train = B · (depth · block + per example)
 
+  With activation checkpointing (`remat`, `jkd.models.vit.REMAT_POLICIES`) a block keeps less,
+  and the backward pass recomputes one block at a time, holding that block's residuals:
+    remat='full'  kept  b·L·D                    the block's input
+    remat='dots'  kept  b·L·D + (4b·L·D + b·L·F) / t   input, q, k, v, the attention's
+                                            output projection, fc1 (not fc2: the residual add
+                                            does not need it)
+    train = B · (depth · kept + (block − kept) + per example)
+
   Inference (a frozen teacher keeps nothing): the peak working set of one block, as XLA holds
   it on CPU (logits, exp and probabilities at once; fc1 output, erf and GELU output at once):
     B · max(b·L·(2D + 4D/t) + ((8 + b)·H·L² + 8·H·L)/t,  b·L·(2D + 3F/t))  (cuDNN: no L² term)
@@ -279,7 +288,11 @@ def vit_activation_bytes(model: nn.Module, image_shape: Sequence[int], local_bat
     probs = 4 * heads * n if flash else (4 + b) * heads * n * n + 8 * heads * n
     block = (2 * ((12 + b) * n * d + 16 * n) + (4 * b * n * d + probs) / t_heads
              + 4 * b * n * f / t_mlp)
-    per_example = model.depth * block + b * h * w * c + 12 * n * d + 16 * n + 4 * d * k
+    kept = {'none': block, 'full': b * n * d,
+            'dots': b * n * d + 4 * b * n * d / t_heads + b * n * f / t_mlp}[
+                getattr(model, 'remat', 'none')]
+    per_example = (model.depth * kept + (block - kept) + b * h * w * c + 12 * n * d + 16 * n
+                   + 4 * d * k)
   else:
     probs = 4 * heads * n if flash else (8 + b) * heads * n * n + 8 * heads * n
     per_example = max(b * n * (2 * d + 4 * d / t_heads) + probs / t_heads,
@@ -475,7 +488,9 @@ def plan(config: ml_collections.ConfigDict, *, teacher: str | None = None,
 
   Returns:
     {'estimate': Estimate.as_dict(), 'fits', 'device_memory', 'usable', 'suggestion' (first
-    mesh of the same devices that fits, see `candidate_meshes`, or None), 'max_local_batch'
+    mesh of the same devices that fits, see `candidate_meshes`, or None), 'remat_suggestion'
+    ({'remat': 'full', 'total'} when the model does not fit but would with
+    `model.remat='full'`, else None), 'max_local_batch'
     (largest per-device batch that fits on config.mesh), 'note'}.
   """
   inputs = plan_inputs(config, teacher)
@@ -485,8 +500,8 @@ def plan(config: ml_collections.ConfigDict, *, teacher: str | None = None,
     num_devices = (jax.device_count() if -1 in sizes.values()
                    else math.prod(int(v) for v in sizes.values()))
 
-  def at(mesh, batch=config.batch_size):
-    return estimate(config.model.to_dict(), teacher=inputs['teacher'], global_batch=batch,
+  def at(mesh, batch=config.batch_size, model=config.model.to_dict()):
+    return estimate(model, teacher=inputs['teacher'], global_batch=batch,
                     image_size=inputs['image_shape'][:2], channels=inputs['image_shape'][2],
                     num_classes=inputs['num_classes'], mesh=mesh, num_devices=num_devices,
                     rules=rules, optim=config.get('optim'))
@@ -501,13 +516,22 @@ def plan(config: ml_collections.ConfigDict, *, teacher: str | None = None,
       if other.fits(device_memory):
         suggestion = {'mesh': mesh, 'total': other.total}
         break
+  remat_suggestion = None  # Recomputing the blocks instead: same mesh, about 1/3 more FLOPs.
+  if not est.fits(device_memory) and est.remat == 'none' and est.activations is not None:
+    try:
+      other = at(sizes, model={**config.model.to_dict(), 'remat': 'full'})
+    except UserError:  # A model without remat.
+      other = None
+    if other is not None and other.fits(device_memory):
+      remat_suggestion = {'remat': 'full', 'total': other.total}
   shards = est.mesh['data'] * est.mesh['fsdp']
   one = at(est.mesh, shards).total
   per_example = at(est.mesh, 2 * shards).total - one  # Bytes each local example adds.
   max_local = int((usable - (one - per_example)) // per_example) if per_example > 0 else 0
   return {'estimate': est.as_dict(), 'fits': est.fits(device_memory),
           'device_memory': int(device_memory), 'usable': int(usable),
-          'suggestion': suggestion, 'max_local_batch': max(max_local, 0),
+          'suggestion': suggestion, 'remat_suggestion': remat_suggestion,
+          'max_local_batch': max(max_local, 0),
           'activations_modelled': est.activations_modelled, 'note': inputs['note']}
 
 
@@ -520,7 +544,8 @@ def _gib(n: float | None) -> str:
 def format_plan(result: dict) -> str:
   """The human-readable `jkd plan` report."""
   e = result['estimate']
-  who = f'{e["student"]} ({e["param_count"] / 1e6:.1f}M params, {e["dtype"]} compute)'
+  remat = f', remat {e["remat"]}' if e.get('remat', 'none') != 'none' else ''
+  who = f'{e["student"]} ({e["param_count"] / 1e6:.1f}M params, {e["dtype"]} compute{remat})'
   if e['teacher']:
     who += (f' <- teacher {e["teacher"]} ({e["teacher_param_count"] / 1e6:.1f}M params, '
             f'{e["teacher_dtype"]} compute)')
@@ -547,6 +572,10 @@ def format_plan(result: dict) -> str:
                  + ' '.join(f'--config.mesh.{k}={v}' for k, v in s['mesh'].items())
                  if s else 'no mesh of these devices fits: lower config.batch_size or add '
                            'devices')
+    r = result.get('remat_suggestion')
+    if r:
+      lines.append(f'activation checkpointing fits on this mesh ({_gib(r["total"])} per device, '
+                   'about 1/3 more FLOPs): set --config.model.remat=full')
   if not result['activations_modelled']:
     lines.append('activations are modelled for ViTs only: run with --measure for XLA\'s figure')
   if result['note']:

@@ -117,6 +117,52 @@ def test_activation_formula_equals_saved_residuals(dtype, overrides):
       model, batch, 32)
 
 
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_activation_formula_equals_saved_residuals(remat):
+  """With remat a block keeps `kept` bytes; the backward recomputes one block at a time, so the
+  formula adds one stored block less `kept`: all three read off autodiff's residuals."""
+  import jax.numpy as jnp
+  from jkd import memory, models
+
+  def saved(depth, policy):
+    return _saved_residual_bytes(models.create('vit_nano_p4', depth=depth, remat=policy,
+                                               dtype=jnp.bfloat16), 7, 32)
+  block, kept = saved(2, 'none') - saved(1, 'none'), saved(2, remat) - saved(1, remat)
+  assert kept < block / 2
+  model = models.create('vit_nano_p4', depth=2, remat=remat, dtype=jnp.bfloat16)
+  assert memory.vit_activation_bytes(model, (32, 32, 3), 1) == saved(2, remat) + block - kept
+
+
+def test_remat_lowers_xla_temporaries():
+  """XLA's compiled gradient really keeps less with remat='full' (the recompute costs FLOPs)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from jkd import models
+  images = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+  figures = {}
+  for remat in ('none', 'full'):
+    model = models.create('vit_nano_p4', depth=4, remat=remat)
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), images))['params']
+    grad = jax.grad(lambda p, x: model.apply({'params': p}, x, train=True).sum())
+    compiled = jax.jit(grad).lower(params, images).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    figures[remat] = compiled.memory_analysis().temp_size_in_bytes, cost['flops']
+  (temp_none, flops_none), (temp_full, flops_full) = figures['none'], figures['full']
+  assert temp_full < 0.5 * temp_none, figures
+  assert flops_none < flops_full < 1.5 * flops_none, figures
+
+
+def test_plan_suggests_remat_when_activations_do_not_fit(capsys):
+  from jkd import cli
+  config = os.path.join(REPO, 'configs', 'bench', 'vit_b16.py')
+  assert cli.main(['plan', '--config', config, '--config.batch_size=2048',
+                   '--config.mesh.data=1']) == 0
+  out = capsys.readouterr().out
+  assert 'does NOT fit' in out and '--config.model.remat=full' in out
+
+
 def test_teacher_inference_peak_matches_xla():
   """The frozen teacher's working set: XLA's temporaries of a ViT forward (fp32, 256 tokens,
   where the attention and MLP phases of the formula are about equal) match within 5%."""

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jkd import models
+from jkd import masking, models
 from jkd.errors import UserError
 from jkd.models import vit as vit_lib
+from jkd.models.mim import create_mim
 
 SMALL = ('resnet8_s', 'resnet18_s', 'resnet20_s', 'vit_micro_p7', 'vit_nano_p4', 'vit_mini_p4',
          'vit_small_p4')
@@ -286,3 +287,54 @@ def test_create_errors():
     models.create('resnet18', num_clases=10)
   model = models.create('vit_s16', num_classes=10, dtype=jnp.bfloat16, attention='cudnn')
   assert (model.num_classes, model.dtype, model.attention) == (10, jnp.bfloat16, 'cudnn')
+
+
+# --- activation checkpointing (remat) --------------------------------------------------------
+
+def _loss_and_grads(model, variables, *args):
+  """Train-mode loss (dropout and stochastic depth on, fixed rng) and its parameter gradients,
+  with the intermediates the distillation taps read."""
+  def loss(params):
+    out, state = model.apply({**variables, 'params': params}, *args, train=True,
+                             rngs={'dropout': jax.random.key(3)}, mutable=['intermediates'])
+    return jnp.mean(out**2), state['intermediates']
+  (value, taps), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  return value, grads, taps
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_changes_memory_not_results(remat):
+  """Recomputed blocks give the same loss, gradients and tapped intermediates (block outputs,
+  attention maps) as stored ones, dropout and stochastic depth included; the parameter tree
+  is the same, so checkpoints move between the settings."""
+  kwargs = dict(depth=2, dropout=0.1, drop_path=0.2, head_zero_init=False)
+  x = _images()
+  plain = models.create('vit_nano_p4', **kwargs)
+  checkpointed = models.create('vit_nano_p4', remat=remat, **kwargs)
+  variables = _init(plain, x, jit=True)
+  assert jax.tree.structure(_init(checkpointed, x, jit=True)) == jax.tree.structure(variables)
+  ref, got = (_loss_and_grads(m, variables, x) for m in (plain, checkpointed))
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  assert len(models.attention_maps(got[2])) == 2
+
+
+def test_remat_in_mae_encoder_and_decoder():
+  x = _images(size=16)
+  mask = masking.mae_mask(jax.random.key(5), 2, 16, 0.75)
+  plain = create_mim('mae', 'vit_nano_p4', depth=2, decoder_width=32, decoder_depth=1,
+                            decoder_heads=2)
+  checkpointed = plain.clone(remat='full')
+  variables = jax.jit(plain.init)(jax.random.key(0, impl='rbg'), x, mask)
+  ref, got = (_loss_and_grads(m, variables, x, mask) for m in (plain, checkpointed))
+  for a, b in zip(jax.tree.leaves(ref[:2]), jax.tree.leaves(got[:2])):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  # create_mim copies the field from a ViT config like the other encoder fields.
+  assert create_mim('simmim', 'vit_nano_p4', remat='dots').remat == 'dots'
+
+
+def test_remat_rejects_unknown_policies_and_models_without_it():
+  with pytest.raises(UserError, match='unknown remat'):
+    jax.eval_shape(lambda: _init(models.create('vit_nano_p4', remat='some'), _images()))
+  with pytest.raises(UserError, match='remat'):
+    models.create('resnet8_s', remat='full')

@@ -79,6 +79,8 @@ class SimMIM(nn.Module):
     posemb: 'learn' (param 'pos_embedding', loads into a ViT with posemb='learn') or
       'sincos2d' (fixed). The paper's ViT uses a relative position bias, which jkd's ViT lacks.
     channels: image channels C the decoder predicts (3 RGB, 1 grey).
+    remat: activation checkpointing of the encoder blocks ('none', 'full', 'dots'; see
+      `jkd.models.vit.Encoder`).
   """
   patch_size: int = 16
   width: int = 768
@@ -91,6 +93,7 @@ class SimMIM(nn.Module):
   attention: str | None = 'xla'
   posemb: str = 'learn'
   channels: int = 3
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, images: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
@@ -120,7 +123,8 @@ class SimMIM(nn.Module):
     self.sow('intermediates', 'encoder_input', x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.dropout,
-                self.drop_path, self.dtype, self.attention, name='encoder')(x, train=train)
+                self.drop_path, self.dtype, self.attention, remat=self.remat,
+                name='encoder')(x, train=train)
     return SimMIMDecoder(p, self.channels, name='decoder')(x, grid)
 
 
@@ -163,6 +167,8 @@ class MAE(nn.Module):
     channels: image channels C the decoder predicts.
     pad_tokens_to: pad the encoder's kept tokens to a multiple of this (true lengths passed to
       the attention); 0 means 8 with attention='cudnn' (which rejects lengths like 49), else 1.
+    remat: activation checkpointing of the encoder's and the decoder's blocks ('none', 'full',
+      'dots'; see `jkd.models.vit.Encoder`).
   """
   patch_size: int = 16
   width: int = 768
@@ -180,6 +186,7 @@ class MAE(nn.Module):
   decoder_mlp_dim: int | None = None
   channels: int = 3
   pad_tokens_to: int = 0
+  remat: str = 'none'
 
   def num_patches(self, image_size: int) -> int:
     """L for a square image of side `image_size`."""
@@ -217,12 +224,13 @@ class MAE(nn.Module):
     multiple = self.pad_tokens_to or (8 if self.attention == 'cudnn' else 1)
     x, seq_lengths = _pad_tokens(x, multiple)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.dropout,
-                self.drop_path, self.dtype, self.attention, name='encoder')(
+                self.drop_path, self.dtype, self.attention, remat=self.remat, name='encoder')(
                     x, train=train, seq_lengths=seq_lengths)
     x = x[:, :length]
     return MAEDecoder(self.patch_size, self.channels, self.decoder_width, self.decoder_depth,
                       self.decoder_heads, self.decoder_mlp_dim, self.dtype, self.attention,
-                      self.cls_token, name='decoder')(x, mae_mask.ids_restore, grid, train=train)
+                      self.cls_token, self.remat, name='decoder')(
+                          x, mae_mask.ids_restore, grid, train=train)
 
 
 class MAEDecoder(nn.Module):
@@ -234,6 +242,7 @@ class MAEDecoder(nn.Module):
     dtype, attention: as the encoder.
     has_cls: the encoder output starts with a class token (kept through the blocks, dropped
       before the prediction, as MAE).
+    remat: activation checkpointing of the blocks (see `jkd.models.vit.Encoder`).
   """
   patch_size: int
   channels: int
@@ -244,6 +253,7 @@ class MAEDecoder(nn.Module):
   dtype: Dtype = jnp.float32
   attention: str | None = 'xla'
   has_cls: bool = False
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x: jax.Array, ids_restore: jax.Array, grid: tuple[int, int], *,
@@ -266,7 +276,8 @@ class MAEDecoder(nn.Module):
     length = x.shape[1]
     x, seq_lengths = _pad_tokens(x, 8 if self.attention == 'cudnn' else 1)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, 0., 0., self.dtype,
-                self.attention, name='blocks')(x, train=train, seq_lengths=seq_lengths)
+                self.attention, remat=self.remat, name='blocks')(
+                    x, train=train, seq_lengths=seq_lengths)
     x = x[:, :length]
     if cls is not None:
       x = x[:, 1:]
@@ -279,7 +290,7 @@ class MAEDecoder(nn.Module):
 METHODS = {'simmim': SimMIM, 'mae': MAE}
 # The ViT fields a MIM model copies from a registered encoder.
 _ENCODER_FIELDS = ('patch_size', 'width', 'depth', 'num_heads', 'mlp_dim', 'dropout',
-                   'drop_path', 'dtype', 'attention')
+                   'drop_path', 'dtype', 'attention', 'remat')
 
 
 def create_mim(method: str, encoder_name: str, **overrides) -> nn.Module:

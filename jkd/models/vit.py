@@ -21,6 +21,15 @@ Dtype = Any
 # timm / MAE use eps 1e-6; matching it keeps PyTorch checkpoint imports exact.
 LN_EPS = 1e-6
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', None)
+# Activation checkpointing of each transformer block (`jax.checkpoint` through `nn.remat`):
+# what a block keeps for the backward pass; the rest is recomputed there.
+REMAT_POLICIES = {
+    'none': None,  # no remat: everything autodiff saves (see jkd.memory.vit_activation_bytes)
+    'full': jax.checkpoint_policies.nothing_saveable,  # only the block's input
+    # The outputs of the weight matmuls (q, k, v, attention out, fc1, fc2); attention
+    # probabilities, LayerNorms and GELU are recomputed: less memory, little extra compute.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros
@@ -236,9 +245,12 @@ class Encoder1DBlock(nn.Module):
   sow_attention: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool,
+  def __call__(self, x: jax.Array, train: bool,
                seq_lengths: jax.Array | None = None) -> jax.Array:
-    """Args: x (B, L, D); seq_lengths optional (B,) int. Returns (B, L, D)."""
+    """Args: x (B, L, D); seq_lengths optional (B,) int. Returns (B, L, D).
+
+    `train` may be positional: `nn.remat` needs it so (static_argnums), as `Encoder` calls it.
+    """
     y = _layer_norm('ln1', self.dtype)(x)
     y = Attention(self.num_heads, self.dtype, self.attention, self.sow_attention, name='attn')(
         y, seq_lengths=seq_lengths)
@@ -268,6 +280,10 @@ class Encoder(nn.Module):
     dtype: compute dtype.
     attention: attention implementation, see `Attention`.
     sow_attention: sow the attention maps, see `Attention.sow_maps`.
+    remat: activation checkpointing of each block, a key of `REMAT_POLICIES`: 'none', 'full'
+      (keep only each block's input, recompute the block in the backward pass: about 1/3 more
+      FLOPs) or 'dots' (keep the weight matmuls' outputs). Parameters, outputs, gradients and
+      intermediates are the same with every policy; only memory and time differ.
   """
   depth: int
   num_heads: int
@@ -277,17 +293,29 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   attention: str | None = 'xla'
   sow_attention: bool = True
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool,
                seq_lengths: jax.Array | None = None) -> jax.Array:
     """Args: x (B, L, D); seq_lengths optional (B,) int. Returns normed tokens (B, L, D)."""
+    block = remat_block(self.remat)
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
-      x = Encoder1DBlock(self.num_heads, self.mlp_dim, self.dropout, rate, self.dtype,
-                         self.attention, self.sow_attention, name=f'block{i}')(
-                             x, train=train, seq_lengths=seq_lengths)
+      x = block(self.num_heads, self.mlp_dim, self.dropout, rate, self.dtype,
+                self.attention, self.sow_attention, name=f'block{i}')(x, train, seq_lengths)
     return _layer_norm('encoder_norm', self.dtype)(x)
+
+
+def remat_block(policy: str) -> type[nn.Module]:
+  """`Encoder1DBlock`, or its `nn.remat` under one of `REMAT_POLICIES` (Chen et al. 2016,
+  arXiv:1604.06174: recompute activations in the backward pass instead of storing them)."""
+  if policy not in REMAT_POLICIES:
+    raise UserError(f'unknown remat {policy!r}: use one of {", ".join(REMAT_POLICIES)}.')
+  if policy == 'none':
+    return Encoder1DBlock
+  # Argument 2 (after self and x) is `train`, a Python bool that selects dropout: static.
+  return nn.remat(Encoder1DBlock, static_argnums=(2,), policy=REMAT_POLICIES[policy])
 
 
 class ViT(nn.Module):
@@ -329,6 +357,8 @@ class ViT(nn.Module):
     distill_token: add DeiT's distillation token and head (see above); needs num_classes > 0.
     sow_attention: with 'intermediates' mutable, also sow each block's attention maps (the
       explicit attention path). False keeps the fused kernel while block outputs are tapped.
+    remat: activation checkpointing of the blocks: 'none', 'full' or 'dots' (see `Encoder`);
+      for batches or models whose saved activations do not fit (`jkd plan` shows them).
   """
   num_classes: int
   patch_size: int = 16
@@ -345,6 +375,7 @@ class ViT(nn.Module):
   head_zero_init: bool = True
   distill_token: bool = False
   sow_attention: bool = True
+  remat: str = 'none'
 
   def setup(self):
     if self.pool not in ('gap', 'token'):
@@ -354,7 +385,7 @@ class ViT(nn.Module):
     self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width,
                            self.dropout, self.drop_path, self.dtype, self.attention,
-                           self.sow_attention)
+                           self.sow_attention, self.remat)
     if self.distill_token and not self.num_classes:
       raise UserError('distill_token=True needs a classifier head: set num_classes > 0, or '
                       'drop distill_token.')
