@@ -48,6 +48,8 @@ def run(config, workdir: str) -> dict:
                           'wall_s': times['pretrain']}
   report['scale'] = config.scale
   report['wall_s'] = round(time.time() - t0, 1)
+  if jax.process_index() != 0:  # Every process ran the stages; one writes the report.
+    return report
   storage.write_json(storage.join(workdir, 'report.json'), report)
 
   if 'pretrain' in stage_dirs:

@@ -70,7 +70,8 @@ class Task:
   meta: dict
   place_extra_args: Callable[[Any], tuple[tuple, tuple]] | None = None
   on_init: Callable[[TrainState], TrainState] | None = None  # e.g. load pretrained weights.
-  on_finish: Callable[[TrainState], dict] | None = None      # extra summary items / figures.
+  # Extra summary items / figures, from the final state and the final eval's results.
+  on_finish: Callable[[TrainState, dict], dict] | None = None
 
 
 def count_params(params: Any) -> int:
@@ -302,8 +303,7 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
       'model': task.meta.get('model'),
   }
   if task.on_finish is not None:
-    writer.flush()  # on_finish may read metrics.jsonl (the last eval line).
-    summary.update(task.on_finish(state) or {})
+    summary.update(task.on_finish(state, eval_results) or {})
   if jax.process_index() == 0:
     storage.write_json(storage.join(workdir, 'summary.json'), summary)
   writer.info(f'done in {format_duration(summary["wall_s"])}: ' + ', '.join(

@@ -23,6 +23,7 @@ import os
 import time
 from typing import Sequence
 
+import jax
 import ml_collections
 
 from jkd import storage
@@ -114,7 +115,8 @@ def run_stages(config, workdir: str, label: str = 'pipeline'
   earlier invocation reports its own time.
   """
   def log(text):
-    print(f'[{label}] {text}', flush=True)
+    if jax.process_index() == 0:  # Every process runs the stages; one reports them.
+      print(f'[{label}] {text}', flush=True)
 
   names = stage_names(config)
   workdir = storage.resolve(workdir)
@@ -144,6 +146,8 @@ def run(config, workdir: str) -> dict:
                               'wall_s': times[name]}
                        for name in summaries},
             'wall_s': round(time.time() - t0, 1)}
+  if jax.process_index() != 0:  # Every process ran the stages; one writes the result.
+    return result
   storage.write_json(storage.join(storage.resolve(workdir), 'pipeline.json'), result)
   for name, r in result['stages'].items():
     acc = '-' if r['test_accuracy'] is None else f'{100 * r["test_accuracy"]:.2f}%'

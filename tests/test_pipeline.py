@@ -37,6 +37,27 @@ def test_teacher_assistant_student_runs_in_order_and_resumes(tmp_path):
   assert 'ETA' not in out.stdout  # no progress line: no training step ran
 
 
+def test_only_process_0_writes_the_result(tmp_path, monkeypatch, capsys):
+  """In a multi-process run every process runs the stages; only process 0 writes
+  pipeline.json (and prints), the others return the same result."""
+  import jax
+  from jkd.config import load_config
+  w = str(tmp_path / 'p')
+  for name in ('teacher', 'assistant', 'student'):  # Finished stages: nothing trains.
+    os.makedirs(os.path.join(w, name))
+    with open(os.path.join(w, name, 'summary.json'), 'w') as f:
+      json.dump({'test_accuracy': 0.5, 'params': 10, 'wall_s': 1.0}, f)
+  config = load_config(PIPELINE + ':tiny')
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  result = pipeline.run(config, w)
+  assert list(result['stages']) == ['teacher', 'assistant', 'student']
+  assert not os.path.exists(os.path.join(w, 'pipeline.json'))
+  assert capsys.readouterr().out == ''
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  assert pipeline.run(config, w)['stages'] == result['stages']
+  assert os.path.exists(os.path.join(w, 'pipeline.json'))
+
+
 def test_hint_stage_then_kd_starts_from_the_hint_weights(tmp_path):
   w = str(tmp_path / 'hint')
   out = run_jkd('pipeline', '--config', PIPELINE + ':tiny-hint', '--workdir', w)

@@ -114,7 +114,7 @@ def build_task(config, workdir: str) -> loop.Task:
                                  state, params_prefix=tuple(config.get('init_prefix', ()) or ()),
                                  skip=())
 
-  def on_finish(state):
+  def on_finish(state, eval_results: dict) -> dict:  # pylint: disable=unused-argument
     export_dir = storage.join(workdir, 'export')
     manifest = export_lib.export_model(
         export_dir, float_model, qcfg, state.params, state.model_state, image_shape=shape,

@@ -258,7 +258,7 @@ def build_task(config, workdir: str) -> loop.Task:
     # run, a previous distillation), head included; projectors start fresh.
     return common.load_init_from(config.init_from, state, skip=(), into=STUDENT)
 
-  def on_finish(state):
+  def on_finish(state, eval_results: dict) -> dict:  # pylint: disable=unused-argument
     return {'teacher': teacher_desc,
             **({'teacher_cache': teacher_cache.summary(config)} if cached else {})}
 

@@ -41,7 +41,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from jkd import data, figures, loop, losses, masking, parallel, storage
@@ -51,7 +50,7 @@ from jkd.models.mim import METHODS, create_mim
 from jkd.models.vit import ViT
 from jkd.optim import make_optimizer
 from jkd.trainers import common, distill, distill_terms
-from jkd.trainers.pretrain import (EVAL_MASK_SEED, MimObjective, _last_eval, figure_inputs,
+from jkd.trainers.pretrain import (EVAL_MASK_SEED, MimObjective, figure_inputs,
                                   first_eval_images)
 
 STUDENT = 'student'        # params['student']: the SimMIM / MAE student that is kept.
@@ -349,9 +348,9 @@ def build_task(config, workdir: str) -> loop.Task:
                                    global_batch_size=config.get('eval_batch_size',
                                                                 config.batch_size))
 
-  def on_finish(state) -> dict:
-    last = _last_eval(workdir)
-    out = {'eval_loss': last.get('loss'), 'teacher_eval_loss': last.get('teacher_loss'),
+  def on_finish(state, eval_results: dict) -> dict:
+    out = {'eval_loss': eval_results.get('loss'),
+           'teacher_eval_loss': eval_results.get('teacher_loss'),
            'teacher': teacher_desc}
     if jax.process_index() != 0:
       return out

@@ -18,7 +18,6 @@ Loss: SimMIM = L1 on masked pixels (`losses.simmim_l1`), MAE = MSE on removed pa
 """
 from __future__ import annotations
 
-import json
 
 import flax.linen as nn
 import jax
@@ -187,18 +186,6 @@ def first_eval_images(eval_batches, n: int) -> np.ndarray:
   return np.concatenate(images)[:n]
 
 
-def _last_eval(workdir: str) -> dict:
-  """The last eval line the loop wrote to metrics.jsonl (it evaluates just before on_finish)."""
-  path = storage.join(workdir, 'metrics.jsonl')
-  if not storage.exists(path):
-    return {}
-  last = {}
-  for line in storage.read_text(path).splitlines():
-    if '"split"' in line:
-      last = json.loads(line)
-  return last
-
-
 def build_task(config, workdir: str) -> loop.Task:
   """The pretraining Task for `jkd.loop.run`."""
   if config.get('method') not in ('simmim', 'mae'):
@@ -228,8 +215,8 @@ def build_task(config, workdir: str) -> loop.Task:
     return data.make_eval_iterator(config.data, config.data.eval_split,
                                    global_batch_size=eval_batch_size)
 
-  def on_finish(state) -> dict:
-    out = {'eval_loss': _last_eval(workdir).get('loss')}
+  def on_finish(state, eval_results: dict) -> dict:
+    out = {'eval_loss': eval_results.get('loss')}
     if jax.process_index() != 0:
       return out
     images = first_eval_images(eval_batches(), int(config.get('num_figure_images', 8)))
