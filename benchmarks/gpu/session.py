@@ -22,7 +22,8 @@ first on PYTHONPATH: the image has jax, flax, optax, orbax, torch and timm, not 
 ml_collections or qwix), `env` (versions, devices; a failure here stops the session), the
 bench jobs that have speed targets (issue 8: ViT-B/16, KD ViT-B/16 -> ViT-S/16, MAE ViT-B/16,
 ResNet-50), the supervised ResNet-18 run (issue 2), the other bench jobs, the largest
-teacher+student pair on one GPU (issue 7), a cuDNN-vs-reference attention check, then the
+teacher+student pair on one GPU (issue 7), a cuDNN-vs-reference attention check, ViT-B/16's
+step time with activation checkpointing (`remat`), then the
 3-seed result tables (issues 4, 5, 6), which take several leases: `results_tables.py` resumes,
 but a fresh machine keeps nothing, so each lease should name the table rows it can finish.
 
@@ -169,6 +170,16 @@ assert err <= 2e-2 * max(1.0, scale), 'fused attention differs from the referenc
 '''
 
 
+def _remat(ctx: Context) -> list[str]:
+  """The step-time price of activation checkpointing: ViT-B/16 with remat 'dots' and 'full'
+  (bench:vit_b16 is the 'none' figure)."""
+  config = 'configs/bench/vit_b16.py' + (':tiny' if ctx.cpu_check else '')
+  lines = [' '.join(map(shlex.quote, [
+      *JKD, 'bench', '--config', config, f'--config.model.remat={policy}', '--workdir',
+      os.path.join(ctx.work, 'bench_remat', policy)])) + ' || exit 1' for policy in ('dots', 'full')]
+  return ['bash', '-c', '\n'.join(['set -x'] + lines)]
+
+
 def _attention(ctx: Context) -> list[str]:
   return [PY, '-c', ATTENTION_CHECK] + (['cpu'] if ctx.cpu_check else [])
 
@@ -182,6 +193,7 @@ def steps() -> list[Step]:
   out += [Step(f'bench:{job}', '8', 90, 240, _bench(job)) for job in BENCH_REST]
   out.append(Step('plan', '7', 60, 240, _plan))
   out.append(Step('attention', '8', 20, 90, _attention))
+  out.append(Step('remat', '7', 60, 240, _remat))
   for table, issue in (('mim', '4'), ('distill', '5'), ('compress', '6')):
     out.append(Step(f'table:{table}', issue, 120, 100_000, _table(table, (0, 1, 2))))
   return out
