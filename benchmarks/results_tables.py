@@ -2,7 +2,7 @@ r"""Runs the Fashion-MNIST result tables over several seeds and writes them as m
 
   python benchmarks/results_tables.py --table distill --seeds 0 1 2 --root runs/tables \
       [--scale gpu|tiny] [--rows kd dkd] [--out docs/results_gpu.md] [--time-limit 540] \
-      [--dry-run | --report-only] [-- --config.a.b=value ...]
+      [--parallel 4] [--dry-run | --report-only] [-- --config.a.b=value ...]
 
 Tables (each a declarative spec below: rows -> jkd runs with their dependencies):
   supervised  ResNet-18 `supervised.py:gpu` (issue target >= 94.5%).
@@ -20,6 +20,9 @@ is rerun with the same command, which resumes from its checkpoints. So an invoca
 by a time limit is continued by running it again. `--time-limit S` stops cleanly after S
 seconds (the current run gets SIGTERM and saves a checkpoint; exit code 3): give it a minute
 less than the limit imposed from outside. SIGTERM/SIGINT to this script do the same.
+`--parallel N` runs up to N at once (a run starts when the runs it needs have finished): the
+Fashion-MNIST models use a small part of a GPU, so N seeds or recipes side by side take about
+the time of one.
 
 Writes ROOT/SCALE/tables/TABLE/table.md and results.json (every per-seed number, the exact
 command of every run, the device and versions it ran on), and with `--out FILE` replaces (or
@@ -161,6 +164,7 @@ class Run:
   workdir: str
   argv: list[str]                     # exactly as executed
   display: str                        # the same as `jkd ...`, for humans and results.json
+  needs: tuple[str, ...] = ()         # workdirs that must be finished before this run starts
 
 
 def workdir(root: str, scale: str, job: str, seed: int) -> str:
@@ -180,12 +184,14 @@ def make_run(job_name: str, seed: int, *, root: str, scale: str, launcher: list[
   arg = job.gpu_arg if scale == 'gpu' else job.tiny_arg
   config = os.path.join(_config_path(), job.config) + (f':{arg}' if arg else '')
   wd = workdir(root, scale, job_name, seed)
+  needs = {field: workdir(root, scale, dep, 0 if JOBS[dep].once else seed)
+           for field, dep in job.needs}
   overrides = [*job.overrides, *(job.gpu_overrides if scale == 'gpu' else ()),
-               *(f'{field}={workdir(root, scale, dep, 0 if JOBS[dep].once else seed)}'
-                 for field, dep in job.needs)]
+               *(f'{field}={wd_dep}' for field, wd_dep in needs.items())]
   args = [job.command, '--config', config, '--workdir', wd, f'--config.seed={seed}',
           *(f'--config.{o}' for o in overrides), *extra]
-  return Run(job_name, seed, wd, [*launcher, *args], shlex.join(['jkd', *args]))
+  return Run(job_name, seed, wd, [*launcher, *args], shlex.join(['jkd', *args]),
+             tuple(needs.values()))
 
 
 def chain(job_name: str) -> list[str]:
@@ -273,16 +279,28 @@ def probe_environment(env: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Running.
 
-class Runner:
-  """Runs the planned commands one after another; stops cleanly on a time limit or a signal."""
+@dataclasses.dataclass
+class Active:
+  """A started run: its process, log and the sidecar record its end completes."""
+  run: Run
+  proc: subprocess.Popen
+  log_path: str
+  offset: int                          # where this attempt's output starts in the log
+  meta: dict
+  attempt: dict
+  t0: float
 
-  def __init__(self, env: dict, time_limit: float, out=sys.stdout):
-    self.env, self.out = env, out
-    self.child: subprocess.Popen | None = None
+
+class Runner:
+  """Starts the planned commands (one at a time, or several with `--parallel`); stops them
+  cleanly on a time limit or a signal."""
+
+  def __init__(self, env: dict, time_limit: float, out=sys.stdout, parallel: int = 1):
+    self.env, self.out, self.parallel = env, out, parallel
+    self.active: list[Active] = []
     self.stop_reason: str | None = None
     self.stop_code = 0
     self.environment: dict | None = None
-    self._terminated = False
     self._lock = threading.RLock()  # Re-entrant: the signal handler runs on the main thread.
     if time_limit > 0:
       timer = threading.Timer(time_limit, self.stop, args=(f'time limit of {time_limit:g} s',
@@ -296,19 +314,18 @@ class Runner:
     print(f'[results_tables] {text}', file=self.out, flush=True)
 
   def stop(self, reason: str, code: int) -> None:
-    """Asks the current run to save a checkpoint and exit (jkd does so on its first SIGTERM)."""
+    """Asks the running runs to save a checkpoint and exit (jkd does so on its first SIGTERM);
+    nothing new starts. A second stop (a second signal) is passed on: jkd then stops without
+    saving."""
     with self._lock:
-      first = self.stop_reason is None
-      if first:
+      if self.stop_reason is None:
         self.stop_reason, self.stop_code = reason, code
-      child = self.child
-      # Once per run; a second signal to us is passed on (jkd then stops without saving).
-      if child is not None and child.poll() is None and (first or self._terminated):
-        child.send_signal(signal.SIGTERM)
-        self._terminated = True
+      for a in self.active:
+        if a.proc.poll() is None:
+          a.proc.send_signal(signal.SIGTERM)
 
-  def run(self, run: Run) -> int | None:
-    """Runs one command to its end; returns its exit code (None: stopped before it began)."""
+  def start(self, run: Run) -> Active | None:
+    """Starts one command; None when a stop came first."""
     if self.environment is None:
       self.environment = probe_environment(self.env)
     if self.stop_reason:
@@ -316,41 +333,55 @@ class Runner:
     os.makedirs(os.path.dirname(run.workdir), exist_ok=True)
     meta = _read_json(_sidecar(run.workdir), {})
     meta.update(command=run.display, argv=run.argv)
-    attempt = {'started': _now(), 'environment': self.environment}
+    attempt = {'started': _now(), 'environment': self.environment, 'parallel': self.parallel}
     meta.setdefault('attempts', []).append(attempt)
     self.say(f'run {run.job} seed {run.seed}: {run.display}')
-    t0 = time.time()
     log_path = run.workdir + '.log'
-    with open(log_path, 'ab') as log:
-      log.write(f'\n$ {run.display}\n'.encode())
-      log.flush()
-      offset = log.tell()
-      with self._lock:
-        if self.stop_reason:  # Stopped while the log was opened: start nothing.
-          return None
-        self._terminated = False
-        # The run writes to its log file, not to a pipe of ours: if we die, its prints do not
-        # fail. Own session: a terminal's Ctrl-C reaches only us, and we pass on exactly one
-        # SIGTERM. PR_SET_PDEATHSIG: if we are killed outright, the run gets SIGTERM and saves.
-        self.child = subprocess.Popen(
-            run.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent)
-    code = self._stream(log_path, offset)
+    log = open(log_path, 'ab')
+    log.write(f'\n$ {run.display}\n'.encode())
+    log.flush()
+    offset = log.tell()
     with self._lock:
-      self.child = None
-    attempt.update(ended=_now(), exit_code=code, seconds=round(time.time() - t0, 1))
-    with open(_sidecar(run.workdir), 'w') as f:
-      json.dump(meta, f, indent=1)
+      if self.stop_reason:  # Stopped while the log was opened: start nothing.
+        log.close()
+        return None
+      # The run writes to its log file, not to a pipe of ours: if we die, its prints do not
+      # fail. Own session: a terminal's Ctrl-C reaches only us, and we pass on exactly one
+      # SIGTERM. PR_SET_PDEATHSIG: if we are killed outright, the run gets SIGTERM and saves.
+      proc = subprocess.Popen(run.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True, preexec_fn=_die_with_parent)
+      active = Active(run, proc, log_path, offset, meta, attempt, time.time())
+      self.active.append(active)
+    log.close()  # The child holds its own descriptor.
+    return active
+
+  def finish(self, active: Active, code: int) -> None:
+    """Records the end of a started run in its sidecar."""
+    with self._lock:
+      self.active.remove(active)
+    active.attempt.update(ended=_now(), exit_code=code,
+                          seconds=round(time.time() - active.t0, 1))
+    with open(_sidecar(active.run.workdir), 'w') as f:
+      json.dump(active.meta, f, indent=1)
+
+  def run(self, run: Run) -> int | None:
+    """Runs one command to its end, streaming its output; returns its exit code (None: stopped
+    before it began)."""
+    active = self.start(run)
+    if active is None:
+      return None
+    code = self._stream(active)
+    self.finish(active, code)
     return code
 
-  def _stream(self, path: str, offset: int) -> int:
-    """Copies the run's log, from byte `offset`, to our output until the run ends; returns its
-    exit code."""
+  def _stream(self, active: Active) -> int:
+    """Copies the run's log, from this attempt's start, to our output until the run ends;
+    returns its exit code."""
     decode = codecs.getincrementaldecoder('utf-8')(errors='replace').decode
-    with open(path, 'rb') as f:
-      f.seek(offset)
+    with open(active.log_path, 'rb') as f:
+      f.seek(active.offset)
       while True:
-        code = self.child.poll()
+        code = active.proc.poll()
         chunk = decode(f.read())
         if chunk:
           self.out.write(chunk)
@@ -428,6 +459,8 @@ def collect(table: Table, seeds: list[int], plan_kw: dict, env: dict, *, argv: l
               'job': job, 'seed': run.seed, 'workdir': run.workdir,
               'command': meta.get('command', run.display), 'finished': summary is not None,
               'environment': environment,
+              # Runs sharing the device with it (--parallel) when it finished: its wall time.
+              'parallel': attempts[-1].get('parallel', 1),
               **({k: summary[k] for k in KEPT_KEYS if k in summary} if summary else {})}
         entry[job] = runs_out[key]
       per_seed[seed] = entry
@@ -445,7 +478,9 @@ def collect(table: Table, seeds: list[int], plan_kw: dict, env: dict, *, argv: l
           'accuracy': 'summary.json test_accuracy (0..1) of the row\'s run on its config\'s eval '
                       'split (the full test split at scale gpu)',
           'generated': _now(), 'regenerate': shlex.join(['python', *argv]),
-          'environments': environments, 'rows': rows_out, 'runs': runs_out}
+          'environments': environments, 'rows': rows_out, 'runs': runs_out,
+          'parallel': max([r['parallel'] for r in runs_out.values() if r['finished']],
+                          default=1)}
 
 
 def _row_result(table: Table, row: Row, per_seed: dict) -> dict:
@@ -512,7 +547,10 @@ def markdown(results: dict) -> str:
   envs = '; '.join(_env_text(e) for e in results['environments']) or 'nothing run yet'
   lines += ['', f'Test accuracy in %: mean ± sample standard deviation over the seeds, min–max, '
             f'n seeds. Δ: difference of means to the row\'s baseline. Wall: mean `wall_s` of '
-            f'summary.json.' + (' Bytes: the exported model (the fp32 row: float32 weights '
+            f'summary.json' + (f' (up to {results["parallel"]} runs shared the device at a '
+                               'time: walls include the sharing)'
+                               if results.get('parallel', 1) > 1 else '') + '.'
+            + (' Bytes: the exported model (the fp32 row: float32 weights '
                                 'and BatchNorm statistics); ratio against fp32.' if sizes else ''),
             f'Ran on: {envs}.',
             f'Regenerate: `{results["regenerate"]}`; every run\'s command line and numbers are '
@@ -580,6 +618,11 @@ def parse_args(argv: list[str]):
   p.add_argument('--time-limit', type=float, default=0.0,
                  help='seconds after which the current run is stopped with a checkpoint and '
                       'the script exits 3 (rerun to resume); 0 = none')
+  p.add_argument('--parallel', type=int, default=1,
+                 help='runs at once on the device (each once the runs it needs are done); '
+                      'small Fashion-MNIST models leave most of a GPU idle. >1: their output '
+                      'goes to their logs only, and XLA_PYTHON_CLIENT_MEM_FRACTION is '
+                      '0.9/N per run without preallocation')
   p.add_argument('--dry-run', action='store_true', help='print the commands; run nothing')
   p.add_argument('--report-only', action='store_true',
                  help='write the table from the finished runs; run nothing')
@@ -591,6 +634,8 @@ def parse_args(argv: list[str]):
     p.error(f'after --, give only --config.a.b=value overrides; got {" ".join(bad)}')
   if any(e.startswith('--config.seed=') for e in extra):
     p.error('seeds are set by --seeds, not --config.seed')
+  if args.parallel < 1:
+    p.error(f'--parallel must be at least 1, got {args.parallel}')
   if len(set(args.seeds)) != len(args.seeds):
     p.error(f'--seeds has repeats: {args.seeds}')
   table = TABLES[args.table]
@@ -603,6 +648,100 @@ def parse_args(argv: list[str]):
                      '--seeds', *map(str, args.seeds), '--root', args.root,
                      *(['--out', args.out] if args.out else []), *(['--', *extra] if extra else [])]
   return args, extra
+
+
+def _failed(r: Run, rc: int | None) -> str:
+  return (f'FAILED: {r.job} seed {r.seed} exited with code {rc}'
+          + ('' if rc else ' without writing summary.json') + f':\n  {r.display}\n'
+          f'Its output is in {r.workdir}.log. Fix the cause and run the same command again: '
+          'finished runs are skipped and this one resumes from its checkpoint.')
+
+
+def _log_tail(path: str, offset: int, lines: int = 25) -> str:
+  with open(path, 'rb') as f:
+    f.seek(offset)
+    text = f.read().decode('utf-8', errors='replace')
+  return '\n'.join('  | ' + line for line in text.splitlines()[-lines:])
+
+
+def run_parallel(runner: Runner, runs: list[Run], say) -> int:
+  """Up to `runner.parallel` runs at once, each started once the runs it needs have finished;
+  their output goes to their logs, and a line here as each starts and ends. After a failure
+  or a stop nothing new starts, and the runs already going finish (or stop with a checkpoint).
+  """
+  pending = list(runs)
+  code = 0
+  while pending or runner.active:
+    while (pending and not code and not runner.stop_reason
+           and len(runner.active) < runner.parallel):
+      ready = next((r for r in pending
+                    if all(read_summary(d) is not None for d in r.needs)), None)
+      if ready is None:
+        break
+      pending.remove(ready)
+      if runner.start(ready) is None:
+        break
+    for a in list(runner.active):
+      rc = a.proc.poll()
+      if rc is None:
+        continue
+      runner.finish(a, rc)
+      r, summary = a.run, read_summary(a.run.workdir)
+      if summary is not None and rc == 0:
+        acc = summary.get('test_accuracy')
+        say(f'done {r.job} seed {r.seed} in {_duration(time.time() - a.t0)}'
+            + (f': test accuracy {100 * acc:.2f}%' if acc is not None else ''))
+      elif runner.stop_reason:
+        say(f'stopped by the {runner.stop_reason} during {r.job} seed {r.seed} (exit {rc}); '
+            f'its checkpoint is in {r.workdir}.')
+      else:
+        say(_failed(r, rc) + '\nIts last lines:\n' + _log_tail(a.log_path, a.offset))
+        code = EXIT_FAILED
+    if not runner.active and (code or runner.stop_reason):
+      break
+    if pending and not runner.active and not any(
+        all(read_summary(d) is not None for d in r.needs) for r in pending):
+      say('nothing can start: a needed run did not finish (see above)')  # Not expected: plan
+      return EXIT_FAILED                                                  # orders the needs.
+    time.sleep(0.5)
+  return code
+
+
+def _run_in_order(runner: Runner, runs: list[Run], done: set[str], say) -> int:
+  """Skips the finished runs; runs the rest, one after another or `--parallel` at a time."""
+  todo = []
+  for i, r in enumerate(runs, 1):
+    if r.workdir in done or read_summary(r.workdir) is not None:
+      recorded = _read_json(_sidecar(r.workdir), {}).get('command')
+      note = (f'; NOTE it was run as `{recorded}`: delete {r.workdir} to run it again with '
+              'this command' if recorded and recorded != r.display else '')
+      say(f'[{i}/{len(runs)}] skipped {r.job} seed {r.seed}: {r.workdir} has summary.json'
+          + note)
+    else:
+      todo.append(r)
+  if runner.parallel > 1:
+    return run_parallel(runner, todo, say)
+  return _run_sequentially(runner, todo, say)
+
+
+def _run_sequentially(runner: Runner, runs: list[Run], say) -> int:
+  code = 0
+  for i, r in enumerate(runs, 1):
+    if runner.stop_reason:
+      break
+    say(f'[{i}/{len(runs)}] {r.job} seed {r.seed} -> {r.workdir}')
+    rc = runner.run(r)
+    finished = read_summary(r.workdir) is not None
+    if runner.stop_reason and not finished:
+      say(f'stopped by the {runner.stop_reason} ' + (
+          f'before {r.job} seed {r.seed} began.' if rc is None else
+          f'during {r.job} seed {r.seed} (exit {rc}); its checkpoint is in {r.workdir}.'))
+      break
+    if rc != 0 or not finished:
+      say(_failed(r, rc))
+      code = EXIT_FAILED
+      break
+  return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -628,33 +767,13 @@ def main(argv: list[str] | None = None) -> int:
   if args.report_only:
     write_report(table, args, plan_kw, env, extra, say)
     return 0
-  runner = Runner(env, args.time_limit)
-  t0, code = time.time(), 0
-  for i, r in enumerate(runs, 1):
-    if runner.stop_reason:
-      break
-    if r.workdir in done or read_summary(r.workdir) is not None:
-      recorded = _read_json(_sidecar(r.workdir), {}).get('command')
-      note = (f'; NOTE it was run as `{recorded}`: delete {r.workdir} to run it again with '
-              'this command' if recorded and recorded != r.display else '')
-      say(f'[{i}/{len(runs)}] skipped {r.job} seed {r.seed}: {r.workdir} has summary.json'
-          + note)
-      continue
-    say(f'[{i}/{len(runs)}] {r.job} seed {r.seed} -> {r.workdir}')
-    rc = runner.run(r)
-    finished = read_summary(r.workdir) is not None
-    if runner.stop_reason and not finished:
-      say(f'stopped by the {runner.stop_reason} ' + (
-          f'before {r.job} seed {r.seed} began.' if rc is None else
-          f'during {r.job} seed {r.seed} (exit {rc}); its checkpoint is in {r.workdir}.'))
-      break
-    if rc != 0 or not finished:
-      say(f'FAILED: {r.job} seed {r.seed} exited with code {rc}'
-          + ('' if rc else ' without writing summary.json') + f':\n  {r.display}\n'
-          f'Its output is in {r.workdir}.log. Fix the cause and run the same command again: '
-          'finished runs are skipped and this one resumes from its checkpoint.')
-      code = EXIT_FAILED
-      break
+  if args.parallel > 1:
+    # Several JAX processes share the device: none may preallocate most of its memory.
+    env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+    env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{0.9 / args.parallel:.3f}'
+  runner = Runner(env, args.time_limit, parallel=args.parallel)
+  t0 = time.time()
+  code = _run_in_order(runner, runs, done, say)
   left = sum(read_summary(r.workdir) is None for r in runs)
   if not code and left and runner.stop_reason:
     code = runner.stop_code

@@ -156,6 +156,12 @@ FAKE_JKD = textwrap.dedent('''
     seed = int([a for a in args if a.startswith('--config.seed=')][0].split('=')[1])
     os.makedirs(wd, exist_ok=True)
     print('fake jkd', ' '.join(args), flush=True)
+    if os.environ.get('FAKE_TRACE'):  # When it ran, and whether what it needs was finished.
+      needs = [a.split('=', 1)[1] for a in args
+               if a.startswith(('--config.init_from=', '--config.teacher.workdir='))]
+      missing = [n for n in needs if not os.path.exists(os.path.join(n, 'summary.json'))]
+      with open(os.environ['FAKE_TRACE'], 'a') as f:
+        f.write(json.dumps({'wd': wd, 'start': time.time(), 'missing': missing}) + '\\n')
     if os.environ.get('FAKE_FAIL') and os.environ['FAKE_FAIL'] in wd:
       sys.exit(5)
     if os.environ.get('FAKE_SLEEP'):
@@ -236,6 +242,51 @@ def test_runner_time_limit_stops_the_run_with_sigterm(tmp_path):
   assert (root / 'seed0' / 'got_sigterm').exists() and not (root / 'seed1').exists()
   meta = json.load(open(str(root / 'seed0') + '.run.json'))
   assert meta['attempts'][-1]['exit_code'] == 143
+
+
+def _overlap(trace_path, seconds):
+  """Most runs going at once, taking each to last `seconds` from its start."""
+  starts = [json.loads(line)['start'] for line in open(trace_path)]
+  return max(sum(s <= t < s + seconds for s in starts) for t in starts)
+
+
+def test_parallel_runs_wait_for_what_they_need(tmp_path):
+  trace = tmp_path / 'trace.jsonl'
+  p = _run_fake(tmp_path, '--table', 'mim', '--seeds', '0', '1', '--parallel', '3',
+                env={'FAKE_SLEEP': '1.5', 'FAKE_TRACE': str(trace)})
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  lines = [json.loads(line) for line in open(trace)]
+  assert len(lines) == 10 and not any(line['missing'] for line in lines), lines
+  assert 2 <= _overlap(trace, 1.5) <= 3  # Side by side, never more than asked.
+  assert p.stdout.count('done ') == 10 and 'fake jkd' not in p.stdout  # Output to the logs.
+  results = json.load(open(tmp_path / 'root' / 'tiny' / 'tables' / 'mim' / 'results.json'))
+  assert results['parallel'] == 3
+  assert 'up to 3 runs shared the device' in open(
+      tmp_path / 'root' / 'tiny' / 'tables' / 'mim' / 'table.md').read()
+  meta = json.load(open(str(tmp_path / 'root' / 'tiny' / 'ft_mae' / 'seed1') + '.run.json'))
+  assert meta['attempts'][-1]['parallel'] == 3 and meta['attempts'][-1]['exit_code'] == 0
+
+
+def test_parallel_failure_lets_the_others_finish_and_rerun_resumes(tmp_path):
+  p = _run_fake(tmp_path, '--table', 'compress', '--seeds', '0', '1', '--rows', 'qat',
+                '--parallel', '2', env={'FAKE_FAIL': 'qat/seed0'})
+  assert p.returncode == 1
+  assert 'FAILED: qat seed 0 exited with code 5' in p.stdout and '  | fake jkd' in p.stdout
+  p = _run_fake(tmp_path, '--table', 'compress', '--seeds', '0', '1', '--rows', 'qat',
+                '--parallel', '2')
+  assert p.returncode == 0, p.stdout[-3000:]
+  assert 'run qat seed 0' in p.stdout and 'run teacher' not in p.stdout
+
+
+def test_parallel_time_limit_stops_every_run_with_sigterm(tmp_path):
+  t0 = time.time()
+  p = _run_fake(tmp_path, '--table', 'supervised', '--seeds', '0', '1', '--parallel', '2',
+                '--time-limit', '8', env={'FAKE_SLEEP': '60'})
+  assert p.returncode == 3, p.stdout[-2000:]
+  assert time.time() - t0 < 50
+  root = tmp_path / 'root' / 'tiny' / 'sup_resnet18'
+  assert (root / 'seed0' / 'got_sigterm').exists() and (root / 'seed1' / 'got_sigterm').exists()
+  assert p.stdout.count('stopped by the time limit of 8 s during') == 2
 
 
 # --- The real thing at tiny size. ---------------------------------------------------------------

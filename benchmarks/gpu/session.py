@@ -24,8 +24,9 @@ bench jobs that have speed targets (issue 8: ViT-B/16, KD ViT-B/16 -> ViT-S/16, 
 ResNet-50), the supervised ResNet-18 run (issue 2), the other bench jobs, the largest
 teacher+student pair on one GPU (issue 7), a cuDNN-vs-reference attention check, ViT-B/16's
 step time with activation checkpointing (`remat`), then the
-3-seed result tables (issues 4, 5, 6), which take several leases: `results_tables.py` resumes,
-but a fresh machine keeps nothing, so each lease should name the table rows it can finish.
+3-seed result tables (issues 4, 5, 6), 4 runs at a time (`results_tables.py --parallel 4`),
+which may take several leases: `results_tables.py` resumes, but a fresh machine keeps nothing,
+so each lease should name the table rows it can finish (`--table-args`).
 
 Only the standard library is imported here; each step is a child process.
 """
@@ -118,11 +119,15 @@ def _bench(job: str):
   return command
 
 
-def _table(table: str, seeds: tuple[int, ...], rows: tuple[str, ...] = ()):
+TABLE_PARALLEL = 4  # Fashion-MNIST runs side by side on the GPU: each uses a small part of it.
+
+
+def _table(table: str, seeds: tuple[int, ...], rows: tuple[str, ...] = (), parallel: int = 1):
   def command(ctx: Context) -> list[str]:
     cmd = [PY, os.path.join(REPO, 'benchmarks', 'results_tables.py'), '--table', table,
            '--seeds', *map(str, seeds), '--root', os.path.join(ctx.work, 'tables'),
-           '--out', os.path.join(ctx.work, 'results_gpu.md')]
+           '--out', os.path.join(ctx.work, 'results_gpu.md'),
+           '--parallel', str(min(parallel, 2) if ctx.cpu_check else parallel)]
     cmd += ['--rows', *rows] if rows else []
     cmd += ['--scale', 'tiny'] if ctx.cpu_check else []
     return cmd + list(ctx.table_args)  # Last: its --seeds/--rows win over the defaults.
@@ -195,7 +200,8 @@ def steps() -> list[Step]:
   out.append(Step('attention', '8', 20, 90, _attention))
   out.append(Step('remat', '7', 60, 240, _remat))
   for table, issue in (('mim', '4'), ('distill', '5'), ('compress', '6')):
-    out.append(Step(f'table:{table}', issue, 120, 100_000, _table(table, (0, 1, 2))))
+    out.append(Step(f'table:{table}', issue, 120, 100_000,
+                    _table(table, (0, 1, 2), parallel=TABLE_PARALLEL)))
   return out
 
 
