@@ -24,6 +24,8 @@ while (($#)); do
   shift
 done
 py=${PYTHON:-python3.12}
+# From empty: a stale wheel beside a new version of it stops the whole install there.
+rm -rf .carry/whl
 mkdir -p .carry/whl
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
@@ -42,6 +44,8 @@ if ((data)); then
   src=${JKD_FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
   mkdir -p .carry/fashion-mnist
   cp "$src"/*-ubyte.gz .carry/fashion-mnist/
+else
+  rm -rf .carry/fashion-mnist
 fi
 carry=$(du -sb .carry | cut -f1)
 tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
