@@ -94,27 +94,51 @@ def model_config(spec: str | Mapping, dtype: str | None = None) -> ml_collection
   return ml_collections.ConfigDict(cfg)
 
 
-def _model(cfg: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+def _model(cfg: ml_collections.ConfigDict, num_classes: int, mim: tuple | None = None
+           ) -> nn.Module:
+  """The classifier of `cfg`, or with `mim` = (method, mask_ratio, channels) its SimMIM/MAE
+  model."""
   from jkd.trainers import common
-  return common.create_model(cfg, num_classes)
+  if mim is None:
+    return common.create_model(cfg, num_classes)
+  from jkd.trainers import pretrain
+  return pretrain.create_model(ml_collections.ConfigDict({'method': mim[0], 'model': cfg}),
+                               channels=mim[2])
+
+
+def _mim_mask(model: nn.Module, mim: tuple, image_shape: Sequence[int], batch: int):
+  from jkd import masking
+  method, ratio, _ = mim
+  p = model.patch_size
+  if method == 'simmim':  # The mask's block size does not change any shape.
+    return jnp.zeros((batch, image_shape[0] // p, image_shape[1] // p), jnp.int32)
+  return masking.mae_mask(jax.random.key(0), batch, (image_shape[0] // p) * (image_shape[1] // p),
+                          ratio)
 
 
 @functools.lru_cache(maxsize=32)
-def _abstract(cfg_json: str, num_classes: int, image_shape: tuple) -> tuple[Any, Any]:
+def _abstract(cfg_json: str, num_classes: int, image_shape: tuple, mim: tuple | None
+              ) -> tuple[Any, Any]:
   from jkd.trainers import common
   cfg = json.loads(cfg_json)
   if 'attention' in cfg:  # Same parameters; cuDNN attention cannot even be traced off-GPU.
     cfg['attention'] = 'xla'
-  model = _model(ml_collections.ConfigDict(cfg), num_classes)
-  return jax.eval_shape(lambda k: common.init_variables(model, k, image_shape),
-                        jax.random.key(0))
+  model = _model(ml_collections.ConfigDict(cfg), num_classes, mim)
+  if mim is None:
+    return jax.eval_shape(lambda k: common.init_variables(model, k, image_shape),
+                          jax.random.key(0))
+  images = jnp.zeros((1, *image_shape), jnp.float32)
+  return jax.eval_shape(lambda k: (model.init(k, images, _mim_mask(model, mim, image_shape, 1))
+                                   ['params'], {}), jax.random.key(0))
 
 
 def abstract_variables(cfg: ml_collections.ConfigDict, num_classes: int,
-                       image_shape: Sequence[int]) -> tuple[Any, Any]:
-  """(boxed abstract params, abstract model_state) of a model, as the trainers initialise it."""
+                       image_shape: Sequence[int], mim: tuple | None = None
+                       ) -> tuple[Any, Any]:
+  """(boxed abstract params, abstract model_state) of a model, as the trainers initialise it;
+  with `mim` = (method, mask_ratio, channels), of its SimMIM/MAE pretraining model."""
   return _abstract(json.dumps(cfg.to_dict(), sort_keys=True), int(num_classes),
-                   tuple(int(s) for s in image_shape))
+                   tuple(int(s) for s in image_shape), mim)
 
 
 @dataclasses.dataclass
@@ -129,6 +153,7 @@ class Estimate:
   dtype: str
   teacher_dtype: str | None
   remat: str  # the student's activation checkpointing ('none' for models without it)
+  method: str | None  # 'mae' / 'simmim': a pretraining step of the student, else None
   param_count: int
   teacher_param_count: int
   params: int
@@ -161,7 +186,8 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
              num_classes: int = 1000, dtype: str | None = None,
              teacher_dtype: str | None = None, mesh: Mapping[str, int] | None = None,
              num_devices: int | None = None, rules: Sequence[tuple[str, Any]] | None = None,
-             optim: ml_collections.ConfigDict | None = None) -> Estimate:
+             optim: ml_collections.ConfigDict | None = None, method: str | None = None,
+             mask_ratio: float = 0.75) -> Estimate:
   """Per-device bytes of a training step (a distillation step when `teacher` is given).
 
   Components (bytes on one device):
@@ -187,6 +213,8 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
     mesh: {'data', 'fsdp', 'tensor'} sizes; one may be -1 (filled from `num_devices`).
     rules: logical-axis rules; None = `parallel.active_rules()` (see `parallel.merge_rules`).
     optim: `config.optim`; default `jkd.optim.default_optim_config()` (AdamW).
+    method, mask_ratio: 'mae' or 'simmim' plans `jkd pretrain`'s step of that model (the
+      student's name is the ViT encoder, its mapping may hold decoder fields); no teacher.
   """
   from jkd.optim import default_optim_config, make_optimizer
   h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -200,8 +228,11 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
   gathered = {'tensor': sizes['tensor']}  # What a device holds once fsdp is all-gathered.
 
   s_cfg = model_config(student, dtype)
-  s_model = _model(s_cfg, num_classes)
-  s_params, s_state = abstract_variables(s_cfg, num_classes, image_shape)
+  mim = (method, float(mask_ratio), image_shape[2]) if method else None
+  if mim and teacher is not None:
+    raise UserError(f'a {method} pretraining step has no teacher: drop --teacher.')
+  s_model = _model(s_cfg, num_classes, mim)
+  s_params, s_state = abstract_variables(s_cfg, num_classes, image_shape, mim)
   tx, _ = make_optimizer(optim or default_optim_config(), global_batch, 10_000)
   params = sharded_bytes(s_params, sizes, rules, jnp.float32)
   optimizer = (sharded_bytes(jax.eval_shape(tx.init, s_params), sizes, rules)
@@ -209,7 +240,9 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
   b = jnp.dtype(s_model.dtype).itemsize
   copies = (sharded_bytes(s_params, gathered, rules, s_model.dtype)
             if b < 4 or sizes['fsdp'] > 1 else 0)  # fp32 unsharded: the params themselves.
-  activations = vit_activation_bytes(s_model, image_shape, local, sizes['tensor'], train=True)
+  activations = (mim_activation_bytes(s_model, method, mask_ratio, image_shape, local,
+                                      sizes['tensor']) if mim else
+                 vit_activation_bytes(s_model, image_shape, local, sizes['tensor'], train=True))
 
   t_cfg, t_params, t_count, t_acts = None, 0, 0, None
   if teacher is not None:
@@ -228,7 +261,7 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
       student=s_cfg.name, teacher=t_cfg.name if t_cfg else None, mesh=sizes,
       global_batch=int(global_batch), local_batch=local, image_shape=image_shape,
       dtype=s_cfg.dtype, teacher_dtype=t_cfg.dtype if t_cfg else None,
-      remat=getattr(s_model, 'remat', 'none'), param_count=_count(s_params), teacher_param_count=t_count, params=params, grads=params,
+      remat=getattr(s_model, 'remat', 'none'), method=method, param_count=_count(s_params), teacher_param_count=t_count, params=params, grads=params,
       optimizer=optimizer, teacher_params=t_params, weight_copies=copies,
       activations=activations, teacher_activations=t_acts,
       inputs=local * (math.prod(image_shape) + 4) + RNG_KEY_BYTES)
@@ -285,18 +318,81 @@ def vit_activation_bytes(model: nn.Module, image_shape: Sequence[int], local_bat
   t_mlp = tensor if f % tensor == 0 else 1
   flash = model.attention == 'cudnn'
   if train:
-    probs = 4 * heads * n if flash else (4 + b) * heads * n * n + 8 * heads * n
-    block = (2 * ((12 + b) * n * d + 16 * n) + (4 * b * n * d + probs) / t_heads
-             + 4 * b * n * f / t_mlp)
-    kept = {'none': block, 'full': b * n * d,
-            'dots': b * n * d + 4 * b * n * d / t_heads + b * n * f / t_mlp}[
-                getattr(model, 'remat', 'none')]
-    per_example = (model.depth * kept + (block - kept) + b * h * w * c + 12 * n * d + 16 * n
-                   + 4 * d * k)
+    blocks = sum(_blocks_train_bytes(n, d, f, heads, b, model.depth,
+                                     getattr(model, 'remat', 'none'), flash, tensor))
+    per_example = blocks + b * h * w * c + 12 * n * d + 16 * n + 4 * d * k
   else:
     probs = 4 * heads * n if flash else (8 + b) * heads * n * n + 8 * heads * n
     per_example = max(b * n * (2 * d + 4 * d / t_heads) + probs / t_heads,
                       b * n * (2 * d + 3 * f / t_mlp))
+  return int(local_batch * per_example)
+
+
+def _blocks_train_bytes(n: int, d: int, f: int, heads: int, b: int, depth: int, remat: str,
+                        flash: bool, tensor: int) -> tuple[float, float]:
+  """Per example: (what `depth` pre-LN blocks on n tokens keep for the backward pass, what
+  recomputing one of them adds while it runs: 0 without remat); `vit_activation_bytes`'s
+  per-block terms."""
+  if not depth:
+    return 0, 0
+  t_heads = tensor if heads % tensor == 0 else 1  # The rules drop axes that do not divide.
+  t_mlp = tensor if f % tensor == 0 else 1
+  probs = 4 * heads * n if flash else (4 + b) * heads * n * n + 8 * heads * n
+  block = (2 * ((12 + b) * n * d + 16 * n) + (4 * b * n * d + probs) / t_heads
+           + 4 * b * n * f / t_mlp)
+  kept = {'none': block, 'full': b * n * d,
+          'dots': b * n * d + 4 * b * n * d / t_heads + b * n * f / t_mlp}[remat]
+  return depth * kept, block - kept
+
+
+def mim_activation_bytes(model: nn.Module, method: str, mask_ratio: float,
+                         image_shape: Sequence[int], local_batch: int, tensor: int = 1) -> int:
+  """Activation bytes of a SimMIM or MAE pretraining step on one device (`jkd pretrain`).
+
+  The blocks as in `vit_activation_bytes` (remat included), on the tokens each part sees:
+
+    MAE     encoder blocks on n = int(L·(1 − ratio)) [+ 1 class token] kept tokens (padded to
+            `pad_tokens_to`, 8 with cuDNN), (12 + b)·n·D + 16·n its final LayerNorm feeding
+            the decoder; decoder blocks (width Dd, MLP Fd) on L [+ 1] tokens, 12·L·Dd + 16·L
+            their LayerNorm, 4·L·Dd its fp32 output into the prediction, 4·L·(p²C + 1) the
+            norm-pix MSE, 4·(n + L) the gather and unshuffle indices;
+    SimMIM  encoder blocks on all L tokens, 12·L·D + 16·L the final LayerNorm and 4·L·D its
+            output cast to fp32 for the decoder, 2b·L the mask-token mix, H·W·C bytes (L1's
+            sign) + 4·H·W (pixel mask) in the loss;
+    both    b·H·W·C normalised images (the patch convolution's input);  × local batch B.
+
+  With remat, the kept bytes of each block plus the larger of one encoder or one decoder
+  block's recomputation; XLA then also holds the backward's working set, which this leaves out
+  (its temporaries ran 1.2-1.4x this figure on CPU for configs/fashion_mnist/mae.py). Without remat, equal to `jax.ad_checkpoint.print_saved_residuals` of
+  the pretraining loss at the sizes the tests try (tests/test_memory.py); cuDNN's flash attention is modelled as in
+  `vit_activation_bytes` (not checked here: needs a GPU).
+  """
+  h, w, c = image_shape
+  p, d, heads, b = model.patch_size, model.width, model.num_heads, jnp.dtype(model.dtype).itemsize
+  f, remat, flash = model.mlp_dim or 4 * d, getattr(model, 'remat', 'none'), (
+      model.attention == 'cudnn')
+  num = (h // p) * (w // p)
+  per_example = b * h * w * c
+  if method == 'simmim':
+    per_example += (sum(_blocks_train_bytes(num, d, f, heads, b, model.depth, remat, flash,
+                                            tensor))
+                    + 16 * num * d + 16 * num + 2 * b * num + h * w * c + 4 * h * w)
+  else:
+    keep = int(num * (1 - mask_ratio))
+    cls = int(bool(model.cls_token))
+    multiple = model.pad_tokens_to or (8 if flash else 1)
+    n_enc = -(-(keep + cls) // multiple) * multiple
+    n_dec = -(-(num + cls) // (8 if flash else 1)) * (8 if flash else 1)
+    dd, fd = model.decoder_width, model.decoder_mlp_dim or 4 * model.decoder_width
+    enc_kept, enc_recompute = _blocks_train_bytes(n_enc, d, f, heads, b, model.depth, remat,
+                                                  flash, tensor)
+    dec_kept, dec_recompute = _blocks_train_bytes(n_dec, dd, fd, model.decoder_heads, b,
+                                                  model.decoder_depth, remat, flash, tensor)
+    per_example += (
+        enc_kept + dec_kept + max(enc_recompute, dec_recompute)  # One block recomputes at once.
+        + (12 + b) * n_enc * d + 16 * n_enc
+        + 12 * n_dec * dd + 16 * n_dec + 4 * num * dd + 4 * num * (p * p * c + 1)
+        + 4 * (keep + num))
   return int(local_batch * per_example)
 
 
@@ -349,7 +445,8 @@ def compile_step(config: ml_collections.ConfigDict, *, teacher: str | None = Non
                  run: bool = False) -> dict:
   """Compiles the real jkd train step of `config` on this process's devices; XLA's memory.
 
-  The step is `jkd train`'s (supervised) or, with a teacher (`teacher` names a model, or
+  The step is `jkd train`'s (supervised), `jkd pretrain`'s for a MAE/SimMIM config, or, with a
+  teacher (`teacher` names a model, or
   `config.teacher.workdir` / `config.teacher.model` is set), `jkd distill`'s, jitted by
   `jkd.loop.jit_train_step` as training jits it, on `config.mesh` with
   `config.sharding_rules`. A named teacher gets zero weights (`distill_config`), the data are
@@ -362,7 +459,7 @@ def compile_step(config: ml_collections.ConfigDict, *, teacher: str | None = Non
     also `peak_bytes_in_use`, the allocator's high-water mark where the device reports it.
   """
   from jkd import loop
-  from jkd.trainers import distill, supervised
+  from jkd.trainers import distill, pretrain, supervised
   from jkd import data
   config = ml_collections.ConfigDict(config.to_dict())
   if config.data.name != 'synthetic':  # Same shapes, nothing read from disk (as `jkd bench`).
@@ -378,7 +475,8 @@ def compile_step(config: ml_collections.ConfigDict, *, teacher: str | None = Non
     if teacher or not config.teacher.get('workdir'):  # A named teacher wins, as in `plan`.
       patch = mock.patch.object(distill, 'load_teacher', zero_teacher)
   with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))), patch:
-    task = (distill if is_distill else supervised).build_task(config, '')
+    trainer = distill if is_distill else pretrain if mim_method(config) else supervised
+    task = trainer.build_task(config, '')
     mesh = parallel.make_mesh(config.get('mesh'))
     key = jax.random.key(config.seed, impl=config.get('rng_impl', 'rbg'))
     state, shardings = loop.abstract_sharded_state(task.init_state, key, mesh)
@@ -392,7 +490,8 @@ def compile_step(config: ml_collections.ConfigDict, *, teacher: str | None = Non
            'alias': m.alias_size_in_bytes, 'temp': m.temp_size_in_bytes,
            'generated_code': m.generated_code_size_in_bytes}
     out['peak'] = out['argument'] + out['output'] - out['alias'] + out['temp']
-    out.update(job='distill' if is_distill else 'train', devices=jax.device_count(),
+    out.update(job='distill' if is_distill else 'pretrain' if mim_method(config) else 'train',
+               devices=jax.device_count(),
                device=jax.devices()[0].device_kind,
                mesh={k: int(v) for k, v in mesh.shape.items()})
     if run:
@@ -440,6 +539,11 @@ def image_spec(data_cfg) -> tuple[tuple[int, int, int], int]:
     if not size:
       raise
     return (size, size, data_cfg.get('channels', 3)), data_cfg.get('num_classes', 1000)
+
+
+def mim_method(config: ml_collections.ConfigDict) -> str | None:
+  """'mae' / 'simmim' for a `jkd pretrain` config, else None."""
+  return config.get('method') if config.get('method') in ('mae', 'simmim') else None
 
 
 def plan_inputs(config: ml_collections.ConfigDict, teacher: str | None = None) -> dict:
@@ -500,8 +604,11 @@ def plan(config: ml_collections.ConfigDict, *, teacher: str | None = None,
     num_devices = (jax.device_count() if -1 in sizes.values()
                    else math.prod(int(v) for v in sizes.values()))
 
+  method = mim_method(config)
+
   def at(mesh, batch=config.batch_size, model=config.model.to_dict()):
-    return estimate(model, teacher=inputs['teacher'], global_batch=batch,
+    return estimate(model, teacher=inputs['teacher'], global_batch=batch, method=method,
+                    mask_ratio=config.get('mask_ratio', 0.75),
                     image_size=inputs['image_shape'][:2], channels=inputs['image_shape'][2],
                     num_classes=inputs['num_classes'], mesh=mesh, num_devices=num_devices,
                     rules=rules, optim=config.get('optim'))
@@ -545,7 +652,11 @@ def format_plan(result: dict) -> str:
   """The human-readable `jkd plan` report."""
   e = result['estimate']
   remat = f', remat {e["remat"]}' if e.get('remat', 'none') != 'none' else ''
-  who = f'{e["student"]} ({e["param_count"] / 1e6:.1f}M params, {e["dtype"]} compute{remat})'
+  method = {'mae': 'MAE pretraining of ', 'simmim': 'SimMIM pretraining of '}.get(
+      e.get('method'), '')
+  who = (f'{method}{e["student"]} ({e["param_count"] / 1e6:.1f}M params'
+         f'{" with the decoder" if e.get("method") == "mae" else ""}, {e["dtype"]} compute'
+         f'{remat})')
   if e['teacher']:
     who += (f' <- teacher {e["teacher"]} ({e["teacher_param_count"] / 1e6:.1f}M params, '
             f'{e["teacher_dtype"]} compute)')
