@@ -23,7 +23,8 @@ ml_collections or qwix), `env` (versions, devices; a failure here stops the sess
 bench jobs that have speed targets (issue 8: ViT-B/16, KD ViT-B/16 -> ViT-S/16, MAE ViT-B/16,
 ResNet-50), the supervised ResNet-18 run (issue 2), the other bench jobs, the largest
 teacher+student pair on one GPU (issue 7), a cuDNN-vs-reference attention check, ViT-B/16's
-step time with activation checkpointing (`remat`), then the
+step time with activation checkpointing (`remat`), the teacher-cache speed-up (ViT-B -> ViT-S,
+one KD epoch online and from the cache: `teacher_cache`), then the
 3-seed result tables (issues 4, 5, 6), 4 runs at a time (`results_tables.py --parallel 4`),
 which may take several leases: `results_tables.py` resumes, but a fresh machine keeps nothing,
 so each lease should name the table rows it can finish (`--table-args`).
@@ -185,6 +186,31 @@ def _remat(ctx: Context) -> list[str]:
   return ['bash', '-c', '\n'.join(['set -x'] + lines)]
 
 
+def _teacher_cache(ctx: Context) -> list[str]:
+  """Issue 5's teacher-cache speed-up: a ViT-B teacher (patch 4 on 28x28: 49 tokens) trained
+  briefly, then one epoch of KD into a ViT-S student with the online teacher and one from the
+  cache (built in that run); summary.json of each has examples/s, wall_s and accuracy."""
+  root = os.path.join(ctx.work, 'teacher_cache')
+  teacher, student = ('vit_nano_p4', 'vit_nano_p4') if ctx.cpu_check else ('vit_b16', 'vit_s16')
+  size = [] if ctx.cpu_check else ['--config.model.patch_size=4']
+  dtype = [] if ctx.cpu_check else ['--config.model.dtype=bfloat16']
+  epochs = '0.05' if ctx.cpu_check else '1.0'
+  train = [*JKD, 'train', '--config', 'configs/fashion_mnist/supervised.py', '--workdir',
+           os.path.join(root, 'teacher'), f'--config.model.name={teacher}', *size, *dtype,
+           '--config.optim.lr=1e-3', '--config.optim.weight_decay=0.05', '--config.batch_size=256',
+           f'--config.num_epochs={"0.05" if ctx.cpu_check else "3.0"}']
+  distill = [*JKD, 'distill', '--config', 'configs/fashion_mnist/distill.py',
+             f'--config.teacher.workdir={os.path.join(root, "teacher")}',
+             f'--config.model.name={student}', *size, *dtype, '--config.batch_size=256',
+             f'--config.num_epochs={epochs}']
+  if not ctx.cpu_check:
+    distill.append('--config.teacher.dtype=bfloat16')
+  runs = [train, distill + ['--workdir', os.path.join(root, 'online')],
+          distill + ['--workdir', os.path.join(root, 'cached'),
+                     f'--config.teacher.cache.dir={os.path.join(root, "cache")}']]
+  return ['bash', '-c', '\n'.join(['set -x'] + [shlex.join(r) + ' || exit 1' for r in runs])]
+
+
 def _attention(ctx: Context) -> list[str]:
   return [PY, '-c', ATTENTION_CHECK] + (['cpu'] if ctx.cpu_check else [])
 
@@ -199,6 +225,7 @@ def steps() -> list[Step]:
   out.append(Step('plan', '7', 60, 240, _plan))
   out.append(Step('attention', '8', 20, 90, _attention))
   out.append(Step('remat', '7', 60, 240, _remat))
+  out.append(Step('teacher_cache', '5', 150, 480, _teacher_cache))
   for table, issue in (('mim', '4'), ('distill', '5'), ('compress', '6')):
     out.append(Step(f'table:{table}', issue, 120, 100_000,
                     _table(table, (0, 1, 2), parallel=TABLE_PARALLEL)))
