@@ -81,16 +81,10 @@ def test_activations_within_band_of_xla_temp(xla_results):
     assert TEMP_RATIO[0] <= r['temp_ratio'] <= TEMP_RATIO[1], r
 
 
-def _saved_residual_bytes(model, batch, size):
-  """Bytes per example that jax's autodiff keeps for the backward pass of `model`."""
-  import jax
-  import jax.numpy as jnp
+def _residual_bytes_per_example(loss, params, images, batch):
+  """Bytes per example of the tensors autodiff saves for `loss`'s backward pass: those with a
+  batch dimension, not the arguments (weights)."""
   from jax.ad_checkpoint import print_saved_residuals
-  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)  # Traced, never run.
-  params = jax.eval_shape(model.init, jax.random.key(0), images)['params']
-
-  def loss(p, x):  # Normalised as the train step does: the images become a residual too.
-    return model.apply({'params': p}, ((x - 0.5) * 2).astype(model.dtype), train=True).sum()
   text = io.StringIO()
   with contextlib.redirect_stdout(text):
     print_saved_residuals(loss, params, images)
@@ -100,9 +94,20 @@ def _saved_residual_bytes(model, batch, size):
     dims = [int(d) for d in m.group(2).split(',') if d] if m else []
     if 'from the argument' in line or batch not in dims:  # Weights, not activations.
       continue
-    size_of = {'f32': 4, 'bf16': 2, 'f16': 2}[m.group(1)]
-    total += size_of * int(jnp.prod(jnp.array(dims)))
+    total += {'f32': 4, 'bf16': 2, 'f16': 2, 'i32': 4, 'bool': 1}[m.group(1)] * math.prod(dims)
   return total // batch
+
+
+def _saved_residual_bytes(model, batch, size):
+  """Bytes per example that jax's autodiff keeps for the backward pass of `model`."""
+  import jax
+  import jax.numpy as jnp
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)  # Traced, never run.
+  params = jax.eval_shape(model.init, jax.random.key(0), images)['params']
+
+  def loss(p, x):  # Normalised as the train step does: the images become a residual too.
+    return model.apply({'params': p}, ((x - 0.5) * 2).astype(model.dtype), train=True).sum()
+  return _residual_bytes_per_example(loss, params, images, batch)
 
 
 @pytest.mark.parametrize('dtype, overrides', [
@@ -169,7 +174,6 @@ def _mim_saved_residual_bytes(method, model, ratio, batch, size):
   import jax
   import jax.numpy as jnp
   import ml_collections
-  from jax.ad_checkpoint import print_saved_residuals
   from jkd.trainers.pretrain import MimObjective
   cfg = ml_collections.ConfigDict({'method': method, 'mask_ratio': ratio, 'mask_patch_size': 8,
                                    'norm_pix_loss': True})
@@ -182,17 +186,7 @@ def _mim_saved_residual_bytes(method, model, ratio, batch, size):
     target = (x - 0.5) * 2
     return objective.loss(objective.forward(p, target.astype(model.dtype), mask, train=True),
                           target, mask)
-  text = io.StringIO()
-  with contextlib.redirect_stdout(text):
-    print_saved_residuals(loss, params, images)
-  total = 0
-  for line in text.getvalue().splitlines():
-    m = re.match(r'(\w+)\[([\d,]*)\]', line)
-    dims = [int(d) for d in m.group(2).split(',') if d] if m else []
-    if 'from the argument' in line or batch not in dims:
-      continue
-    total += {'f32': 4, 'bf16': 2, 'i32': 4, 'bool': 1}[m.group(1)] * math.prod(dims)
-  return total // batch
+  return _residual_bytes_per_example(loss, params, images, batch)
 
 
 @pytest.mark.parametrize('method, dtype, overrides', [

@@ -135,6 +135,11 @@ def _table(table: str, seeds: tuple[int, ...], rows: tuple[str, ...] = (), paral
   return command
 
 
+def _bash(commands: list[str]) -> list[str]:
+  """One step of several commands, echoed, stopping at the first that fails."""
+  return ['bash', '-c', '\n'.join(['set -x'] + [c + ' || exit 1' for c in commands])]
+
+
 def _plan(ctx: Context) -> list[str]:
   """Largest batch of each pair whose distill step compiles and runs (docs/scaling.md)."""
   lines = []
@@ -144,11 +149,11 @@ def _plan(ctx: Context) -> list[str]:
     config = 'configs/bench/vit_b16.py' + (':cpu' if ctx.cpu_check else '')
     for batch in batches:
       workdir = os.path.join(ctx.work, 'plan', f'{teacher}_{student}_{batch}')
-      lines.append(' '.join(map(shlex.quote, [
+      lines.append(shlex.join([
           *JKD, 'plan', '--config', config, f'--config.model.name={student}', '--teacher',
           teacher, '--config.mesh.data=1', f'--config.batch_size={batch}', '--measure',
-          '--workdir', workdir])) + ' || exit 1')
-  return ['bash', '-c', '\n'.join(['set -x'] + lines)]
+          '--workdir', workdir]))
+  return _bash(lines)
 
 
 ATTENTION_CHECK = r'''
@@ -180,10 +185,10 @@ def _remat(ctx: Context) -> list[str]:
   """The step-time price of activation checkpointing: ViT-B/16 with remat 'dots' and 'full'
   (bench:vit_b16 is the 'none' figure)."""
   config = 'configs/bench/vit_b16.py' + (':tiny' if ctx.cpu_check else '')
-  lines = [' '.join(map(shlex.quote, [
-      *JKD, 'bench', '--config', config, f'--config.model.remat={policy}', '--workdir',
-      os.path.join(ctx.work, 'bench_remat', policy)])) + ' || exit 1' for policy in ('dots', 'full')]
-  return ['bash', '-c', '\n'.join(['set -x'] + lines)]
+  return _bash([shlex.join([*JKD, 'bench', '--config', config,
+                             f'--config.model.remat={policy}', '--workdir',
+                             os.path.join(ctx.work, 'bench_remat', policy)])
+                for policy in ('dots', 'full')])
 
 
 def _teacher_cache(ctx: Context) -> list[str]:
@@ -208,7 +213,7 @@ def _teacher_cache(ctx: Context) -> list[str]:
   runs = [train, distill + ['--workdir', os.path.join(root, 'online')],
           distill + ['--workdir', os.path.join(root, 'cached'),
                      f'--config.teacher.cache.dir={os.path.join(root, "cache")}']]
-  return ['bash', '-c', '\n'.join(['set -x'] + [shlex.join(r) + ' || exit 1' for r in runs])]
+  return _bash([shlex.join(r) for r in runs])
 
 
 def _attention(ctx: Context) -> list[str]:
