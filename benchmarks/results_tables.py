@@ -1,7 +1,7 @@
 r"""Runs the Fashion-MNIST result tables over several seeds and writes them as markdown + JSON.
 
   python benchmarks/results_tables.py --table distill --seeds 0 1 2 --root runs/tables \
-      [--scale gpu|tiny] [--rows kd dkd] [--out docs/results_gpu.md] [--time-limit 540] \
+      [--scale gpu|cpu|tiny] [--rows kd dkd] [--out docs/results_gpu.md] [--time-limit 540] \
       [--parallel 4] [--dry-run | --report-only] [-- --config.a.b=value ...]
 
 Tables (each a declarative spec below: rows -> jkd runs with their dependencies):
@@ -29,6 +29,8 @@ command of every run, the device and versions it ran on), and with `--out FILE` 
 appends) this table's section of FILE. The spread is the sample standard deviation over seeds
 (n - 1 in the denominator), with min-max beside it. `--scale tiny` swaps every config for its
 `:tiny` test-suite size: the whole pipeline then runs on a CPU in seconds per command.
+`--scale cpu` keeps the recipes but shortens them to `jkd demo`'s CPU sizes (students 0.7 epoch
+without augmentation, ViTs `vit_micro_p7`): a real, small-budget table on a 2-core machine.
 Exit codes: 0 done, 1 a run failed, 2 bad arguments, 3 time limit, 128+N stopped by signal N.
 """
 from __future__ import annotations
@@ -50,7 +52,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'configs', 'fashion_mnist')
-SCALES = ('gpu', 'tiny')
+SCALES = ('gpu', 'cpu', 'tiny')
 EXIT_FAILED, EXIT_TIME_LIMIT = 1, 3  # argparse exits 2 on bad arguments
 
 
@@ -63,8 +65,23 @@ class Job:
   tiny_arg: str = 'tiny'              # ... and at --scale tiny
   overrides: tuple[str, ...] = ()     # `a.b=v` at both scales
   gpu_overrides: tuple[str, ...] = ()  # `a.b=v` at --scale gpu only (tiny sets its own sizes)
+  cpu_overrides: tuple[str, ...] = ()  # `a.b=v` at --scale cpu, after `overrides`
+  cpu_arg: str | None = None          # the config's argument at --scale cpu (None = gpu_arg)
   needs: tuple[tuple[str, str], ...] = ()  # (config field, job): field = that job's workdir
   once: bool = False
+
+  def arg(self, scale: str) -> str:
+    """The config's argument (after the colon) at this scale."""
+    if scale == 'tiny':
+      return self.tiny_arg
+    return self.gpu_arg if scale == 'gpu' or self.cpu_arg is None else self.cpu_arg
+
+  def scale_overrides(self, scale: str) -> tuple[str, ...]:
+    """`a.b=v` overrides at this scale, one per key: the scale's own replace the common ones."""
+    merged = {}
+    for o in self.overrides + {'gpu': self.gpu_overrides, 'cpu': self.cpu_overrides}.get(scale, ()):
+      merged[o.split('=', 1)[0]] = o
+    return tuple(merged.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +100,7 @@ class Table:
   rows: tuple[Row, ...]
   sizes: bool = False                 # compress: export bytes, ratio, sparsity columns
   chain_wall: bool = False            # mim: wall of pretraining + fine-tuning per seed
+  about_cpu: str = ''                 # what --scale cpu changes (models, lengths)
 
 
 DISTILL_RECIPES = ('kd', 'dkd', 'dist', 'kd_logit_std', 'fitnet', 'at', 'rkd')
@@ -92,27 +110,47 @@ COMPRESS_VARIANTS = ('ptq', 'qat', 'qat_kd', 'prune50', 'prune24')
 _STUDENT = ('optim.lr=3e-3', 'optim.weight_decay=1e-4', 'data.crop_padding=2', 'data.flip=true',
             'num_epochs=6.0')
 _STUDENT_GPU = ('batch_size=128', 'optim.warmup_steps=200')
+# --scale cpu: the recipes of `jkd demo` (configs/demo.py), sized for a 2-core CPU. Short runs
+# learn faster without augmentation; scratch and distilled students still see the same data.
+_NO_AUG = ('data.crop_padding=0', 'data.flip=false')
+_STUDENT_CPU = _NO_AUG + ('num_epochs=0.7', 'batch_size=64', 'optim.lr=2e-3',
+                          'optim.warmup_steps=100')
+_VIT_CPU = _NO_AUG + ('model.name=vit_micro_p7', 'num_epochs=1.0', 'batch_size=128',
+                      'optim.lr=2e-3', 'optim.warmup_steps=100')
+_MIM_CPU = ('model.name=vit_micro_p7', 'total_steps=600', 'batch_size=128', 'optim.lr=4e-3',
+            'optim.lr_batch_base=0', 'optim.warmup_steps=50')
+_FINETUNE_CPU = _NO_AUG + ('model.name=vit_micro_p7', 'num_epochs=3', 'model.drop_path=0.0',
+                           'optim.layer_decay=0.85', 'optim.lr=3e-3', 'optim.warmup_steps=100')
 _TEACHER = (('teacher.workdir', 'teacher'),)
 
 JOBS: dict[str, Job] = {
-    'sup_resnet18': Job('train', 'supervised.py', gpu_arg='gpu'),
+    # At --scale cpu: supervised.py's default (resnet8_s, >= 91% in 10 minutes on 2 cores).
+    'sup_resnet18': Job('train', 'supervised.py', gpu_arg='gpu', cpu_arg=''),
     # The teacher docs/distillation.md names; trained once.
-    'teacher': Job('train', 'supervised.py', overrides=('model.name=resnet20_s',), once=True),
+    'teacher': Job('train', 'supervised.py', overrides=('model.name=resnet20_s',), once=True,
+                   cpu_overrides=('num_epochs=2.0',)),
     'student_scratch': Job('train', 'supervised.py', overrides=_STUDENT,
-                           gpu_overrides=_STUDENT_GPU),
+                           gpu_overrides=_STUDENT_GPU, cpu_overrides=_STUDENT_CPU),
     # DeiT's baseline: the same ViT (class token, no distillation token) and optimiser, CE only.
     'vit_scratch': Job('train', 'supervised.py', overrides=(
         'model.name=vit_nano_p4', 'model.pool=token', 'optim.lr=1e-3', 'optim.weight_decay=0.05',
-        'data.crop_padding=2', 'data.flip=true', 'num_epochs=6.0'), gpu_overrides=_STUDENT_GPU),
-    **{r: Job('distill', 'distill.py', gpu_arg=r, tiny_arg=f'tiny-{r}', needs=_TEACHER)
+        'data.crop_padding=2', 'data.flip=true', 'num_epochs=6.0'), gpu_overrides=_STUDENT_GPU,
+        cpu_overrides=_VIT_CPU),
+    **{r: Job('distill', 'distill.py', gpu_arg=r, tiny_arg=f'tiny-{r}', needs=_TEACHER,
+              cpu_overrides=_VIT_CPU if r == 'deit' else _STUDENT_CPU)
        for r in DISTILL_RECIPES + ('deit',)},
-    'ft_scratch': Job('train', 'finetune.py'),
-    'mae': Job('pretrain', 'mae.py'),
-    'simmim': Job('pretrain', 'simmim.py'),
-    'ft_mae': Job('train', 'finetune.py', needs=(('init_from', 'mae'),)),
-    'ft_simmim': Job('train', 'finetune.py', needs=(('init_from', 'simmim'),)),
+    'ft_scratch': Job('train', 'finetune.py', cpu_overrides=_FINETUNE_CPU),
+    'mae': Job('pretrain', 'mae.py', cpu_overrides=_MIM_CPU + (
+        'model.decoder_width=64', 'model.decoder_depth=1', 'model.decoder_heads=2')),
+    'simmim': Job('pretrain', 'simmim.py', cpu_overrides=_MIM_CPU + ('mask_patch_size=7',)),
+    'ft_mae': Job('train', 'finetune.py', needs=(('init_from', 'mae'),),
+                  cpu_overrides=_FINETUNE_CPU),
+    'ft_simmim': Job('train', 'finetune.py', needs=(('init_from', 'simmim'),),
+                     cpu_overrides=_FINETUNE_CPU),
     **{v: Job('compress', 'compress.py', gpu_arg=v, tiny_arg=f'tiny-{v}',
-              needs=(('init_from', 'student_scratch'),) + (_TEACHER if v == 'qat_kd' else ()))
+              needs=(('init_from', 'student_scratch'),) + (_TEACHER if v == 'qat_kd' else ()),
+              cpu_overrides=_NO_AUG + (() if v == 'ptq' else (
+                  'num_epochs=0.5',) if v.startswith('prune') else ('num_epochs=0.3',)))
        for v in COMPRESS_VARIANTS},
 }
 
@@ -123,13 +161,19 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table('supervised', 'Supervised Fashion-MNIST', (
         '`jkd train --config configs/fashion_mnist/supervised.py:gpu` (ResNet-18 small stem, '
         '40 epochs, batch 256, bf16, crop + flip, label smoothing 0.1). Issue target: >= 94.5%.'),
-          (Row('resnet18_s', 'ResNet-18 (`supervised.py:gpu`)', 'sup_resnet18'),)),
+          (Row('resnet18_s', 'ResNet-18 (`supervised.py:gpu`)', 'sup_resnet18'),),
+          about_cpu=('the row is `supervised.py`\'s default (resnet8_s, 5.8 epochs), not '
+                     'ResNet-18.')),
     Table('mim', 'MIM pretraining → fine-tuning vs. from scratch', (
         'The ViT of `finetune.py` trained from scratch, and fine-tuned from an MAE '
         '(`mae.py`) or a SimMIM (`simmim.py`) pretraining of the same seed.'),
           (Row('scratch', 'ViT from scratch (`finetune.py`)', 'ft_scratch'),
            Row('mae_ft', 'MAE → fine-tune', 'ft_mae', 'scratch'),
-           Row('simmim_ft', 'SimMIM → fine-tune', 'ft_simmim', 'scratch')), chain_wall=True),
+           Row('simmim_ft', 'SimMIM → fine-tune', 'ft_simmim', 'scratch')), chain_wall=True,
+          about_cpu=('every ViT is `vit_micro_p7` (16 tokens of 7×7 pixels, width 64, depth 4); '
+                     'pretraining 600 steps × 128 as `jkd demo` (MAE decoder 64 × 1, SimMIM '
+                     'masks 7×7 patches), fine-tuning 3 epochs without augmentation, drop path '
+                     '0, layer decay 0.85, lr 3e-3.')),
     Table('distill', 'Knowledge distillation (mdistiller-style)', (
         'One teacher (`supervised.py` with resnet20_s, seed 0, as docs/distillation.md), '
         'students of `distill.py:RECIPE` (resnet8_s, 6 epochs) beside the same student trained '
@@ -139,7 +183,11 @@ TABLES: dict[str, Table] = {t.name: t for t in (
            Row('scratch', 'student from scratch', 'student_scratch'),
            *(Row(r, _RECIPE_LABELS[r], r, 'scratch') for r in DISTILL_RECIPES),
            Row('vit_scratch', 'ViT student from scratch', 'vit_scratch'),
-           Row('deit', 'DeiT hard distillation (`:deit`)', 'deit', 'vit_scratch'))),
+           Row('deit', 'DeiT hard distillation (`:deit`)', 'deit', 'vit_scratch')),
+          about_cpu=('the teacher trains 2 epochs; the students train 0.7 epoch at batch 64 '
+                     '(lr 2e-3, warmup 100) without augmentation, as `jkd demo`\'s; the ViTs are '
+                     '`vit_micro_p7` for 1 epoch at batch 128. The recipes keep their weights '
+                     '(DKD\'s 500-step warmup is most of the 656 steps).')),
     Table('compress', 'Compression of the scratch student', (
         'The student from scratch of the distill table (resnet8_s) compressed by '
         '`compress.py:VARIANT` (`--config.init_from` = that student of the same seed; QAT+KD '
@@ -150,7 +198,9 @@ TABLES: dict[str, Table] = {t.name: t for t in (
            Row('qat', 'int8 QAT', 'qat', 'fp32'),
            Row('qat_kd', 'int8 QAT + KD', 'qat_kd', 'fp32'),
            Row('prune50', '50% unstructured pruning', 'prune50', 'fp32'),
-           Row('prune24', '2:4 semi-structured pruning', 'prune24', 'fp32')), sizes=True),
+           Row('prune24', '2:4 semi-structured pruning', 'prune24', 'fp32')), sizes=True,
+          about_cpu=('the student is the distill table\'s 0.7-epoch one; QAT runs 0.3 epoch, '
+                     'pruning 0.5 epoch, without augmentation.')),
 )}
 
 
@@ -181,12 +231,12 @@ def make_run(job_name: str, seed: int, *, root: str, scale: str, launcher: list[
              extra: list[str]) -> Run:
   job = JOBS[job_name]
   seed = 0 if job.once else seed
-  arg = job.gpu_arg if scale == 'gpu' else job.tiny_arg
+  arg = job.arg(scale)
   config = os.path.join(_config_path(), job.config) + (f':{arg}' if arg else '')
   wd = workdir(root, scale, job_name, seed)
   needs = {field: workdir(root, scale, dep, 0 if JOBS[dep].once else seed)
            for field, dep in job.needs}
-  overrides = [*job.overrides, *(job.gpu_overrides if scale == 'gpu' else ()),
+  overrides = [*job.scale_overrides(scale),
                *(f'{field}={wd_dep}' for field, wd_dep in needs.items())]
   args = [job.command, '--config', config, '--workdir', wd, f'--config.seed={seed}',
           *(f'--config.{o}' for o in overrides), *extra]
@@ -472,7 +522,9 @@ def collect(table: Table, seeds: list[int], plan_kw: dict, env: dict, *, argv: l
                               if b and r['test_accuracy'] else None)
   environments = [json.loads(e) for e in sorted({json.dumps(r['environment'], sort_keys=True)
                                                  for r in runs_out.values() if r['environment']})]
-  return {'table': table.name, 'title': table.title, 'about': table.about,
+  about = table.about + (f' At scale cpu: {table.about_cpu}'
+                         if plan_kw['scale'] == 'cpu' and table.about_cpu else '')
+  return {'table': table.name, 'title': table.title, 'about': about,
           'scale': plan_kw['scale'], 'seeds': seeds, 'extra_overrides': extra,
           'spread': 'sample standard deviation over seeds (n - 1 denominator); min and max too',
           'accuracy': 'summary.json test_accuracy (0..1) of the row\'s run on its config\'s eval '
@@ -610,7 +662,8 @@ def parse_args(argv: list[str]):
   p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   p.add_argument('--root', default='runs/tables', help='workdirs go to ROOT/SCALE/JOB/seedN')
   p.add_argument('--scale', choices=SCALES, default='gpu',
-                 help="gpu: the configs' full recipes; tiny: their :tiny test sizes (CPU)")
+                 help="gpu: the configs' full recipes; cpu: the same recipes at jkd demo's "
+                      "CPU budget; tiny: their :tiny test sizes (seconds a run)")
   p.add_argument('--rows', nargs='+', default=None,
                  help='run only these rows (and the runs they need); the table shows every row')
   p.add_argument('--out', default=None, help="markdown file whose section for this table is "

@@ -97,6 +97,30 @@ def test_dry_run_tiny_scale_and_overrides(capsys):
   assert '--config.seed=4' in lines[0] and '--config.seed=0' in lines[1]  # the teacher: once
 
 
+def test_cpu_scale_is_the_demo_recipes_at_full_recipe_args(capsys):
+  lines = _dry_run(capsys, '--table', 'distill', '--scale', 'cpu', '--seeds', '0')
+  assert all('/cpu/' in l for l in lines)  # noqa: E741
+  for line in lines:  # One value per key: the cpu sizes replace the common overrides.
+    keys = [a.split('=')[0] for a in line.split() if a.startswith('--config.')]
+    assert len(keys) == len(set(keys)), line
+  assert _matching(lines, f'jkd distill --config {CFG}/distill.py:dkd ', '--config.num_epochs=0.7')
+  # The students and pretraining are exactly `jkd demo`'s CPU stages (configs/demo.py), so the
+  # tables and the demo measure the same thing; the fine-tunes differ only in their epochs.
+  from jkd.config import load_config
+  demo = _load('configs/demo.py').get_config().stages
+  ignore = re.compile(r'^(losses|teacher)\.|^(checkpoint_every|log_every|num_epochs)$')
+  for job, stage in (('student_scratch', 'student_scratch'), ('kd', 'student_kd'),
+                     ('mae', 'pretrain'), ('ft_mae', 'teacher')):
+    a = _job_config(job, 'cpu')
+    b = _flat(load_config(os.path.join(REPO, 'configs', demo[stage].config),
+                          demo[stage].overrides).to_dict())
+    diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b)
+            if not ignore.search(k) and a.get(k) != b.get(k)}
+    assert not diff, (job, diff)
+    if job != 'ft_mae':
+      assert a['num_epochs'] == b['num_epochs'], job
+
+
 def test_bad_arguments_exit_2():
   for args in (['--table', 'nope'], ['--table', 'mim', '--rows', 'nope'],
                ['--table', 'mim', '--', '--config.seed=3'], ['--table', 'mim', '--', 'x']):
@@ -127,10 +151,9 @@ def _flat(d, prefix=''):
 def _job_config(name, scale):
   from jkd.config import load_config
   job = rt.JOBS[name]
-  arg = job.gpu_arg if scale == 'gpu' else job.tiny_arg
-  overrides = [*job.overrides, *(job.gpu_overrides if scale == 'gpu' else ())]
+  arg = job.arg(scale)
   return _flat(load_config(os.path.join(REPO, CFG, job.config) + (f':{arg}' if arg else ''),
-                           overrides).to_dict())
+                           job.scale_overrides(scale)).to_dict())
 
 
 @pytest.mark.parametrize('scale', rt.SCALES)
