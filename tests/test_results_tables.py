@@ -121,6 +121,15 @@ def test_cpu_scale_is_the_demo_recipes_at_full_recipe_args(capsys):
       assert a['num_epochs'] == b['num_epochs'], job
 
 
+def test_cpu_scale_tables_say_what_the_scale_changes(tmp_path):
+  for name, table in rt.TABLES.items():
+    kw = dict(root=str(tmp_path), launcher=['jkd'], extra=[])
+    about = {scale: rt.collect(table, [0], dict(kw, scale=scale), {}, argv=[], extra=[])['about']
+             for scale in ('gpu', 'cpu')}
+    assert about['gpu'] == table.about and table.about_cpu, name
+    assert about['cpu'] == f'{table.about} At scale cpu: {table.about_cpu}'
+
+
 def test_bad_arguments_exit_2():
   for args in (['--table', 'nope'], ['--table', 'mim', '--rows', 'nope'],
                ['--table', 'mim', '--', '--config.seed=3'], ['--table', 'mim', '--', 'x']):
