@@ -152,6 +152,10 @@ JOBS: dict[str, Job] = {
               cpu_overrides=_NO_AUG + (() if v == 'ptq' else (
                   'num_epochs=0.5',) if v.startswith('prune') else ('num_epochs=0.3',)))
        for v in COMPRESS_VARIANTS},
+    # The pipeline users run (and `jkd demo`): the KD student, then int8 QAT with the same teacher.
+    'kd_qat_kd': Job('compress', 'compress.py', gpu_arg='qat_kd', tiny_arg='tiny-qat_kd',
+                     needs=(('init_from', 'kd'),) + _TEACHER,
+                     cpu_overrides=_NO_AUG + ('num_epochs=0.3',)),
 }
 
 _RECIPE_LABELS = {'kd': 'KD (0.1 CE + 0.9 KD, T=4)', 'dkd': 'DKD', 'dist': 'DIST',
@@ -192,13 +196,17 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         'The student from scratch of the distill table (resnet8_s) compressed by '
         '`compress.py:VARIANT` (`--config.init_from` = that student of the same seed; QAT+KD '
         'from the distill table\'s teacher). Accuracy of the trained model, the exported '
-        'integer (or float, for pruning) model and its size.'),
+        'integer (or float, for pruning) model and its size. The last two rows start from the '
+        'KD student instead (`distill.py:kd`, same seed), as `jkd demo` does.'),
           (Row('fp32', 'fp32 student', 'student_scratch'),
            Row('ptq', 'int8 PTQ (no training)', 'ptq', 'fp32'),
            Row('qat', 'int8 QAT', 'qat', 'fp32'),
            Row('qat_kd', 'int8 QAT + KD', 'qat_kd', 'fp32'),
            Row('prune50', '50% unstructured pruning', 'prune50', 'fp32'),
-           Row('prune24', '2:4 semi-structured pruning', 'prune24', 'fp32')), sizes=True,
+           Row('prune24', '2:4 semi-structured pruning', 'prune24', 'fp32'),
+           Row('kd_fp32', 'KD student (fp32, the distill table\'s `kd` row)', 'kd'),
+           Row('kd_qat_kd', 'int8 QAT + KD of the KD student', 'kd_qat_kd', 'kd_fp32')),
+          sizes=True,
           about_cpu=('the student is the distill table\'s 0.7-epoch one; QAT runs 0.3 epoch, '
                      'pruning 0.5 epoch, without augmentation.')),
 )}

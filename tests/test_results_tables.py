@@ -86,6 +86,14 @@ def test_dry_run_compress(capsys):
       assert len(hits) == 1, (v, s)
       assert ('--config.teacher.workdir=R/gpu/teacher/seed0' in hits[0]) == (v == 'qat_kd')
       assert lines.index(hits[0]) > lines.index(_matching(lines, f'--workdir {student} ')[0])
+    # QAT + KD of the KD student of the same seed, after it, from the one teacher.
+    kd = f'R/gpu/kd/seed{s}'
+    hits = _matching(lines, f'jkd compress --config {CFG}/compress.py:qat_kd ',
+                     f'--config.seed={s}', f'--config.init_from={kd}',
+                     '--config.teacher.workdir=R/gpu/teacher/seed0')
+    assert len(hits) == 1 and lines.index(hits[0]) > lines.index(
+        _matching(lines, f'--workdir {kd} ')[0])
+  assert len(lines) == 1 + 3 * (2 + len(rt.COMPRESS_VARIANTS) + 1)
 
 
 def test_dry_run_tiny_scale_and_overrides(capsys):
@@ -225,7 +233,8 @@ def test_runner_tables_skip_and_sections(tmp_path):
   out = str(tmp_path / 'doc.md')
   p = _run_fake(tmp_path, '--table', 'compress', '--seeds', '0', '1', '--out', out)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-  assert p.stdout.count('fake jkd') == 1 + 2 * 6  # teacher once, student + 5 variants per seed
+  # Teacher once; per seed the scratch student, its 5 variants, the KD student and its QAT+KD.
+  assert p.stdout.count('fake jkd') == 1 + 2 * 8
   results = json.load(open(tmp_path / 'root' / 'tiny' / 'tables' / 'compress' / 'results.json'))
   for row in results['rows']:
     assert len(row['test_accuracy']['values']) == 2, row
@@ -241,7 +250,7 @@ def test_runner_tables_skip_and_sections(tmp_path):
   # Again: every run is skipped; a second table goes into its own section of the same file.
   p = _run_fake(tmp_path, '--table', 'compress', '--seeds', '0', '1', '--out', out)
   assert p.returncode == 0 and 'fake jkd' not in p.stdout
-  assert p.stdout.count('skipped') == 13
+  assert p.stdout.count('skipped') == 17
   p = _run_fake(tmp_path, '--table', 'supervised', '--seeds', '0', '--out', out)
   assert p.returncode == 0
   doc = open(out).read()
