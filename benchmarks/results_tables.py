@@ -50,6 +50,8 @@ import sys
 import threading
 import time
 
+from jkd import cpu_budget  # Plain strings; this script never imports jax.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'configs', 'fashion_mnist')
 SCALES = ('gpu', 'cpu', 'tiny')
@@ -110,17 +112,19 @@ COMPRESS_VARIANTS = ('ptq', 'qat', 'qat_kd', 'prune50', 'prune24')
 _STUDENT = ('optim.lr=3e-3', 'optim.weight_decay=1e-4', 'data.crop_padding=2', 'data.flip=true',
             'num_epochs=6.0')
 _STUDENT_GPU = ('batch_size=128', 'optim.warmup_steps=200')
-# --scale cpu: the recipes of `jkd demo` (configs/demo.py), sized for a 2-core CPU. Short runs
-# learn faster without augmentation; scratch and distilled students still see the same data.
-_NO_AUG = ('data.crop_padding=0', 'data.flip=false')
-_STUDENT_CPU = _NO_AUG + ('num_epochs=0.7', 'batch_size=64', 'optim.lr=2e-3',
-                          'optim.warmup_steps=100')
-_VIT_CPU = _NO_AUG + ('model.name=vit_micro_p7', 'num_epochs=1.0', 'batch_size=128',
-                      'optim.lr=2e-3', 'optim.warmup_steps=100')
-_MIM_CPU = ('model.name=vit_micro_p7', 'total_steps=600', 'batch_size=128', 'optim.lr=4e-3',
-            'optim.lr_batch_base=0', 'optim.warmup_steps=50')
-_FINETUNE_CPU = _NO_AUG + ('model.name=vit_micro_p7', 'num_epochs=3', 'model.drop_path=0.0',
-                           'optim.layer_decay=0.85', 'optim.lr=3e-3', 'optim.warmup_steps=100')
+# --scale cpu: the recipes of `jkd demo`, sized for a 2-core CPU (jkd.cpu_budget, shared with
+# configs/demo.py); scratch and distilled students still see the same data.
+_VIT_CPU = cpu_budget.NO_AUG + cpu_budget.VIT + ('num_epochs=1.0', 'batch_size=128',
+                                                 'optim.lr=2e-3', 'optim.warmup_steps=100')
+_FINETUNE_CPU = cpu_budget.FINETUNE + ('num_epochs=3',)
+
+
+def _compress_cpu(variant: str) -> tuple[str, ...]:
+  """compress.py:VARIANT at --scale cpu: QAT 0.3 epoch, pruning 0.5, PTQ its one step."""
+  epochs = {'ptq': (), 'prune50': ('num_epochs=0.5',), 'prune24': ('num_epochs=0.5',)}
+  return cpu_budget.NO_AUG + epochs.get(variant, ('num_epochs=0.3',))
+
+
 _TEACHER = (('teacher.workdir', 'teacher'),)
 
 JOBS: dict[str, Job] = {
@@ -130,32 +134,32 @@ JOBS: dict[str, Job] = {
     'teacher': Job('train', 'supervised.py', overrides=('model.name=resnet20_s',), once=True,
                    cpu_overrides=('num_epochs=2.0',)),
     'student_scratch': Job('train', 'supervised.py', overrides=_STUDENT,
-                           gpu_overrides=_STUDENT_GPU, cpu_overrides=_STUDENT_CPU),
+                           gpu_overrides=_STUDENT_GPU, cpu_overrides=cpu_budget.STUDENT),
     # DeiT's baseline: the same ViT (class token, no distillation token) and optimiser, CE only.
     'vit_scratch': Job('train', 'supervised.py', overrides=(
         'model.name=vit_nano_p4', 'model.pool=token', 'optim.lr=1e-3', 'optim.weight_decay=0.05',
         'data.crop_padding=2', 'data.flip=true', 'num_epochs=6.0'), gpu_overrides=_STUDENT_GPU,
         cpu_overrides=_VIT_CPU),
     **{r: Job('distill', 'distill.py', gpu_arg=r, tiny_arg=f'tiny-{r}', needs=_TEACHER,
-              cpu_overrides=_VIT_CPU if r == 'deit' else _STUDENT_CPU)
+              cpu_overrides=_VIT_CPU if r == 'deit' else cpu_budget.STUDENT)
        for r in DISTILL_RECIPES + ('deit',)},
     'ft_scratch': Job('train', 'finetune.py', cpu_overrides=_FINETUNE_CPU),
-    'mae': Job('pretrain', 'mae.py', cpu_overrides=_MIM_CPU + (
-        'model.decoder_width=64', 'model.decoder_depth=1', 'model.decoder_heads=2')),
-    'simmim': Job('pretrain', 'simmim.py', cpu_overrides=_MIM_CPU + ('mask_patch_size=7',)),
+    'mae': Job('pretrain', 'mae.py',
+               cpu_overrides=cpu_budget.MIM_PRETRAIN + cpu_budget.MAE_DECODER),
+    'simmim': Job('pretrain', 'simmim.py',
+                  cpu_overrides=cpu_budget.MIM_PRETRAIN + ('mask_patch_size=7',)),
     'ft_mae': Job('train', 'finetune.py', needs=(('init_from', 'mae'),),
                   cpu_overrides=_FINETUNE_CPU),
     'ft_simmim': Job('train', 'finetune.py', needs=(('init_from', 'simmim'),),
                      cpu_overrides=_FINETUNE_CPU),
     **{v: Job('compress', 'compress.py', gpu_arg=v, tiny_arg=f'tiny-{v}',
               needs=(('init_from', 'student_scratch'),) + (_TEACHER if v == 'qat_kd' else ()),
-              cpu_overrides=_NO_AUG + (() if v == 'ptq' else (
-                  'num_epochs=0.5',) if v.startswith('prune') else ('num_epochs=0.3',)))
+              cpu_overrides=_compress_cpu(v))
        for v in COMPRESS_VARIANTS},
     # The pipeline users run (and `jkd demo`): the KD student, then int8 QAT with the same teacher.
     'kd_qat_kd': Job('compress', 'compress.py', gpu_arg='qat_kd', tiny_arg='tiny-qat_kd',
                      needs=(('init_from', 'kd'),) + _TEACHER,
-                     cpu_overrides=_NO_AUG + ('num_epochs=0.3',)),
+                     cpu_overrides=_compress_cpu('qat_kd')),
 }
 
 _RECIPE_LABELS = {'kd': 'KD (0.1 CE + 0.9 KD, T=4)', 'dkd': 'DKD', 'dist': 'DIST',

@@ -16,6 +16,7 @@ stages run through `jkd.pipeline` (see `jkd pipeline` for pipelines of your own)
 """
 import ml_collections
 
+from jkd import cpu_budget
 from jkd.pipeline import stage
 
 SCALES = ('cpu', 'fast', 'full')
@@ -52,30 +53,23 @@ def get_config(arg=None):
   # this MAE pretraining 6 epochs give 88.2%, 7 give 88.6-88.7%).
   # Short runs learn faster without augmentation; the scratch and KD students see exactly the
   # same data.
+  # The CPU recipes live in jkd.cpu_budget, which the CPU-scale result tables share.
   cpu = scale == 'cpu'
-  vit = ('model.name=vit_micro_p7',)
-  no_aug = ('data.crop_padding=0', 'data.flip=false')
   c.stages = ml_collections.ConfigDict(dict(
       pretrain=stage('pretrain', 'fashion_mnist/mae.py',
-                     vit + ('total_steps=600', 'batch_size=128', 'optim.lr=4e-3',
-                            'optim.lr_batch_base=0', 'optim.warmup_steps=50',
-                            'model.decoder_width=64', 'model.decoder_depth=1',
-                            'model.decoder_heads=2') if cpu else ()),
+                     cpu_budget.MIM_PRETRAIN + cpu_budget.MAE_DECODER if cpu else ()),
       teacher=stage('train', 'fashion_mnist/finetune.py',
-                    vit + no_aug + ('num_epochs=7', 'model.drop_path=0.0',
-                                    'optim.layer_decay=0.85', 'optim.lr=3e-3',
-                                    'optim.warmup_steps=100') if cpu else (),
+                    cpu_budget.FINETUNE + ('num_epochs=7',) if cpu else (),
                     init_from='pretrain'),
       student_scratch=stage('train', 'fashion_mnist/supervised.py',
                             ('num_epochs=0.7',) if cpu else ('model.name=resnet8_s',)),
       student_kd=stage('distill', 'fashion_mnist/distill.py',
                        # The scratch student's batch, lr and warmup: only the loss differs.
-                       no_aug + ('num_epochs=0.7', 'batch_size=64', 'optim.lr=2e-3',
-                                 'optim.warmup_steps=100') if cpu else (),
+                       cpu_budget.STUDENT if cpu else (),
                        teacher='teacher'),
       student_compressed=stage('compress', 'fashion_mnist/compress.py:qat_kd',
-                               no_aug + ('num_epochs=0.3', 'prune.enabled=true',
-                                         'log_every=20') if cpu
+                               cpu_budget.NO_AUG + ('num_epochs=0.3', 'prune.enabled=true',
+                                                    'log_every=20') if cpu
                                else ('prune.enabled=true',),
                                init_from='student_kd', teacher='teacher'),
   ))
