@@ -15,7 +15,8 @@ Tables (each a declarative spec below: rows -> jkd runs with their dependencies)
 Every run is an ordinary `jkd` command (`python -m jkd.cli`) in a child process, its output
 streamed here and appended to WORKDIR.log, the seed given as `--config.seed=N`. Workdirs are
 ROOT/SCALE/JOB/seedN and shared between tables (the distill table's teacher and scratch student
-are the compress table's). A workdir holding summary.json is finished and skipped; any other
+are the compress table's). Each run is a `jkd.pipeline.Stage`, planned and skipped as
+`jkd pipeline` does its stages: a workdir holding summary.json is finished and skipped; any other
 is rerun with the same command, which resumes from its checkpoints. So an invocation cut off
 by a time limit is continued by running it again. `--time-limit S` stops cleanly after S
 seconds (the current run gets SIGTERM and saves a checkpoint; exit code 3): give it a minute
@@ -50,7 +51,7 @@ import sys
 import threading
 import time
 
-from jkd import cpu_budget  # Plain strings; this script never imports jax.
+from jkd import cpu_budget, pipeline  # Neither imports jax, nor does this script.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'configs', 'fashion_mnist')
@@ -219,14 +220,24 @@ TABLES: dict[str, Table] = {t.name: t for t in (
 # ---------------------------------------------------------------------------------------------
 # Planning: which runs, in which order, with which command lines.
 
-@dataclasses.dataclass
-class Run:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Run(pipeline.Stage):
+  """One job at one seed: a pipeline stage named JOB/seedN (the seed its first override, the
+  workdirs of the jobs it needs its references), started as `launcher` + its jkd arguments."""
   job: str
   seed: int
-  workdir: str
-  argv: list[str]                     # exactly as executed
-  display: str                        # the same as `jkd ...`, for humans and results.json
-  needs: tuple[str, ...] = ()         # workdirs that must be finished before this run starts
+  launcher: tuple[str, ...]           # how to start jkd, e.g. python -m jkd.cli
+  extra: tuple[str, ...] = ()         # --config.a.b=value after `--`: on every run, last
+
+  @property
+  def argv(self) -> list[str]:
+    """The command line exactly as executed."""
+    return [*self.launcher, *self.args(self.extra)]
+
+  @property
+  def display(self) -> str:
+    """The same as `jkd ...`, for humans and results.json."""
+    return shlex.join(['jkd', *self.args(self.extra)])
 
 
 def workdir(root: str, scale: str, job: str, seed: int) -> str:
@@ -245,15 +256,11 @@ def make_run(job_name: str, seed: int, *, root: str, scale: str, launcher: list[
   seed = 0 if job.once else seed
   arg = job.arg(scale)
   config = os.path.join(_config_path(), job.config) + (f':{arg}' if arg else '')
-  wd = workdir(root, scale, job_name, seed)
   needs = {field: workdir(root, scale, dep, 0 if JOBS[dep].once else seed)
            for field, dep in job.needs}
-  overrides = [*job.scale_overrides(scale),
-               *(f'{field}={wd_dep}' for field, wd_dep in needs.items())]
-  args = [job.command, '--config', config, '--workdir', wd, f'--config.seed={seed}',
-          *(f'--config.{o}' for o in overrides), *extra]
-  return Run(job_name, seed, wd, [*launcher, *args], shlex.join(['jkd', *args]),
-             tuple(needs.values()))
+  return Run(f'{job_name}/seed{seed}', job.command, config, workdir(root, scale, job_name, seed),
+             (f'seed={seed}', *job.scale_overrides(scale)), needs, job=job_name, seed=seed,
+             launcher=tuple(launcher), extra=tuple(extra))
 
 
 def chain(job_name: str) -> list[str]:
@@ -274,16 +281,6 @@ def plan(rows: list[Row], seeds: list[int], **kw) -> list[Run]:
         if key not in runs:
           runs[key] = make_run(job, seed, **kw)
   return list(runs.values())
-
-
-def read_summary(wd: str) -> dict | None:
-  """summary.json of a finished run; None while unfinished (or cut off while being written)."""
-  try:
-    with open(os.path.join(wd, 'summary.json')) as f:
-      summary = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return summary if isinstance(summary, dict) else None
 
 
 def _sidecar(wd: str) -> str:
@@ -506,9 +503,9 @@ def collect(table: Table, seeds: list[int], plan_kw: dict, env: dict, *, argv: l
       entry = {}
       for job in chain(row.job):
         run = make_run(job, seed, **plan_kw)
-        key = f'{job}/seed{run.seed}'
+        key = run.name
         if key not in runs_out:
-          summary = read_summary(run.workdir)
+          summary = pipeline.finished(run.workdir)
           meta = _read_json(_sidecar(run.workdir), {})
           attempts = meta.get('attempts') or [{}]
           environment = summary.get('environment') if summary else None
@@ -734,13 +731,15 @@ def run_parallel(runner: Runner, runs: list[Run], say) -> int:
   their output goes to their logs, and a line here as each starts and ends. After a failure
   or a stop nothing new starts, and the runs already going finish (or stop with a checkpoint).
   """
+  def can_start(r: Run) -> bool:  # Every run it needs has finished.
+    return all(pipeline.finished(d) is not None for d in r.references.values())
+
   pending = list(runs)
   code = 0
   while pending or runner.active:
     while (pending and not code and not runner.stop_reason
            and len(runner.active) < runner.parallel):
-      ready = next((r for r in pending
-                    if all(read_summary(d) is not None for d in r.needs)), None)
+      ready = next((r for r in pending if can_start(r)), None)
       if ready is None:
         break
       pending.remove(ready)
@@ -751,7 +750,7 @@ def run_parallel(runner: Runner, runs: list[Run], say) -> int:
       if rc is None:
         continue
       runner.finish(a, rc)
-      r, summary = a.run, read_summary(a.run.workdir)
+      r, summary = a.run, pipeline.finished(a.run.workdir)
       if summary is not None and rc == 0:
         acc = summary.get('test_accuracy')
         say(f'done {r.job} seed {r.seed} in {_duration(time.time() - a.t0)}'
@@ -764,26 +763,26 @@ def run_parallel(runner: Runner, runs: list[Run], say) -> int:
         code = EXIT_FAILED
     if not runner.active and (code or runner.stop_reason):
       break
-    if pending and not runner.active and not any(
-        all(read_summary(d) is not None for d in r.needs) for r in pending):
+    if pending and not runner.active and not any(can_start(r) for r in pending):
       say('nothing can start: a needed run did not finish (see above)')  # Not expected: plan
       return EXIT_FAILED                                                  # orders the needs.
     time.sleep(0.5)
   return code
 
 
-def _run_in_order(runner: Runner, runs: list[Run], done: set[str], say) -> int:
-  """Skips the finished runs; runs the rest, one after another or `--parallel` at a time."""
-  todo = []
-  for i, r in enumerate(runs, 1):
-    if r.workdir in done or read_summary(r.workdir) is not None:
-      recorded = _read_json(_sidecar(r.workdir), {}).get('command')
-      note = (f'; NOTE it was run as `{recorded}`: delete {r.workdir} to run it again with '
-              'this command' if recorded and recorded != r.display else '')
-      say(f'[{i}/{len(runs)}] skipped {r.job} seed {r.seed}: {r.workdir} has summary.json'
-          + note)
-    else:
-      todo.append(r)
+def _run_in_order(runner: Runner, runs: list[Run], say) -> int:
+  """Skips the finished runs (`jkd.pipeline.run_in_order`); runs the rest, one after another
+  or `--parallel` at a time."""
+  def skipped(i: int, r: Run, unused_summary: dict) -> None:
+    recorded = _read_json(_sidecar(r.workdir), {}).get('command')
+    note = (f'; NOTE it was run as `{recorded}`: delete {r.workdir} to run it again with '
+            'this command' if recorded and recorded != r.display else '')
+    say(f'[{i}/{len(runs)}] skipped {r.job} seed {r.seed}: {r.workdir} has summary.json' + note)
+
+  # Queued, not started here: --parallel starts each once the runs it needs are done, and the
+  # sequential runs are numbered among themselves, after every skip is reported.
+  todo: list[Run] = []
+  pipeline.run_in_order(runs, lambda i, r: todo.append(r), skipped)
   if runner.parallel > 1:
     return run_parallel(runner, todo, say)
   return _run_sequentially(runner, todo, say)
@@ -796,7 +795,7 @@ def _run_sequentially(runner: Runner, runs: list[Run], say) -> int:
       break
     say(f'[{i}/{len(runs)}] {r.job} seed {r.seed} -> {r.workdir}')
     rc = runner.run(r)
-    finished = read_summary(r.workdir) is not None
+    finished = pipeline.finished(r.workdir) is not None
     if runner.stop_reason and not finished:
       say(f'stopped by the {runner.stop_reason} ' + (
           f'before {r.job} seed {r.seed} began.' if rc is None else
@@ -817,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
   plan_kw = dict(root=args.root, scale=args.scale, launcher=shlex.split(args.launcher),
                  extra=extra)
   runs = plan(rows, args.seeds, **plan_kw)
-  done = {r.workdir for r in runs if read_summary(r.workdir) is not None}
+  done = {r.workdir for r in runs if pipeline.finished(r.workdir) is not None}
   say = lambda text: print(f'[results_tables] {text}', flush=True)  # noqa: E731
   if args.dry_run:
     print(f'# {table.name} table, scale {args.scale}, seeds {" ".join(map(str, args.seeds))}: '
@@ -838,8 +837,8 @@ def main(argv: list[str] | None = None) -> int:
     env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{0.9 / args.parallel:.3f}'
   runner = Runner(env, args.time_limit, parallel=args.parallel)
   t0 = time.time()
-  code = _run_in_order(runner, runs, done, say)
-  left = sum(read_summary(r.workdir) is None for r in runs)
+  code = _run_in_order(runner, runs, say)
+  left = sum(pipeline.finished(r.workdir) is None for r in runs)
   if not code and left and runner.stop_reason:
     code = runner.stop_code
   write_report(table, args, plan_kw, env, extra, say)

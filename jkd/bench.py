@@ -2,7 +2,7 @@
 
   jkd bench --config configs/bench/vit_b16.py --workdir /tmp/bench_vit_b16
 
-The step is the job's own (`build_task` of the trainer named in `JOBS`), jitted exactly as
+The step is the job's own (`build_task` of the command's trainer, `JOBS`), jitted exactly as
 `jkd.loop.run` jits it (same shardings, donated state). It is fed one fixed batch that stays on
 the device, so the figures measure the step alone, not the host input pipeline. After
 `config.bench.warmup_steps` untimed steps, `config.bench.steps` steps are timed
@@ -12,34 +12,33 @@ Writes `WORKDIR/bench.json` (see `run`) and prints a short table.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 import platform
 import statistics
 import time
 from typing import Any
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jkd import data, loop, parallel, storage
+from jkd import data, loop, parallel, storage, trainers
 from jkd.errors import UserError
+from jkd.models import param_count
+from jkd.teacher import Teacher
 
-# bench job -> (trainer module with `build_task(config, workdir)`, config fields it sets).
+# bench job -> (the command whose trainer's step is timed, config fields the job sets).
 # Adding a job is one line here once its trainer's task can be built without a prior workdir.
 JOBS: dict[str, tuple[str, dict[str, Any]]] = {
-    'supervised': ('jkd.trainers.supervised', {}),
-    'mae': ('jkd.trainers.pretrain', {'method': 'mae'}),
-    'simmim': ('jkd.trainers.pretrain', {'method': 'simmim'}),
+    'supervised': ('train', {}),
+    'mae': ('pretrain', {'method': 'mae'}),
+    'simmim': ('pretrain', {'method': 'simmim'}),
     # A frozen teacher from config.teacher.workdir, or config.teacher.model with zero weights
     # (a benchmark needs its cost, not its knowledge).
-    'distill': ('jkd.trainers.distill', {}),
+    'distill': ('distill', {}),
     # `jkd compress`'s step (config.quant QAT, config.prune) from random weights, not from
     # config.init_from: the same reasoning.
-    'compress': ('jkd.trainers.compress', {}),
+    'compress': ('compress', {}),
 }
 
 # Dense (no sparsity) bf16 tensor-core peak per device, from the vendors' spec sheets.
@@ -123,35 +122,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name in ('steps', 'repeats'):
     if int(settings[name]) < 1:
       raise UserError(f'config.bench.{name}={settings[name]} must be at least 1.')
-  module_name, job_fields = JOBS[settings.job]
+  command, job_fields = JOBS[settings.job]
   config = _bench_run_config(config, job_fields)
   storage.makedirs(workdir)
-  teacher_stand_in = contextlib.nullcontext()
+  inputs = {}
   if settings.job == 'distill':
     from jkd import memory  # pylint: disable=g-import-not-at-top
-    from jkd.trainers import distill  # pylint: disable=g-import-not-at-top
     config = memory.distill_config(config)
     if not config.teacher.get('workdir'):
       if not config.teacher.get('model'):
         raise UserError('config.bench.job=distill needs a teacher: --config.teacher.model=NAME '
                         '(zero weights, for timing) or --config.teacher.workdir=DIR.')
-      teacher_stand_in = mock.patch.object(distill, 'load_teacher', memory.zero_teacher)
+      inputs['teacher'] = Teacher.named(config)
   if settings.job == 'compress' and not ('quant' in config and 'prune' in config):
     raise UserError('config.bench.job=compress needs the config.quant and config.prune groups '
                     'of `jkd compress` (as in configs/bench/qat_vit_s16.py).')
-  with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))), teacher_stand_in:
-    return _time_job(config, settings, module_name, workdir)
+  with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))):
+    return _time_job(config, settings, trainers.get(command, config), inputs, workdir)
 
 
-def _time_job(config, settings, module_name: str, workdir: str) -> dict:
+def _time_job(config, settings, trainer: trainers.Trainer, inputs: dict, workdir: str) -> dict:
   """Builds the job's task, compiles its step, times it and writes `bench.json`."""
-  task = importlib.import_module(module_name).build_task(config, workdir)
+  task = trainer.build_task(config, workdir, **inputs)
   mesh = parallel.make_mesh(config.get('mesh'))
   parallel.check_batch_divisible(task.global_batch_size, mesh)
-  key = jax.random.key(config.seed, impl=config.get('rng_impl', 'rbg'))
-  init_key, step_key = jax.random.split(key)
+  init_key, step_key = loop.run_keys(config)
   state, state_shardings = loop.init_sharded(task.init_state, init_key, mesh)
-  n_params = loop.count_params(state.params)
+  n_params = param_count(state.params)
 
   # Exactly the step `jkd.loop.run` trains with: explicit shardings, donated state.
   step_fn, extra_args = loop.jit_train_step(task, mesh, state_shardings)

@@ -9,7 +9,8 @@ checkpoint saved on one mesh restores onto another.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -120,6 +121,70 @@ def load_arrays(workdir: str, step: int | None = None) -> tuple[dict, dict]:
                     f'({type(e).__name__}: {str(e)[:200]}).') from e
   ckpt.close()
   return jax.tree.map(np.asarray, restored['state']), meta
+
+
+def model_params(params: Any, prefix: Sequence[str] = ()) -> Any:
+  """The model's own parameters inside a run's `params`: `prefix` is the run's
+  `meta['params_prefix']` (a distilled student sits under ('student',) beside its projectors)."""
+  for key in prefix or ():
+    params = params[key]
+  return params
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+  """The model a workdir's checkpoint holds, as host numpy arrays.
+
+  Attributes:
+    params: the model's parameters, `params_prefix` already removed (a distilled student without
+      its projectors, a MIM model without the trainer's wrapping).
+    model_state: its other collections (BatchNorm statistics), possibly empty.
+    meta: the run metadata saved with the checkpoint (kind, model, config, ...).
+    step: the checkpoint's step.
+  """
+  params: Any
+  model_state: dict
+  meta: dict
+  step: int
+
+  @property
+  def model_config(self) -> dict:
+    """The run's `config.model` ({name, dtype, ...overrides}); {} if the run did not save it."""
+    return dict((self.meta.get('config') or {}).get('model') or {})
+
+  @property
+  def variables(self) -> dict:
+    """{'params': ..., **model_state}: what the Flax module's `apply` takes."""
+    return {'params': self.params, **self.model_state}
+
+
+def load_model(workdir: str, *, prefix: Sequence[str] | None = None,
+               step: int | None = None) -> SavedModel:
+  """Reads the model of a workdir's latest (or `step`) checkpoint: the one way jkd loads a saved
+  model (teachers, `init_from`, stored sizes).
+
+  Args:
+    prefix: path inside the saved params to take instead of the run's own `params_prefix`
+      (e.g. ('encoder',)).
+  """
+  arrays, meta = load_arrays(workdir, step)
+  prefix = tuple(prefix) if prefix else tuple(meta.get('params_prefix') or ())
+  return SavedModel(params=model_params(arrays['params'], prefix),
+                    model_state=dict(arrays.get('model_state') or {}), meta=meta,
+                    step=int(meta.get('step', step or 0)))
+
+
+def read_latest_meta(workdir: str) -> tuple[int, dict]:
+  """(step, metadata) of a workdir's latest checkpoint, without reading any array."""
+  if not storage.isdir(checkpoint_dir(workdir)):
+    raise UserError(f'{workdir!r} has no checkpoints/ directory: it is not a jkd workdir. Point '
+                    'to the workdir of a trained model.')
+  ckpt = RunCheckpointer(workdir, create=False)
+  try:
+    step = ckpt.latest_step()
+    return int(step) if step is not None else None, ckpt.read_meta(step)
+  finally:
+    ckpt.close()
 
 
 def _host_device() -> jax.Device:

@@ -17,31 +17,15 @@ see jkd/distributed.py and launch/README.md.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import textwrap
 
-from jkd import storage
+from jkd import storage, trainers
 from jkd.errors import UserError
 
-# command -> (module with build_task(config, workdir) and a run function, run function name)
-TRAINERS = {
-    'train': ('jkd.trainers.supervised', 'train'),
-    'pretrain': ('jkd.trainers.pretrain', 'train'),
-    'distill': ('jkd.trainers.distill', 'train'),
-    'compress': ('jkd.trainers.compress', 'train'),
-}
-# Checkpoint `kind` -> the trainer that can rebuild its Task (for `jkd eval`).
-KIND_TO_COMMAND = {'train': 'train', 'pretrain': 'pretrain', 'distill': 'distill',
-                   'compress': 'compress'}
-
 DESCRIPTIONS = {
-    'train': 'supervised training of a teacher or a student',
-    'pretrain': 'SimMIM or MAE masked-image-modeling pretraining (config.method)',
-    'distill': 'teacher -> student distillation (config.teacher.workdir)',
-    'compress': 'pruning and/or quantization-aware training, then int8 export (export/)',
     'eval': "evaluate a workdir's latest checkpoint (or --export) on a split (eval.json)",
     'demo': 'the whole pipeline on Fashion-MNIST: MAE teacher, KD student, int8 (report.md)',
     'bench': 'time train steps on synthetic data on the available accelerator (bench.json)',
@@ -75,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
       epilog='Every command takes --config FILE.py[:ARG], --workdir DIR and any number of '
              '--config.a.b=value overrides, and resumes from DIR/checkpoints when it exists.')
   sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-  for name in TRAINERS:
-    p = sub.add_parser(name, help=DESCRIPTIONS[name])
+  for name in trainers.COMMANDS:
+    p = sub.add_parser(name, help=trainers.describe(name))
     p.add_argument('--config', required=True, help='config file, FILE.py or FILE.py:ARG')
     p.add_argument('--workdir', required=True, help='output and checkpoint directory')
   p = sub.add_parser('bench', help=DESCRIPTIONS['bench'])
@@ -114,9 +98,7 @@ def _run_training(command: str, args, overrides: list[str]) -> dict:
   from jkd.config import load_config
   config = load_config(args.config, overrides)
   storage.makedirs(args.workdir)
-  module_name, fn_name = TRAINERS[command]
-  module = importlib.import_module(module_name)
-  return getattr(module, fn_name)(config, args.workdir)
+  return trainers.get(command, config).train(config, args.workdir)
 
 
 def _run_bench(args, overrides: list[str]) -> dict:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from jkd import pipeline, storage
-from jkd.checkpoint import load_arrays
+from jkd.checkpoint import load_model
 from jkd.metrics import format_duration
 
 REPORTED = ('teacher', 'student_scratch', 'student_kd', 'student_compressed')
@@ -23,11 +23,8 @@ def stored_bytes(workdir: str, summary: dict) -> int:
   parameters and BatchNorm statistics as saved (projectors of a distilled student excluded)."""
   if 'export_bytes' in summary:
     return int(summary['export_bytes'])
-  arrays, meta = load_arrays(workdir)
-  params = arrays['params']
-  for key in meta.get('params_prefix', ()):
-    params = params[key]
-  leaves = jax.tree.leaves(params) + jax.tree.leaves(arrays.get('model_state') or {})
+  saved = load_model(workdir)
+  leaves = jax.tree.leaves(saved.params) + jax.tree.leaves(saved.model_state)
   return int(sum(np.asarray(x).nbytes for x in leaves))
 
 

@@ -1,13 +1,12 @@
 """`jkd eval`: evaluate a workdir's latest checkpoint on a split, writing `eval.json`."""
 from __future__ import annotations
 
-import importlib
 import time
 
 import jax
 import ml_collections
 
-from jkd import loop, parallel, storage
+from jkd import loop, parallel, storage, trainers
 from jkd.checkpoint import RunCheckpointer, checkpoint_dir
 from jkd.errors import UserError
 
@@ -26,7 +25,6 @@ def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=
 
   With `export=True` it evaluates the integer model in `workdir/export/` (`jkd compress`)
   through its `jax.export` program instead of the checkpoint."""
-  from jkd.cli import KIND_TO_COMMAND, TRAINERS
   from jkd.config import apply_override, load_config
   workdir = storage.resolve(workdir)
   if export and not storage.isfile(storage.join(workdir, 'export', 'manifest.json')):
@@ -47,15 +45,14 @@ def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=
   kind = meta.get('kind')
   if export:
     return _evaluate_export(workdir, config, meta)
-  if kind not in KIND_TO_COMMAND:
+  if kind not in trainers.COMMANDS:
     raise UserError(f'jkd eval does not know checkpoints of kind {kind!r} yet.')
-  module = importlib.import_module(TRAINERS[KIND_TO_COMMAND[kind]][0])
-  task = module.build_task(config, workdir)
+  task = trainers.get(kind, config).build_task(config, workdir)
   if task.eval_step is None:
     raise UserError(f'A {kind!r} run has no evaluation.')
 
   mesh = parallel.make_mesh(config.get('mesh'))
-  key = jax.random.key(config.seed, impl=config.get('rng_impl', 'rbg'))
+  key, _ = loop.run_keys(config)
   abstract, _ = loop.abstract_sharded_state(task.init_state, key, mesh)
   state, _, _ = ckpt.restore(abstract, expect_kind=kind)
   ckpt.close()

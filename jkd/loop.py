@@ -22,9 +22,10 @@ import optax
 
 from jkd import parallel
 from jkd import storage
-from jkd.checkpoint import RunCheckpointer
+from jkd.checkpoint import RunCheckpointer, model_params
 from jkd.errors import UserError
 from jkd.metrics import MetricWriter, Throughput, format_duration
+from jkd.models import param_count
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -74,8 +75,19 @@ class Task:
   on_finish: Callable[[TrainState, dict], dict] | None = None
 
 
-def count_params(params: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+def run_keys(config) -> tuple[jax.Array, jax.Array]:
+  """(init key, step key) of a run, from `config.seed` and `config.rng_impl`.
+
+  The init key makes the state; the step key is what every train step receives (each step folds
+  in its step number). Anything that must redraw a step's randomness outside the loop (the
+  teacher cache redraws mixup) takes the step key from here.
+  """
+  # rbg: XLA's RngBitGenerator. Its init compiles ~8x faster than threefry on CPU (30 s -> 4 s
+  # for a small ResNet) and gives the same parameters on every mesh we test; 'threefry2x32' is
+  # the portable choice when bit-identical randomness across backends matters.
+  base_key = jax.random.key(config.seed, impl=config.get('rng_impl', 'rbg'))
+  init_key, step_key = jax.random.split(base_key)
+  return init_key, step_key
 
 
 class _StopSignal:
@@ -197,16 +209,10 @@ def _check_same_model(ckpt: RunCheckpointer, task: Task) -> None:
 
 
 def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
-  # rbg: XLA's RngBitGenerator. Its init compiles ~8x faster than threefry on CPU (30 s -> 4 s
-  # for a small ResNet) and gives the same parameters on every mesh we test; 'threefry2x32' is
-  # the portable choice when bit-identical randomness across backends matters.
-  base_key = jax.random.key(config.seed, impl=config.get('rng_impl', 'rbg'))
-  init_key, step_key = jax.random.split(base_key)
+  init_key, step_key = run_keys(config)
   state, state_shardings = init_sharded(task.init_state, init_key, mesh)
-  kept_params = state.params
-  for key in task.meta.get('params_prefix', ()):  # e.g. the student, not its projectors.
-    kept_params = kept_params[key]
-  n_params = count_params(kept_params)
+  # The kept model's size: a distilled student's, without its projectors.
+  n_params = param_count(model_params(state.params, task.meta.get('params_prefix', ())))
   latest = ckpt.latest_step()
   if latest is not None:
     _check_same_model(ckpt, task)

@@ -15,14 +15,12 @@ gives the figures. `plan` is `jkd plan`: the breakdown for a config, and a mesh 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import re
 from typing import Any, Mapping, Sequence
-from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -31,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from jkd import parallel
+from jkd.models import param_count
 from jkd.activations import mim_activation_bytes, vit_activation_bytes  # noqa: F401 (API)
 from jkd.errors import UserError
 
@@ -53,21 +52,11 @@ def abstract_mesh(sizes: Mapping[str, int]) -> jax.sharding.AbstractMesh:
 
 def resolve_mesh(sizes: Mapping[str, int] | None, num_devices: int | None = None
                  ) -> dict[str, int]:
-  """`config.mesh` with its -1 axis (if any) filled in for `num_devices` devices."""
-  sizes = {a: int(v) for a, v in dict(sizes or {'data': -1}).items()}
-  unknown = set(sizes) - set(parallel.MESH_AXES)
-  if unknown:
-    raise UserError(f'mesh {sizes} has unknown axes {sorted(unknown)}; the axes are '
-                    f'{", ".join(parallel.MESH_AXES)}.')
-  out = {a: sizes.get(a, 1) for a in parallel.MESH_AXES}
-  known = math.prod(v for v in out.values() if v != -1)
-  for a, v in out.items():
-    if v == -1:
-      n = num_devices or known
-      if n % known:
-        raise UserError(f'mesh {sizes}: {n} devices do not divide by {known}.')
-      out[a] = n // known
-  return out
+  """`config.mesh` with its -1 axis (if any) given the devices `num_devices` leaves (default: the
+  product of the other axes, i.e. -1 means 1); a mesh without -1 is taken as it is."""
+  sizes = dict(sizes or {'data': -1})
+  fixed = math.prod(int(v) for v in sizes.values() if int(v) != -1)
+  return parallel.mesh_shape(sizes, (num_devices or fixed) if -1 in sizes.values() else fixed)
 
 
 def sharded_bytes(tree: Any, mesh_sizes: Mapping[str, int],
@@ -103,9 +92,7 @@ def _model(cfg: ml_collections.ConfigDict, num_classes: int, mim: tuple | None =
   from jkd.trainers import common
   if mim is None:
     return common.create_model(cfg, num_classes)
-  from jkd.trainers import pretrain
-  return pretrain.create_model(ml_collections.ConfigDict({'method': mim[0], 'model': cfg}),
-                               channels=mim[2])
+  return common.create_mim_model(mim[0], cfg, channels=mim[2])
 
 
 def _mim_mask(model: nn.Module, mim: tuple, image_shape: Sequence[int], batch: int):
@@ -252,9 +239,9 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
         None if isinstance(teacher, Mapping) and 'dtype' in teacher else s_cfg.dtype))
     t_model = _model(t_cfg, num_classes)
     t_abstract, t_state = abstract_variables(t_cfg, num_classes, image_shape)
-    t_count = _count(t_abstract)
-    from jkd.trainers.distill import teacher_storage_dtype  # pylint: disable=g-import-not-at-top
-    t_params = (sharded_bytes(t_abstract, sizes, rules, teacher_storage_dtype(t_model))
+    t_count = param_count(t_abstract)
+    from jkd.teacher import storage_dtype  # pylint: disable=g-import-not-at-top
+    t_params = (sharded_bytes(t_abstract, sizes, rules, storage_dtype(t_model))
                 + sharded_bytes(t_state, sizes, rules, jnp.float32))
     if sizes['fsdp'] > 1:  # Stored in its compute dtype: only the fsdp all-gather copies it.
       copies += sharded_bytes(t_abstract, gathered, rules, t_model.dtype)
@@ -263,14 +250,11 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
       student=s_cfg.name, teacher=t_cfg.name if t_cfg else None, mesh=sizes,
       global_batch=int(global_batch), local_batch=local, image_shape=image_shape,
       dtype=s_cfg.dtype, teacher_dtype=t_cfg.dtype if t_cfg else None,
-      remat=getattr(s_model, 'remat', 'none'), method=method, param_count=_count(s_params), teacher_param_count=t_count, params=params, grads=params,
+      remat=getattr(s_model, 'remat', 'none'), method=method, param_count=param_count(s_params),
+      teacher_param_count=t_count, params=params, grads=params,
       optimizer=optimizer, teacher_params=t_params, weight_copies=copies,
       activations=activations, teacher_activations=t_acts,
       inputs=local * (math.prod(image_shape) + 4) + RNG_KEY_BYTES)
-
-
-def _count(tree) -> int:
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 # ---------------------------------------------------------------- what XLA reports
@@ -293,31 +277,6 @@ def distill_config(config: ml_collections.ConfigDict,
   return config
 
 
-def named_teacher(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """The model config of a teacher given by name: `config.teacher.dtype` (else the student's
-  dtype), and the student's attention and pooling where the teacher has those fields."""
-  from jkd import models
-  tcfg = config.get('teacher') or {}
-  cfg = model_config(name, tcfg.get('dtype') or config.model.get('dtype', 'float32'))
-  for field in ('attention', 'pool'):
-    if field in config.model and field in models.fields(cfg.name):
-      cfg[field] = config.model[field]
-  return cfg
-
-
-def zero_teacher(config, num_classes: int):
-  """Stands in for `distill.load_teacher`: `config.teacher.model` with zero weights, taking
-  the student's attention and pooling settings where the teacher has those fields."""
-  from jkd import data
-  from jkd.trainers import common
-  cfg = named_teacher(config, config.teacher.model)
-  shape = common.input_shape(data.get_info(config.data), config.data)
-  params, state = abstract_variables(cfg, num_classes, shape)
-  zeros = jax.tree.map(lambda x: np.zeros(x.shape, np.float32),
-                       {'params': nn.meta.unbox(params), **state})
-  return _model(cfg, num_classes), zeros, {'workdir': '', 'model': cfg.name}
-
-
 def compile_step(config: ml_collections.ConfigDict, *, teacher: str | None = None,
                  run: bool = False) -> dict:
   """Compiles the real jkd train step of `config` on this process's devices; XLA's memory.
@@ -335,9 +294,8 @@ def compile_step(config: ml_collections.ConfigDict, *, teacher: str | None = Non
     generated_code, and peak = argument + output − alias + temp; with `run` (one real step)
     also `peak_bytes_in_use`, the allocator's high-water mark where the device reports it.
   """
-  from jkd import loop
-  from jkd.trainers import distill, pretrain, supervised
-  from jkd import data
+  from jkd import data, loop, trainers  # pylint: disable=g-import-not-at-top
+  from jkd.teacher import Teacher  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   if config.data.name != 'synthetic':  # Same shapes, nothing read from disk (as `jkd bench`).
     shape, classes = image_spec(config.data)
@@ -346,16 +304,17 @@ def compile_step(config: ml_collections.ConfigDict, *, teacher: str | None = Non
   config.data.num_workers, config.data.prefetch = 0, 1
   tcfg = config.get('teacher') or {}
   is_distill = bool(teacher or tcfg.get('workdir') or tcfg.get('model'))
-  patch = contextlib.nullcontext()
   if is_distill:
     config = distill_config(config, teacher)
-    if teacher or not config.teacher.get('workdir'):  # A named teacher wins, as in `plan`.
-      patch = mock.patch.object(distill, 'load_teacher', zero_teacher)
-  with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))), patch:
-    trainer = distill if is_distill else pretrain if mim_method(config) else supervised
-    task = trainer.build_task(config, '')
+  trainer = trainers.get('distill' if is_distill else 'pretrain' if mim_method(config)
+                         else 'train', config)
+  inputs = {}
+  if trainer.name == 'distill' and (teacher or not config.teacher.get('workdir')):
+    inputs['teacher'] = Teacher.named(config)  # A named teacher wins, as in `plan`.
+  with parallel.use_rules(parallel.merge_rules(config.get('sharding_rules'))):
+    task = trainer.build_task(config, '', **inputs)
     mesh = parallel.make_mesh(config.get('mesh'))
-    key = jax.random.key(config.seed, impl=config.get('rng_impl', 'rbg'))
+    key, _ = loop.run_keys(config)
     state, shardings = loop.abstract_sharded_state(task.init_state, key, mesh)
     step_fn, extra = loop.jit_train_step(task, mesh, shardings)
     batch = parallel.global_batch(next(task.train_iterator), mesh)
@@ -425,35 +384,24 @@ def mim_method(config: ml_collections.ConfigDict) -> str | None:
 
 def plan_inputs(config: ml_collections.ConfigDict, teacher: str | None = None) -> dict:
   """What `estimate` needs, read from a run config: image shape, classes, teacher model."""
+  from jkd import teacher as teacher_lib  # pylint: disable=g-import-not-at-top
   image_shape, num_classes = image_spec(config.data)
   tcfg = config.get('teacher') or ml_collections.ConfigDict()
   name, t_model, note = teacher or tcfg.get('model'), None, ''
   if (tcfg.get('cache') or {}).get('dir') and not teacher:
     note = 'teacher cache: the teacher is not in memory while distilling'
   elif name:
-    t_model = named_teacher(config, name).to_dict()
+    t_model = teacher_lib.named_config(config, name).to_dict()
   elif tcfg.get('workdir'):
-    t_model = _workdir_teacher(tcfg)
+    try:
+      t_model = teacher_lib.saved_config(tcfg.workdir, tcfg.get('dtype'))
+    except UserError as e:
+      raise UserError(f'{e} To plan without a teacher workdir, name the teacher model: '
+                      '--teacher vit_l16 (for example).') from e
   elif 'teacher' in config:
     note = 'no teacher given: the student alone is planned (pass --teacher MODEL)'
   return {'image_shape': tuple(image_shape), 'num_classes': int(num_classes),
           'teacher': t_model, 'note': note}
-
-
-def _workdir_teacher(tcfg) -> dict:
-  """The model config stored with a teacher workdir's checkpoint (as `distill.load_teacher`)."""
-  from jkd.checkpoint import RunCheckpointer
-  try:
-    meta = RunCheckpointer(tcfg.workdir, create=False).read_meta()
-  except UserError as e:
-    raise UserError(f'{e} To plan without a teacher workdir, name the teacher model: '
-                    '--teacher vit_l16 (for example).') from e
-  model = dict((meta.get('config') or {}).get('model') or {})
-  if not model.get('name'):
-    raise UserError(f'The checkpoint in {tcfg.workdir} does not say which model it holds.')
-  if tcfg.get('dtype'):
-    model['dtype'] = tcfg.dtype
-  return model
 
 
 def plan(config: ml_collections.ConfigDict, *, teacher: str | None = None,

@@ -24,12 +24,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jkd.errors import UserError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
-# Batch dimension of activations and input batches: split over every data-like axis.
+# Batch dimension of input batches (and so of every activation): split over every data-like
+# axis. Parameters have no batch axis, so the rules below name parameter axes only.
 BATCH_AXES = ('data', 'fsdp')
 
-# Logical axis -> mesh axis (or None = replicated). Read top to bottom, like MaxText's table.
+# Logical axis of a parameter -> mesh axis (or None = replicated). Read top to bottom, like
+# MaxText's table.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ('batch', BATCH_AXES),
     ('embed', 'fsdp'),      # ViT width: FSDP shards the large dimension of every matrix.
     ('mlp', 'tensor'),      # Megatron-style: MLP hidden and heads split across tensor.
     ('heads', 'tensor'),
@@ -83,15 +84,14 @@ def active_rules() -> tuple[tuple[str, Any], ...]:
   return _ACTIVE_RULES.get()
 
 
-def make_mesh(axis_sizes: Mapping[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a ('data', 'fsdp', 'tensor') mesh; one size may be -1 to take the rest.
+def mesh_shape(axis_sizes: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
+  """`config.mesh` made whole: every axis of MESH_AXES with its size, the -1 axis (at most one)
+  taking the devices the others leave, checked against `num_devices`.
 
   Args:
     axis_sizes: e.g. {'data': -1}, {'data': 2, 'fsdp': 4}. Missing axes have size 1.
-    devices: defaults to all devices of all processes.
+    num_devices: the devices the mesh must cover.
   """
-  devices = list(devices if devices is not None else jax.devices())
   sizes = dict(axis_sizes or {'data': -1})
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
@@ -102,13 +102,26 @@ def make_mesh(axis_sizes: Mapping[str, int] | None = None,
     raise UserError(f'config.mesh {sizes}: at most one axis may be -1.')
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
-    if len(devices) % known:
-      raise UserError(f'config.mesh {sizes}: {len(devices)} devices do not divide by {known}.')
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
+    if num_devices % known:
+      raise UserError(f'config.mesh {sizes}: {num_devices} devices do not divide by {known}.')
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
     raise UserError(f'config.mesh {sizes} needs {math.prod(shape)} devices but '
-                    f'{len(devices)} are available. Use -1 for one axis to fill the rest.')
-  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                    f'{num_devices} are available. Use -1 for one axis to fill the rest.')
+  return dict(zip(MESH_AXES, shape))
+
+
+def make_mesh(axis_sizes: Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a ('data', 'fsdp', 'tensor') mesh; one size may be -1 to take the rest.
+
+  Args:
+    axis_sizes: e.g. {'data': -1}, {'data': 2, 'fsdp': 4}. Missing axes have size 1.
+    devices: defaults to all devices of all processes.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape = tuple(mesh_shape(axis_sizes, len(devices)).values())
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 
 

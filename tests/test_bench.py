@@ -1,5 +1,4 @@
 """`jkd bench` end to end on CPU: bench.json has every contract key with sane values."""
-import importlib
 import json
 import math
 import os
@@ -7,7 +6,7 @@ import os
 import jax
 import pytest
 
-from jkd import bench, cli
+from jkd import bench, cli, trainers
 from jkd.config import load_config
 
 from conftest import REPO
@@ -89,8 +88,8 @@ def test_qat_bench_step_multiplies_in_int8(tmp_path, quantized):
   that silently fell back to float fails here."""
   config = load_config(os.path.join(REPO, 'configs', 'bench', 'qat_vit_s16.py') + ':tiny',
                        [f'quant.enabled={quantized}'])
-  module_name, _ = bench.JOBS[config.bench.job]
-  task = importlib.import_module(module_name).build_task(config, str(tmp_path))
+  command, _ = bench.JOBS[config.bench.job]
+  task = trainers.get(command, config).build_task(config, str(tmp_path))
   state = jax.eval_shape(task.init_state, jax.random.key(0))
   batch = next(task.train_iterator)
   jaxpr = jax.make_jaxpr(task.train_step)(state, batch, jax.random.key(1)).jaxpr

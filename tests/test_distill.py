@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jkd import parallel
+from jkd import teacher as teacher_lib
 from jkd.checkpoint import load_arrays
 from jkd.config import load_config
 from jkd.errors import UserError
@@ -198,7 +199,7 @@ def test_cached_teacher_matches_online_without_teacher_forward(teacher, cache_di
 
   def no_teacher(*args, **kwargs):
     raise AssertionError('the cached run loaded the teacher')
-  monkeypatch.setattr(distill, 'load_teacher', no_teacher)
+  monkeypatch.setattr(teacher_lib, 'load_model', no_teacher)  # how any teacher is read
   task = distill.build_task(config, str(tmp_path / 'unused'))
   assert task.place_extra_args is None  # the jitted step gets no teacher argument
   cached = str(tmp_path / 'cached')

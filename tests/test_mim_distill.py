@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jkd import loop, parallel
+from jkd import loop, parallel, trainers
 from jkd.checkpoint import RunCheckpointer, load_arrays
 from jkd.config import load_config
 from jkd.errors import UserError
-from jkd.trainers import distill, mim_distill, pretrain, supervised
+from jkd.trainers import mim_distill, mim_terms, pretrain, supervised
 
 from conftest import REPO, read_jsonl, run_jkd
 
@@ -57,7 +57,8 @@ def distilled(mae_teacher, tmp_path_factory):
   """The default recipe (pixel + teacher_pixel), trained through `jkd distill`'s entry point."""
   w = str(tmp_path_factory.mktemp('mim_default'))
   before, _ = load_arrays(mae_teacher)
-  summary = distill.train(_config(mae_teacher), w)
+  config = _config(mae_teacher)
+  summary = trainers.get('distill', config).train(config, w)
   return w, summary, before
 
 
@@ -176,8 +177,8 @@ def test_bad_terms_are_user_errors():
                       ({'masked_feature': {'tokens': 'all'}}, 'use one of'),
                       ({}, 'empty')):
     with pytest.raises(UserError, match=words):
-      mim_distill.parse_terms(spec)
-  terms = mim_distill.parse_terms([dict(kind='pixel', weight=2.0), dict(kind='tinymim_relation')])
+      mim_terms.parse_terms(spec)
+  terms = mim_terms.parse_terms([dict(kind='pixel', weight=2.0), dict(kind='tinymim_relation')])
   assert terms[0]['weight'] == 2.0 and terms[1]['temperature'] == 1.0
 
 

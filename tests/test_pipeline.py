@@ -1,5 +1,6 @@
-"""`jkd pipeline`: multi-stage distillation in one resumable command (tiny sizes), and the
-stage references it refuses."""
+"""`jkd pipeline`: multi-stage distillation in one resumable command (tiny sizes), the stage
+references it refuses, and the command line a stage's references make. (Its runner, shared with
+benchmarks/results_tables.py, is tested against that script in tests/test_results_tables.py.)"""
 import json
 import os
 
@@ -87,3 +88,21 @@ def _pipeline(**stages):
 def test_bad_stage_references_are_refused_before_anything_runs(stages, message):
   with pytest.raises(UserError, match=message):
     pipeline.stage_names(_pipeline(**stages))
+
+
+def test_references_become_overrides_and_the_command_line(tmp_path):
+  """`plan` puts each stage in WORKDIR/NAME; its references to earlier stages become, after its
+  own overrides, what `jkd pipeline` applies in-process and the `jkd` command that runs it."""
+  w = str(tmp_path / 'p')
+  teacher, student = pipeline.plan(_pipeline(
+      teacher=pipeline.stage('train', 'fashion_mnist/supervised.py:tiny'),
+      student=pipeline.stage('distill', 'fashion_mnist/distill.py:tiny', ['model.width=8'],
+                             init_from='teacher', teacher='teacher')), w)
+  assert (teacher.name, teacher.workdir, teacher.config_overrides()) == (
+      'teacher', os.path.join(w, 'teacher'), [])
+  overrides = ['model.width=8', f'init_from={w}/teacher', f'teacher.workdir={w}/teacher']
+  assert student.config_overrides() == overrides
+  assert student.args(['--config.log_every=1']) == [
+      'distill', '--config', os.path.join(REPO, 'configs', 'fashion_mnist', 'distill.py:tiny'),
+      '--workdir', os.path.join(w, 'student'), *(f'--config.{o}' for o in overrides),
+      '--config.log_every=1']

@@ -14,7 +14,7 @@ from jkd.config import load_config
 from jkd.errors import UserError
 from jkd.models.mim import MAE, SimMIM, create_mim
 from jkd.optim import layerwise_lr_scales
-from jkd.trainers import pretrain, supervised
+from jkd.trainers import common, pretrain, supervised
 
 from conftest import REPO, read_jsonl
 
@@ -150,7 +150,8 @@ def test_imagenet_configs_follow_the_papers():
   assert peak_lr(sim.optim, sim.batch_size) == pytest.approx(8e-4 * 2048 / 512)
   # The model and masks fit together at the papers' sizes (shapes only, nothing computed).
   for config, size in ((mae, 224), (sim, 192)):
-    model = pretrain.create_model(config, 3).clone(attention='xla', dtype=jnp.float32)
+    model = common.create_mim_model(config.method, config.model, 3).clone(attention='xla',
+                                                                         dtype=jnp.float32)
     objective = pretrain.MimObjective(model, config, size)
     mask = objective.draw_mask(KEY, 1)
     x = jnp.zeros((1, size, size, 3))

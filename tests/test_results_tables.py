@@ -1,6 +1,8 @@
 """benchmarks/results_tables.py: the command plan of every table, its specs against the configs,
-the runner's skip / failure / time-limit behaviour (with a stand-in for `jkd`), and (slow) a
-real tiny distill table end to end."""
+the runner's skip / failure / time-limit behaviour (with a stand-in for `jkd`), the runner and
+command lines it shares with `jkd pipeline`, that it leaves jax uninitialised, and (slow) a real
+tiny distill table end to end."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -10,6 +12,7 @@ import sys
 import textwrap
 import time
 
+import ml_collections
 import pytest
 
 from conftest import REPO
@@ -328,6 +331,95 @@ def test_parallel_time_limit_stops_every_run_with_sigterm(tmp_path):
   root = tmp_path / 'root' / 'tiny' / 'sup_resnet18'
   assert (root / 'seed0' / 'got_sigterm').exists() and (root / 'seed1' / 'got_sigterm').exists()
   assert p.stdout.count('stopped by the time limit of 8 s during') == 2
+
+
+# --- What it shares with `jkd pipeline` (jkd.pipeline). ----------------------------------------
+
+def _leave_summaries(workdirs):
+  """workdirs[0] without summary.json, [1] finished, [2] with one cut off while being written,
+  [3] with one that is no JSON object."""
+  for wd, text in zip(workdirs[1:], ('{"test_accuracy": 0.5}', '{"test_acc', '[0.5]')):
+    os.makedirs(wd)
+    with open(os.path.join(wd, 'summary.json'), 'w') as f:
+      f.write(text)
+
+
+def test_it_skips_the_runs_jkd_pipeline_skips(tmp_path, monkeypatch, capsys):
+  """Both walk their runs with `jkd.pipeline.run_in_order`: only a whole summary.json (a JSON
+  object) makes a run finished and skipped; the others run again."""
+  from jkd import pipeline, trainers
+  seeds = [str(tmp_path / 'root' / 'tiny' / 'sup_resnet18' / f'seed{s}') for s in range(4)]
+  _leave_summaries(seeds)
+  assert [pipeline.finished(wd) for wd in seeds] == [None, {'test_accuracy': 0.5}, None, None]
+  p = _run_fake(tmp_path, '--table', 'supervised', '--seeds', '0', '1', '2', '3')
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert re.findall(r'^fake jkd .* --workdir (\S+)', p.stdout, re.M) == [
+      seeds[0], seeds[2], seeds[3]]
+  assert p.stdout.count('skipped') == 1 and (
+      f'[2/4] skipped sup_resnet18 seed 1: {seeds[1]} has summary.json') in p.stdout
+  # `jkd pipeline` with the same four workdirs as its stages trains the same three.
+  trained = []
+
+  class Trainer:
+    def train(self, config, workdir):
+      trained.append((workdir, config.seed))
+      return {'test_accuracy': 0.7}
+
+  monkeypatch.setattr(trainers, 'get', lambda command, config: Trainer())
+  w = tmp_path / 'pipeline'
+  _leave_summaries([str(w / f'seed{s}') for s in range(4)])
+  summaries = pipeline.run_stages(ml_collections.ConfigDict(dict(
+      order=tuple(f'seed{s}' for s in range(4)),
+      stages={f'seed{s}': pipeline.stage('train', 'fashion_mnist/supervised.py:tiny',
+                                         [f'seed={s}']) for s in range(4)})), str(w))[0]
+  assert trained == [(str(w / f'seed{s}'), s) for s in (0, 2, 3)]
+  assert summaries['seed1'] == {'test_accuracy': 0.5}
+  assert capsys.readouterr().out.count('already done, skipped') == 1
+
+
+def test_a_run_is_the_jkd_pipeline_stage_of_the_same_command(tmp_path):
+  """A run is a `jkd.pipeline.Stage`: the `jkd pipeline` stage with the same command, config,
+  seed and teacher has its command line, and this script launches exactly that."""
+  from jkd import pipeline
+  teacher = rt.workdir(str(tmp_path), 'gpu', 'teacher', 0)
+  os.makedirs(teacher)  # A pipeline takes a reference that names no stage of it for a workdir.
+  run = rt.make_run('kd', 1, root=str(tmp_path), scale='gpu', launcher=['python', '-m', 'jkd.cli'],
+                    extra=['--config.log_every=1'])
+  assert isinstance(run, pipeline.Stage) and run.references == {'teacher.workdir': teacher}
+  [stage] = pipeline.plan(ml_collections.ConfigDict(dict(stages=dict(
+      seed1=pipeline.stage('distill', 'fashion_mnist/distill.py:kd', ['seed=1'],
+                           teacher=teacher)))), os.path.dirname(run.workdir))
+  # The same but for the config's path: the pipeline's is absolute, this script's relative.
+  assert stage.args() == dataclasses.replace(run, config=os.path.abspath(run.config)).args()
+  assert run.argv == ['python', '-m', 'jkd.cli', *run.args(['--config.log_every=1'])]
+  assert run.display == 'jkd ' + ' '.join(run.args(['--config.log_every=1']))
+
+
+def test_planning_skipping_and_reporting_leave_jax_uninitialised(tmp_path):
+  """The script is the parent process of runs that use the GPU: jkd.pipeline, the plan, the
+  finished check and the report must not initialise a JAX backend (it would take GPU memory)."""
+  root = str(tmp_path)
+  wd = rt.workdir(root, 'tiny', 'student_scratch', 0)
+  os.makedirs(wd)
+  with open(os.path.join(wd, 'summary.json'), 'w') as f:  # Its environment: nothing to probe.
+    json.dump({'test_accuracy': 0.8, 'environment': {'platform': 'cpu'}}, f)
+  code = textwrap.dedent(f'''
+      import importlib.util, json, sys
+      spec = importlib.util.spec_from_file_location('results_tables', {RUNNER!r})
+      rt = importlib.util.module_from_spec(spec)
+      sys.modules['results_tables'] = rt
+      spec.loader.exec_module(rt)
+      for mode in ('--dry-run', '--report-only'):
+        assert rt.main(['--table', 'compress', '--scale', 'tiny', '--seeds', '0', '--root',
+                        {root!r}, mode]) == 0
+      bridge = sys.modules.get('jax._src.xla_bridge')  # Absent unless jax was imported.
+      print(json.dumps(sorted(bridge._backends) if bridge else []))
+  ''')
+  p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                     cwd=REPO)
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+  assert '# done: jkd train' in p.stdout and '| fp32 student |' in p.stdout
+  assert json.loads(p.stdout.strip().splitlines()[-1]) == []
 
 
 # --- The real thing at tiny size. ---------------------------------------------------------------

@@ -8,7 +8,10 @@ r"""Compression of a trained Fashion-MNIST classifier: pruning and/or int8 QAT, 
 Variants after the colon: `qat` (default: int8 weights per channel + int8 activations, QAT with
 Qwix, 1 epoch), `ptq` (the same quantization, no training), `prune50` (50% global magnitude
 pruning, cubic schedule, float export), `prune24` (2:4 semi-structured), `qat_kd` (int8 QAT
-distilled from `--config.teacher.workdir`), `tiny` / `tiny-NAME` (test size). `config.model`
+distilled from `--config.teacher.workdir`: 0.1 CE + 0.9 KD at T=4), `tiny` / `tiny-NAME` (test
+size). The loss is `config.losses`, the logit terms of `jkd distill` (ce, kd, dkd, dist,
+kd_logit_std), e.g. `--config.losses.kd.temperature=2`; `--config.kd_weight=W` (and
+`--config.kd_temperature=T`) is a shorthand for CE weight 1 - W plus KD weight W. `config.model`
 must name the model of `init_from` (default resnet8_s). Writes `export/` (weights.bin,
 manifest.json, model.jaxexport) and summary.json with export_bytes, compression_ratio,
 export_accuracy and sparsity.
@@ -39,15 +42,17 @@ def get_config(arg=None):
   c.quant = ml_collections.ConfigDict(dict(
       enabled=False, mode='qat', weight_bits=8, act_bits=8, module_path='.*'))
   c.teacher = ml_collections.ConfigDict({'workdir': '', 'dtype': 'float32'})
-  c.kd_weight = 0.0
-  c.kd_temperature = 4.0
+  c.losses = ml_collections.ConfigDict({'ce': dict(weight=1.0)})
+  c.kd_weight = None          # Shorthand: W sets losses to (1 - W) CE + W KD.
+  c.kd_temperature = None     # Shorthand: the KD temperature (default 4).
   if variant in ('qat', 'ptq', 'qat_kd'):
     c.quant.enabled = True
     c.quant.mode = 'ptq' if variant == 'ptq' else 'qat'
   if variant == 'ptq':
     c.total_steps = 1        # One step: reports the quantized loss; nothing is trained.
   if variant == 'qat_kd':
-    c.kd_weight = 0.9
+    c.losses = ml_collections.ConfigDict({'ce': dict(weight=0.1),
+                                          'kd': dict(weight=0.9, temperature=4.0)})
   if variant == 'prune50':
     c.num_epochs = 2.0
   if variant == 'prune24':

@@ -1,0 +1,83 @@
+"""The trainers, one per job, and the one table that says which runs which command.
+
+Each trainer module has `build_task(config, workdir, ...) -> jkd.loop.Task` (the step and the
+state; `jkd bench`, `jkd plan` and `jkd eval` build it too) and `train(config, workdir) ->
+summary` (what the command runs). `get(command, config)` picks the trainer: `jkd distill` with
+`config.method = 'mim'` is the MIM-distillation trainer. A checkpoint's `kind` is the command
+that wrote it, so `get(meta['kind'], config)` rebuilds any saved run's Task.
+
+Modules are imported when a trainer is used, so the CLI starts without loading them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+
+from jkd.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """One trainer: the command that runs it and the module that implements it.
+
+  Attributes:
+    name: the trainer ('supervised', 'mim_distill', ...).
+    command: the `jkd` command, also the `kind` its checkpoints record.
+    module: the module with `build_task` and `train`.
+    description: one line for `jkd --help`.
+    method: the `config.method` that selects this trainer among those of its command; None for
+      the command's default trainer.
+  """
+  name: str
+  command: str
+  module: str
+  description: str
+  method: str | None = None
+
+  def load(self) -> ModuleType:
+    return importlib.import_module(self.module)
+
+  def build_task(self, config, workdir: str, **inputs):
+    """The trainer's Task; `inputs` are its optional arguments (e.g. `teacher=`)."""
+    return self.load().build_task(config, workdir, **inputs)
+
+  def train(self, config, workdir: str) -> dict:
+    """Runs the command; returns the summary (also in `workdir/summary.json`)."""
+    return self.load().train(config, workdir)
+
+
+TRAINERS: tuple[Trainer, ...] = (
+    Trainer('supervised', 'train', 'jkd.trainers.supervised',
+            'supervised training of a teacher or a student'),
+    Trainer('pretrain', 'pretrain', 'jkd.trainers.pretrain',
+            'SimMIM or MAE masked-image-modeling pretraining (config.method)'),
+    Trainer('distill', 'distill', 'jkd.trainers.distill',
+            'teacher -> student distillation (config.teacher.workdir; config.method=mim: '
+            'a masked student from a SimMIM / MAE teacher)'),
+    Trainer('mim_distill', 'distill', 'jkd.trainers.mim_distill',
+            'a masked student from a SimMIM / MAE teacher (config.method=mim)', method='mim'),
+    Trainer('compress', 'compress', 'jkd.trainers.compress',
+            'pruning and/or quantization-aware training, then int8 export (export/)'),
+)
+# The training commands, in the order `jkd --help` lists them.
+COMMANDS: tuple[str, ...] = tuple(dict.fromkeys(t.command for t in TRAINERS))
+
+
+def get(command: str, config=None) -> Trainer:
+  """The trainer that runs `jkd COMMAND` (or rebuilds a checkpoint of that kind) for `config`.
+
+  Raises:
+    UserError: not a training command.
+  """
+  candidates = [t for t in TRAINERS if t.command == command]
+  if not candidates:
+    raise UserError(f'{command!r} is not a training command; use one of {", ".join(COMMANDS)}.')
+  method = config.get('method') if config is not None else None
+  return next((t for t in candidates if t.method is not None and t.method == method),
+              next(t for t in candidates if t.method is None))
+
+
+def describe(command: str) -> str:
+  """The help line of a command: its default trainer's."""
+  return get(command).description

@@ -1,6 +1,9 @@
-"""Pieces every trainer shares: model from config, variable init, eval step, init_from."""
+"""Pieces every trainer shares: the run's data and length, models from config, variable init,
+the inputs both models of a distillation see, the eval step, `init_from`, and the Task itself."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -10,9 +13,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from jkd import data, models
-from jkd.checkpoint import load_arrays
+from jkd import data, loop, models
+from jkd.checkpoint import load_model
 from jkd.errors import UserError
+from jkd.models.mim import METHODS, create_mim
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Collections a forward pass may write that are not state to keep across steps.
@@ -32,6 +36,31 @@ def create_model(model_cfg: ml_collections.ConfigDict, num_classes: int) -> nn.M
     kwargs['dtype'] = compute_dtype(kwargs['dtype'])
   kwargs.setdefault('num_classes', num_classes)
   return models.create(model_cfg.name, **kwargs)
+
+
+# Fields one MIM class has and the other lacks (decoder_*, posemb...).
+_MIM_FIELDS = {m: {f.name for f in dataclasses.fields(c)} for m, c in METHODS.items()}
+_ONE_METHOD_ONLY = set.union(*_MIM_FIELDS.values()) - set.intersection(*_MIM_FIELDS.values())
+
+
+def create_mim_model(method: str, model_cfg: Mapping, channels: int, *, dtype: str | None = None,
+                     either_method: bool = False) -> nn.Module:
+  """{name (the ViT encoder), dtype, ...MIM fields} -> a SimMIM / MAE module (`create_mim`).
+
+  Args:
+    dtype: replaces the config's compute dtype (a teacher run in another precision).
+    either_method: ignore fields that only the other method has (a MIM distillation's student
+      config may carry decoder fields for either); otherwise they are a UserError.
+  """
+  model_cfg = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+  kwargs = {k: v for k, v in model_cfg.items() if k != 'name' and not (
+      either_method and k in _ONE_METHOD_ONLY and k not in _MIM_FIELDS.get(method, ()))}
+  if dtype:
+    kwargs['dtype'] = dtype
+  if 'dtype' in kwargs:
+    kwargs['dtype'] = compute_dtype(kwargs['dtype'])
+  kwargs.setdefault('channels', channels)
+  return create_mim(method, model_cfg['name'], **kwargs)
 
 
 def without_attention_maps(model: nn.Module) -> nn.Module:
@@ -85,9 +114,80 @@ def total_steps(config, num_train_examples: int) -> int:
   return max(int(config.num_epochs * num_train_examples // config.batch_size), 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  """What every trainer reads first: the dataset's facts, the input shape and the run's length.
+
+  Attributes:
+    info: the dataset (`data.DatasetInfo`: classes, mean/std, split sizes).
+    shape: one input image (H, W, C) as the pipeline yields it.
+    steps: train steps of the run (`config.total_steps`, else epochs of the train split).
+  """
+  info: data.DatasetInfo
+  shape: tuple[int, int, int]
+  steps: int
+
+  @classmethod
+  def from_config(cls, config, *, square_for: str = '') -> 'RunData':
+    """Reads `config.data`; `square_for` names a job that needs square images (MIM)."""
+    info = data.get_info(config.data)
+    shape = input_shape(info, config.data)
+    if square_for and shape[0] != shape[1]:
+      raise UserError(f'{square_for} needs square images, got {shape[:2]}: set '
+                      '--config.data.image_size.')
+    return cls(info, shape, total_steps(config, info.num_examples[config.data.train_split]))
+
+
+def new_state(params, model_state: dict, tx) -> loop.TrainState:
+  """A step-0 TrainState with the optimizer state of `tx` for `params`."""
+  return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                         opt_state=tx.init(params))
+
+
+def init_state(model: nn.Module, tx, shape, key: jax.Array) -> loop.TrainState:
+  """A classifier's step-0 state: its fresh variables and the optimizer state of `tx`."""
+  return new_state(*init_variables(model, key, shape), tx)
+
+
+def eval_batches(config):
+  """() -> one pass over `config.data.eval_split` (the Task's `eval_batches`)."""
+  return lambda: data.make_eval_iterator(
+      config.data, config.data.eval_split,
+      global_batch_size=config.get('eval_batch_size', config.batch_size))
+
+
+def make_task(config, kind: str, run: RunData, *, meta: dict, **fields) -> loop.Task:
+  """The Task of a run of `config`: the run's train iterator, eval batches, batch size and
+  length, filled in around the trainer's own `fields` (init_state, train_step, eval_step...,
+  any of which may replace the defaults). `meta` is added to {model, dataset, image_shape}."""
+  defaults = dict(
+      train_iterator=fields.pop('train_iterator', None) or data.make_train_iterator(
+          config.data, global_batch_size=config.batch_size, seed=config.seed),
+      eval_batches=eval_batches(config), global_batch_size=config.batch_size,
+      total_steps=run.steps)
+  return loop.Task(kind=kind, **{**defaults, **fields}, meta={
+      'model': config.model.name, 'dataset': config.data.name, 'image_shape': list(run.shape),
+      **meta})
+
+
+def step_inputs(batch, key, step, info, mixup_alpha: float):
+  """What both models of a distillation see at `step`: (normalized, mixed images (B, H, W, C)
+  fp32, mixed one-hot targets (B, C), dropout key). Mixup is drawn from (key, step) only, so the
+  teacher cache reproduces it."""
+  key = jax.random.fold_in(key, step)
+  mix_key, dropout_key = jax.random.split(key)
+  images = data.normalize(batch['image'], info.mean, info.std, jnp.float32)
+  targets = jax.nn.one_hot(batch['label'], info.num_classes)
+  if mixup_alpha > 0:  # Mixed once, seen by both models: consistent teaching.
+    images, targets = data.mixup(mix_key, images, targets, mixup_alpha)
+  return images, targets, dropout_key
+
+
 def classification_eval_step(model: nn.Module, mean, std, dtype, num_classes: int):
-  """(state, batch) -> sums of `correct`, `loss` (cross-entropy) and `count` over valid rows."""
-  def eval_step(state, batch):
+  """(state, batch, *frozen) -> sums of `correct`, `loss` (cross-entropy) and `count` over valid
+  rows. Extra arguments (a frozen teacher's variables) are ignored."""
+  def eval_step(state, batch, *frozen):
+    del frozen
     images = data.normalize(batch['image'], mean, std, dtype)
     logits, _, _ = apply_model(model, state.params, state.model_state, images, train=False)
     mask = batch['mask']
@@ -130,6 +230,15 @@ def _flatten(tree: Mapping, prefix=()):
       yield prefix + (k,), np.asarray(v)
 
 
+def init_from(config, **options):
+  """The Task's `on_init` that loads `config.init_from` (the sub-tree `config.init_prefix`) into
+  a fresh state (`load_init_from(..., **options)`); None when the config names no workdir."""
+  if not config.get('init_from'):
+    return None
+  return functools.partial(load_init_from, config.init_from,
+                           params_prefix=tuple(config.get('init_prefix', ()) or ()), **options)
+
+
 def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
                    skip: tuple[str, ...] = ('head',), into: str | None = None, log=print):
   """Initialises `state.params` (and BatchNorm stats) from another run's latest checkpoint.
@@ -141,21 +250,18 @@ def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
     into: the key of `state.params` that holds the model (a distilled student sits under
       'student', beside its projectors, which stay fresh); None: all of `state.params`.
   """
-  arrays, meta = load_arrays(workdir)
-  source = arrays['params']
-  # A distilled student sits under params['student'] beside its dropped projectors.
-  for p in params_prefix or tuple(meta.get('params_prefix', ())):
-    source = source[p]
+  saved = load_model(workdir, prefix=params_prefix)  # The run's own prefix unless one is given.
   target = state.params if into is None else state.params[into]
-  params, loaded, skipped = merge_pretrained(target, source, skip=skip)
+  params, loaded, skipped = merge_pretrained(target, saved.params, skip=skip)
   if into is not None:
     params = {**state.params, into: params}
   if not loaded:
     raise UserError(f'init_from={workdir!r}: none of its weights fit this model '
-                    f'({meta.get("model")!r} there). Check config.model and config.init_from.')
+                    f'({saved.meta.get("model")!r} there). Check config.model and '
+                    'config.init_from.')
   model_state = state.model_state
-  if model_state and arrays.get('model_state'):
-    model_state, _, _ = merge_pretrained(model_state, arrays['model_state'], skip=())
+  if model_state and saved.model_state:
+    model_state, _, _ = merge_pretrained(model_state, saved.model_state, skip=())
   log(f'init_from {workdir}: loaded {len(loaded)} tensors, kept {len(skipped)} fresh '
       f'({", ".join(sorted({s.split("/")[0] for s in skipped})[:6]) or "none"})')
   return state.replace(params=params, model_state=model_state)

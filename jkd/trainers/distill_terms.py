@@ -13,6 +13,7 @@ deit_soft) its distillation head, as in DeiT. Without the token those terms read
 """
 from __future__ import annotations
 
+import types
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -23,6 +24,11 @@ import optax
 
 from jkd import losses
 from jkd.errors import UserError
+
+# A distillation run's params: {'student': the model that is kept, 'projectors': the trainable
+# maps from student features to teacher widths, dropped after training} (meta `params_prefix`).
+STUDENT = 'student'
+PROJECTORS = 'projectors'
 
 # kind -> (needs feature taps, default options). Options not listed here are rejected.
 TERMS: dict[str, dict[str, Any]] = {
@@ -41,6 +47,7 @@ TERMS: dict[str, dict[str, Any]] = {
     'pkt': {'student': 'pre_logits', 'teacher': 'pre_logits'},
     'sp': {'student': 'pre_logits', 'teacher': 'pre_logits'},
 }
+_NONE: Mapping = types.MappingProxyType({})  # No feature taps (a logits-only trainer).
 LOGIT_TERMS = ('ce', 'kd', 'dkd', 'dist', 'kd_logit_std', 'deit_hard', 'deit_soft')
 
 
@@ -113,9 +120,20 @@ def find_tap(intermediates: Mapping, name: str, who: str) -> jax.Array:
                   f'{", ".join(sorted(flat)[:40])}.')
 
 
+def term_values(terms: list[dict], **inputs) -> dict[str, jax.Array]:
+  """term name -> `term_value(term, **inputs)`, for every term."""
+  return {t['name']: term_value(t, **inputs) for t in terms}
+
+
+def total(terms: list[dict], values: Mapping[str, jax.Array]) -> jax.Array:
+  """The loss: sum over terms of weight × value (`values` keyed by term name)."""
+  return sum(t['weight'] * values[t['name']] for t in terms)
+
+
 class Projectors(nn.Module):
-  """Trainable maps from student taps to teacher widths (FitNet regressors); dropped after
-  training. One Dense (a 1×1 conv on NHWC maps) per term that needs one."""
+  """Trainable maps from student features to teacher widths, dropped after training: FitNet's
+  regressors (a Dense on the channels is a 1×1 conv of an NHWC map) and MaskDistill's token
+  heads. One Dense per term that needs one, computed in fp32."""
   widths: Mapping[str, int]  # term name -> teacher feature width
 
   @nn.compact
@@ -137,16 +155,21 @@ def _embedding(x: jax.Array) -> jax.Array:
   return x if x.ndim == 2 else x.reshape(x.shape[0], -1, x.shape[-1]).mean(axis=1)
 
 
-def term_value(term: dict, *, s_logits, t_logits, labels, targets, s_feats, t_feats,
-               projected, step, s_dist_logits=None) -> jax.Array:
+def term_value(term: dict, *, s_logits, t_logits, labels, targets, step, s_feats=_NONE,
+               t_feats=_NONE, projected=_NONE, s_dist_logits=None) -> jax.Array:
   """The (unweighted) value of one term. Teacher inputs are constants inside `jkd.losses`.
 
   `s_logits` (B, C) are the student's (class-head) logits, `s_dist_logits` (B, C) its
   distillation head's or None; `labels` are the hard labels (B,), `targets` the (possibly
-  mixed) one-hot targets (B, C).
+  mixed) one-hot targets (B, C), or None where a trainer has only hard labels (then 'ce' is
+  the integer-label cross-entropy, `jkd compress`'s).
   """
   kind = term['kind']
+  if kind == 'ce' and targets is None and not term['label_smoothing']:
+    return optax.softmax_cross_entropy_with_integer_labels(s_logits, labels).mean()
   if kind == 'ce':
+    if targets is None:
+      targets = jax.nn.one_hot(labels, s_logits.shape[-1])
     return optax.softmax_cross_entropy(
         s_logits, optax.smooth_labels(targets, term['label_smoothing'])).mean()
   # Terms against the teacher's logits read the distillation head where there is one (DeiT).

@@ -18,6 +18,7 @@ Loss: SimMIM = L1 on masked pixels (`losses.simmim_l1`), MAE = MSE on removed pa
 """
 from __future__ import annotations
 
+import functools
 
 import flax.linen as nn
 import jax
@@ -27,22 +28,12 @@ import optax
 
 from jkd import data, figures, loop, losses, masking, storage
 from jkd.errors import UserError
-from jkd.models.mim import create_mim
 from jkd.optim import make_optimizer
 from jkd.trainers import common
 
 # Eval masks come from this fixed key so every evaluation scores the same masking.
 EVAL_MASK_SEED = 1234
 MASK_COLOR = np.array([0.35, 0.45, 0.85], np.float32)
-
-
-def create_model(config, channels: int) -> nn.Module:
-  """`config.model` = {name (the ViT encoder), dtype, ...MIM fields} -> SimMIM / MAE."""
-  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
-  if 'dtype' in kwargs:
-    kwargs['dtype'] = common.compute_dtype(kwargs['dtype'])
-  kwargs.setdefault('channels', channels)
-  return create_mim(config.method, config.model.name, **kwargs)
 
 
 class MimObjective:
@@ -60,6 +51,10 @@ class MimObjective:
     self.ratio = float(config.mask_ratio)
     self.mask_patch_size = int(config.get('mask_patch_size', 0) or self.patch)
     self.norm_pix = bool(config.get('norm_pix_loss', True))
+    # As configured (mask_patch_size 0 = the model's patch): what a run records as `meta['mim']`.
+    self.settings = {'method': self.method, 'mask_ratio': self.ratio,
+                     'mask_patch_size': int(config.get('mask_patch_size', 0) or 0),
+                     'norm_pix_loss': self.norm_pix}
     if self.method == 'simmim' and (image_size % self.mask_patch_size or
                                     self.mask_patch_size % self.patch):
       raise UserError(f'config.mask_patch_size={self.mask_patch_size} must divide the image size '
@@ -190,59 +185,44 @@ def build_task(config, workdir: str) -> loop.Task:
   """The pretraining Task for `jkd.loop.run`."""
   if config.get('method') not in ('simmim', 'mae'):
     raise UserError(f"config.method={config.get('method')!r}: use 'simmim' or 'mae'.")
-  info = data.get_info(config.data)
-  shape = common.input_shape(info, config.data)
-  if shape[0] != shape[1]:
-    raise UserError(f'MIM pretraining needs square images, got {shape[:2]}: set '
-                    '--config.data.image_size.')
-  model = create_model(config, channels=shape[2])
-  objective = MimObjective(model, config, shape[0])
+  run = common.RunData.from_config(config, square_for='MIM pretraining')
+  info = run.info
+  model = common.create_mim_model(config.method, config.model, channels=run.shape[2])
+  objective = MimObjective(model, config, run.shape[0])
   dtype = common.compute_dtype(config.model.get('dtype', 'float32'))
-  steps = common.total_steps(config, info.num_examples[config.data.train_split])
-  tx, schedule = make_optimizer(config.optim, config.batch_size, steps)
+  tx, schedule = make_optimizer(config.optim, config.batch_size, run.steps)
 
   def init_state(key):
     params_key, mask_key = jax.random.split(key)
-    mask = objective.draw_mask(mask_key, 1)
-    params = model.init({'params': params_key}, jnp.zeros((1, *shape), jnp.float32), mask,
-                        train=False)['params']
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
-                           opt_state=tx.init(params))
+    params = model.init({'params': params_key}, jnp.zeros((1, *run.shape), jnp.float32),
+                        objective.draw_mask(mask_key, 1), train=False)['params']
+    return common.new_state(params, {}, tx)
 
-  eval_batch_size = config.get('eval_batch_size', config.batch_size)
-
-  def eval_batches():
-    return data.make_eval_iterator(config.data, config.data.eval_split,
-                                   global_batch_size=eval_batch_size)
-
-  def on_finish(state, eval_results: dict) -> dict:
-    out = {'eval_loss': eval_results.get('loss')}
-    if jax.process_index() != 0:
-      return out
-    images = first_eval_images(eval_batches(), int(config.get('num_figure_images', 8)))
-    path = storage.join(workdir, 'reconstructions.png')
-    loss = out['eval_loss']
-    method = {'mae': 'MAE', 'simmim': 'SimMIM'}[config.method]
-    title = (f'{method} {config.model.name}, step {int(state.step)}, '
-             f'mask ratio {objective.ratio:g}' + (f', eval loss {loss:.4f}' if loss else ''))
-    write_reconstructions(path, objective, jax.device_get(state.params), images,
-                          mean=info.mean, std=info.std, dtype=dtype, title=title)
-    return {**out, 'reconstructions': path}
-
-  return loop.Task(
-      kind='pretrain',
+  return common.make_task(
+      config, 'pretrain', run, meta={'method': config.method},
       init_state=init_state,
       train_step=mim_step(objective, tx, schedule, mean=info.mean, std=info.std, dtype=dtype),
       eval_step=mim_eval_step(objective, mean=info.mean, std=info.std, dtype=dtype),
-      train_iterator=data.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                              seed=config.seed),
-      eval_batches=eval_batches,
-      global_batch_size=config.batch_size,
-      total_steps=steps,
-      meta={'model': config.model.name, 'method': config.method, 'dataset': config.data.name,
-            'image_shape': list(shape)},
-      on_finish=on_finish,
-  )
+      on_finish=functools.partial(write_figure, config, workdir, objective, info, dtype=dtype))
+
+
+def write_figure(config, workdir: str, objective: MimObjective, info: data.DatasetInfo, state,
+                 eval_results: dict, *, dtype) -> dict:
+  """`on_finish` of a pretraining run: the final eval loss, and `reconstructions.png` of a few
+  eval images under the eval masks (written by process 0)."""
+  out = {'eval_loss': eval_results.get('loss')}
+  if jax.process_index() != 0:
+    return out
+  images = first_eval_images(common.eval_batches(config)(),
+                             int(config.get('num_figure_images', 8)))
+  path = storage.join(workdir, 'reconstructions.png')
+  loss = out['eval_loss']
+  method = {'mae': 'MAE', 'simmim': 'SimMIM'}[config.method]
+  title = (f'{method} {config.model.name}, step {int(state.step)}, '
+           f'mask ratio {objective.ratio:g}' + (f', eval loss {loss:.4f}' if loss else ''))
+  write_reconstructions(path, objective, jax.device_get(state.params), images,
+                        mean=info.mean, std=info.std, dtype=dtype, title=title)
+  return {**out, 'reconstructions': path}
 
 
 def train(config, workdir: str) -> dict:

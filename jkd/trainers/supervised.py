@@ -6,6 +6,8 @@ data -> model -> optimizer -> init -> step -> Task for `jkd.loop.run`.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -53,46 +55,27 @@ def cross_entropy_step(model, tx, schedule, *, mean, std, dtype, num_classes: in
 
 def build_task(config, workdir: str) -> loop.Task:
   """The supervised Task for `jkd.loop.run`."""
-  info = data.get_info(config.data)
-  shape = common.input_shape(info, config.data)
+  del workdir  # Everything is written by the loop.
+  run = common.RunData.from_config(config)
+  info = run.info
   model = common.create_model(config.model, info.num_classes)
   dtype = common.compute_dtype(config.model.get('dtype', 'float32'))
-  steps = common.total_steps(config, info.num_examples[config.data.train_split])
   # Layer-wise lr decay (fine-tuning a pretrained ViT); 0 or absent = off.
   layer_decay = config.optim.get('layer_decay', 0.0)
-  lr_scale_fn = (lambda p: layerwise_lr_scales(p, layer_decay)) if layer_decay else None
-  tx, schedule = make_optimizer(config.optim, config.batch_size, steps, lr_scale_fn=lr_scale_fn)
+  lr_scale_fn = functools.partial(layerwise_lr_scales, decay=layer_decay) if layer_decay else None
+  tx, schedule = make_optimizer(config.optim, config.batch_size, run.steps,
+                                lr_scale_fn=lr_scale_fn)
 
-  def init_state(key):
-    params, model_state = common.init_variables(model, key, shape)
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           model_state=model_state, opt_state=tx.init(params))
-
-  on_init = None
-  if config.get('init_from'):
-    on_init = lambda state: common.load_init_from(  # noqa: E731
-        config.init_from, state, params_prefix=tuple(config.get('init_prefix', ()) or ()))
-
-  return loop.Task(
-      kind='train',
-      init_state=init_state,
+  return common.make_task(
+      config, 'train', run, meta={'num_classes': info.num_classes},
+      init_state=functools.partial(common.init_state, model, tx, run.shape),
       train_step=cross_entropy_step(
           model, tx, schedule, mean=info.mean, std=info.std, dtype=dtype,
           num_classes=info.num_classes, label_smoothing=config.get('label_smoothing', 0.0),
           mixup_alpha=config.get('mixup_alpha', 0.0)),
       eval_step=common.classification_eval_step(model, info.mean, info.std, dtype,
                                                 info.num_classes),
-      train_iterator=data.make_train_iterator(config.data, global_batch_size=config.batch_size,
-                                              seed=config.seed),
-      eval_batches=lambda: data.make_eval_iterator(
-          config.data, config.data.eval_split,
-          global_batch_size=config.get('eval_batch_size', config.batch_size)),
-      global_batch_size=config.batch_size,
-      total_steps=steps,
-      meta={'model': config.model.name, 'dataset': config.data.name,
-            'num_classes': info.num_classes, 'image_shape': list(shape)},
-      on_init=on_init,
-  )
+      on_init=common.init_from(config))
 
 
 def train(config, workdir: str) -> dict:

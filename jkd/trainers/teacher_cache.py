@@ -2,7 +2,7 @@
 
 jkd's train iterator is deterministic: global batch k of a run, with its crop/flip, depends only
 on (data settings, seed, batch size, k), and the step draws its mixup from (seed, k) alone
-(`distill.step_inputs`). So the teacher's view of every step is known before training, and the
+(`common.step_inputs`). So the teacher's view of every step is known before training, and the
 cache is keyed by global batch index: `ensure(config)` runs the teacher over exactly the batches
 the student will see (all `total_steps` of them, so every epoch's augmentation is covered) and
 stores per example its top-k logits. The distill step then rebuilds the teacher's logits from
@@ -40,10 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd import data, parallel, storage
-from jkd.checkpoint import RunCheckpointer, checkpoint_dir
+from jkd import data, loop, parallel, storage
+from jkd.checkpoint import read_latest_meta
 from jkd.errors import UserError
 from jkd.metrics import format_duration
+from jkd.teacher import Teacher
 from jkd.trainers import common
 from jkd.trainers import distill_terms as T
 
@@ -110,15 +111,7 @@ def _write_json(path: str, obj: dict) -> None:
 def _teacher_ref(config) -> dict:
   """Which teacher checkpoint (workdir + step) the cache comes from; reads metadata only."""
   workdir = config.teacher.get('workdir')
-  if not storage.isdir(checkpoint_dir(workdir)):
-    raise UserError(f'{workdir!r} has no checkpoints/ directory: it is not a jkd workdir. Point '
-                    '--config.teacher.workdir to the workdir of a trained model.')
-  ckpt = RunCheckpointer(workdir, create=False)
-  try:
-    step = ckpt.latest_step()
-    meta = ckpt.read_meta(step)
-  finally:
-    ckpt.close()
+  step, meta = read_latest_meta(workdir)
   return {'workdir': storage.resolve(workdir), 'step': int(step),
           'model': (meta.get('config') or {}).get('model', {}).get('name') or meta.get('model')}
 
@@ -209,15 +202,12 @@ def ensure(config, *, log=print) -> dict:
 
 
 def _build(config, directory, manifest, lengths, missing, eval_missing, log) -> None:
-  from jkd.trainers import distill  # distill imports this module.
   t0 = time.perf_counter()
   ident = manifest['identity']
   info = data.get_info(config.data)
-  shape = common.input_shape(info, config.data)
-  teacher, teacher_np, _ = distill.load_teacher(config, info.num_classes)
-  teacher_dtype = common.compute_dtype(ident['teacher_dtype'])
+  teacher = Teacher.from_config(config, info.num_classes, common.input_shape(info, config.data))
   mesh = parallel.make_mesh(config.get('mesh'))
-  t_vars, t_shardings = distill.place_teacher(teacher, teacher_np, shape, mesh)
+  t_vars, t_shardings = teacher.place(mesh)
   k, num_classes = ident['topk'], ident['num_classes']
   store = DTYPES[ident['dtype']]
   index_dtype = jnp.int16 if num_classes < 2**15 else jnp.int32
@@ -225,14 +215,14 @@ def _build(config, directory, manifest, lengths, missing, eval_missing, log) -> 
   replicated = parallel.replicated(mesh)  # Every process gets whole batches back.
 
   def top_k(variables, batch, key, step):
-    images, _, _ = distill.step_inputs(batch, key, step, info, mixup_alpha)
-    logits = teacher.apply(variables, images.astype(teacher_dtype), train=False)
+    images, _, _ = common.step_inputs(batch, key, step, info, mixup_alpha)
+    logits, _ = teacher.apply(variables, images)
     values, indices, rest = top_k_logits(logits.astype(jnp.float32), k)
     return values, indices.astype(index_dtype), rest
 
   top_k = jax.jit(top_k, in_shardings=(t_shardings, parallel.batch_sharding(mesh), replicated,
                                        replicated), out_shardings=replicated)
-  key = distill.run_step_key(config)
+  _, key = loop.run_keys(config)  # The key every train step of the run receives.
   iterator = data.make_train_iterator(config.data, global_batch_size=config.batch_size,
                                       seed=config.seed)
   shard_steps = manifest['shard_steps']
@@ -260,7 +250,7 @@ def _build(config, directory, manifest, lengths, missing, eval_missing, log) -> 
   iterator.close()
   if eval_missing:
     manifest['eval'] = _eval_predictions(config, directory, teacher, t_vars, t_shardings,
-                                         teacher_dtype, info, mesh)
+                                         info, mesh)
     manifest['build_s'] = round(manifest['build_s'] + time.perf_counter() - t0, 2)
     if jax.process_index() == 0:
       _write_json(storage.join(directory, MANIFEST), manifest)
@@ -277,12 +267,12 @@ def _write_shard(directory: str, index: int, values, indices, rest) -> None:
   storage.write_bytes(storage.join(directory, f'shard_{index:06d}.npz'), buffer.getvalue())
 
 
-def _eval_predictions(config, directory, teacher, t_vars, t_shardings, teacher_dtype, info,
+def _eval_predictions(config, directory, teacher: Teacher, t_vars, t_shardings, info,
                       mesh) -> dict:
   """The teacher's argmax on every example of the eval split, saved in order."""
   def predict(variables, batch):
     images = data.normalize(batch['image'], info.mean, info.std, jnp.float32)
-    logits = teacher.apply(variables, images.astype(teacher_dtype), train=False)
+    logits, _ = teacher.apply(variables, images)
     return jnp.argmax(logits, -1), batch['mask'] > 0, batch['label']
 
   replicated = parallel.replicated(mesh)
@@ -433,6 +423,11 @@ def with_eval_predictions(config, batches):
       pred = np.where(positions < len(preds), preds[np.minimum(positions, len(preds) - 1)], 0)
       yield {**batch, 'teacher_pred': pred.astype(np.int32)}
   return generate()
+
+
+def eval_batches(config, make_batches):
+  """`with_eval_predictions` of a fresh pass of `make_batches()` (a Task's `eval_batches`)."""
+  return with_eval_predictions(config, make_batches())
 
 
 def describe(config) -> dict:

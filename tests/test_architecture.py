@@ -1,0 +1,184 @@
+"""The shape of the code (docs/architecture.md): no import cycle inside jkd/, no test doubles in
+production code, short trainers, one trainer registry, one frozen-teacher object."""
+import ast
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jkd import cli, parallel, trainers
+from jkd.config import load_config
+from jkd.errors import UserError
+from jkd.teacher import Teacher
+from jkd.trainers import compress, supervised
+
+from conftest import REPO, SUPERVISED
+
+JKD = os.path.join(REPO, 'jkd')
+MAX_BUILD_TASK_LINES = 60
+
+
+def _modules() -> dict[str, str]:
+  """Dotted module name -> file, for every module of the jkd package."""
+  out = {}
+  for root, _, files in os.walk(JKD):
+    for f in files:
+      if f.endswith('.py'):
+        rel = os.path.relpath(os.path.join(root, f), REPO)[:-3].split(os.sep)
+        out['.'.join(rel[:-1] if rel[-1] == '__init__' else rel)] = os.path.join(root, f)
+  return out
+
+
+def _imports(path: str, modules: dict[str, str]) -> set[str]:
+  """The jkd modules a file imports anywhere (top level or inside functions)."""
+  found = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      found.update(a.name for a in node.names if a.name in modules)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      for a in node.names:  # `from jkd import data` imports the module jkd.data.
+        sub = f'{node.module}.{a.name}'
+        found.add(sub if sub in modules else node.module)
+  return {m for m in found if m.startswith('jkd')}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  cycles, state = [], {}
+
+  def visit(node, stack):
+    state[node] = 'open'
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == 'open':
+        cycles.append(stack[stack.index(nxt):] + [nxt])
+      elif nxt not in state:
+        visit(nxt, stack + [nxt])
+    state[node] = 'done'
+  for node in sorted(graph):
+    if node not in state:
+      visit(node, [node])
+  return cycles
+
+
+def test_no_import_cycle_inside_jkd():
+  modules = _modules()
+  graph = {m: _imports(f, modules) - {m} for m, f in modules.items()}
+  assert _cycles(graph) == []
+  # The detector finds a cycle where there is one (so the check above can fail).
+  assert _cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == [['a', 'b', 'c', 'a']]
+
+
+def test_no_test_doubles_in_production_code():
+  for name, path in _modules().items():
+    source = open(path).read()
+    assert 'unittest' not in source and 'mock.patch' not in source, name
+
+
+def test_every_build_task_reads_in_one_screen():
+  for name, path in _modules().items():
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.FunctionDef) and node.name == 'build_task':
+        length = node.end_lineno - node.lineno + 1
+        assert length <= MAX_BUILD_TASK_LINES, f'{name}.build_task: {length} lines'
+
+
+def test_one_registry_for_commands_checkpoint_kinds_and_methods():
+  assert trainers.COMMANDS == ('train', 'pretrain', 'distill', 'compress')
+  mim = ml_collections.ConfigDict({'method': 'mim'})
+  mae = ml_collections.ConfigDict({'method': 'mae'})
+  assert trainers.get('distill').name == 'distill'
+  assert trainers.get('distill', mim).name == 'mim_distill'
+  assert trainers.get('pretrain', mae).name == 'pretrain'
+  assert trainers.get('train', mim).name == 'supervised'  # method selects within a command
+  for t in trainers.TRAINERS:
+    module = t.load()
+    assert callable(module.build_task) and callable(module.train), t.name
+  with pytest.raises(UserError, match='not a training command'):
+    trainers.get('eval')
+  # The CLI's training commands are the registry's.
+  sub = next(a for a in cli._parser()._actions if a.dest == 'command')
+  assert set(trainers.COMMANDS) <= set(sub.choices)
+
+
+def test_mesh_shape_fills_the_rest_and_checks_the_devices():
+  assert parallel.mesh_shape({'data': -1, 'fsdp': 2}, 8) == {'data': 4, 'fsdp': 2, 'tensor': 1}
+  assert parallel.mesh_shape(None, 3) == {'data': 3, 'fsdp': 1, 'tensor': 1}
+  for sizes, n, message in (({'data': -1, 'fsdp': 3}, 8, 'do not divide'),
+                            ({'data': 2}, 8, 'needs 2 devices'),
+                            ({'data': -1, 'fsdp': -1}, 8, 'at most one'),
+                            ({'batch': 2}, 2, 'unknown axes')):
+    with pytest.raises(UserError, match=message):
+      parallel.mesh_shape(sizes, n)
+
+
+@pytest.fixture(scope='module')
+def bf16_teacher(tmp_path_factory):
+  """A tiny trained classifier whose saved model computes in bfloat16."""
+  w = str(tmp_path_factory.mktemp('teacher'))
+  supervised.train(load_config(SUPERVISED + ':tiny', ['total_steps=2', 'model.dtype=bfloat16']),
+                   w)
+  return w
+
+
+def test_teacher_from_a_workdir_places_frozen_weights_in_their_compute_dtype(bf16_teacher):
+  config = load_config(SUPERVISED + ':tiny')
+  teacher = Teacher.from_workdir(bf16_teacher, 10, (28, 28, 1))
+  assert teacher.description == {'workdir': bf16_teacher, 'model': 'resnet8_s'}
+  assert teacher.storage_dtype == np.dtype(jnp.bfloat16) and teacher.input_dtype == jnp.float32
+  mesh = parallel.make_mesh({'data': 1})
+  (placed,), (shardings,) = teacher.step_args(mesh)
+  assert {x.dtype for x in jax.tree.leaves(placed['params'])} == {np.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(placed['batch_stats'])} == {np.dtype(np.float32)}
+  assert jax.tree.structure(placed) == jax.tree.structure(shardings)
+  images = jnp.zeros((2, 28, 28, 1))
+  logits, taps = teacher.apply(placed, images, capture=True)
+  assert logits.shape == (2, 10) and 'stage2' in jax.tree_util.keystr(
+      jax.tree_util.tree_flatten_with_path(taps)[0])
+  # A fp32 compute dtype overrides the saved one: weights then stay fp32.
+  fp32 = Teacher.from_workdir(bf16_teacher, 10, (28, 28, 1), dtype='float32')
+  assert fp32.storage_dtype == np.float32
+  # Named teachers (bench, plan) are zeros of the same shapes.
+  named = Teacher.named(config, 'resnet8_s')
+  assert jax.tree.structure(named.variables) == jax.tree.structure(teacher.variables)
+  assert all(not np.any(x) for x in jax.tree.leaves(named.variables))
+
+
+def test_teacher_errors_name_the_fix(tmp_path, bf16_teacher):
+  config = load_config(SUPERVISED + ':tiny')
+  config.teacher = ml_collections.ConfigDict({'workdir': ''})
+  with pytest.raises(UserError, match='teacher.workdir'):
+    Teacher.from_config(config, 10, (28, 28, 1))
+  config.teacher.workdir = bf16_teacher
+  with pytest.raises(UserError, match='not a masked-image-modeling model'):
+    Teacher.mim_from_config(config, (28, 28, 1))
+
+
+COMPRESS = os.path.join(REPO, 'configs', 'fashion_mnist', 'compress.py')
+
+
+def _terms(arg, *overrides):
+  return {t['name']: (t['kind'], t['weight'], t.get('temperature'))
+          for t in compress.loss_terms(load_config(f'{COMPRESS}:{arg}', list(overrides)))}
+
+
+def test_compress_loss_is_config_losses_with_the_kd_weight_shorthand():
+  assert _terms('tiny') == {'ce': ('ce', 1.0, None)}
+  assert _terms('tiny-qat_kd') == {'ce': ('ce', 0.1, None), 'kd': ('kd', 0.9, 4.0)}
+  # The shorthand of the old config: ce 1 - w, kd w at kd_temperature (default the losses').
+  assert _terms('tiny', 'kd_weight=0.75', 'kd_temperature=2.0') == {
+      'ce': ('ce', 0.25, None), 'kd': ('kd', 0.75, 2.0)}
+  assert _terms('tiny-qat_kd', 'kd_weight=0.5') == {'ce': ('ce', 0.5, None),
+                                                    'kd': ('kd', 0.5, 4.0)}
+  assert _terms('tiny-qat_kd', 'kd_weight=0.0') == {'ce': ('ce', 1.0, None)}
+  # Any logit term of jkd distill; feature terms need taps that compress does not have.
+  assert _terms('tiny', "losses={'dkd': {'weight': 1.0}}")['dkd'][0] == 'dkd'
+  with pytest.raises(UserError, match='unknown compress kind'):
+    _terms('tiny', "losses={'fitnet': {'weight': 1.0}}")
+
+
+def test_compress_kd_without_a_teacher_is_a_clear_error(tmp_path, capsys):
+  code = cli.main(['compress', '--config', f'{COMPRESS}:tiny-qat_kd', '--workdir',
+                   str(tmp_path / 'q'), f'--config.init_from={tmp_path}'])
+  assert code == 2 and 'teacher.workdir' in capsys.readouterr().err
