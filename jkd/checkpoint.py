@@ -149,8 +149,11 @@ class SavedModel:
 
   @property
   def model_config(self) -> dict:
-    """The run's `config.model` ({name, dtype, ...overrides}); {} if the run did not save it."""
-    return dict((self.meta.get('config') or {}).get('model') or {})
+    """The run's `config.model` ({name, dtype, ...overrides}), with the values of fields whose
+    default changed since it was saved (`jkd.models.legacy_fields`); {} if it saved none."""
+    from jkd import models  # pylint: disable=g-import-not-at-top  (flax only when needed)
+    model = (self.meta.get('config') or {}).get('model') or {}
+    return models.with_legacy_fields(model, self.meta) if model else {}
 
   @property
   def variables(self) -> dict:

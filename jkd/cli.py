@@ -9,6 +9,7 @@
   jkd plan     --config FILE.py[:ARG] [--workdir DIR] [--device-memory 80GB] [--teacher M]
   jkd demo     --workdir DIR [--config configs/demo.py[:fast|full]]
   jkd pipeline --config FILE.py[:ARG] --workdir DIR [...]   (stages in WORKDIR/<stage>)
+  jkd import   --checkpoint FILE --workdir DIR [--model NAME] [--config FILE.py] [...]
 
 Bad input ends with exit code 2 and one paragraph naming the problem and the fix.
 Multi-process runs (TPU pods, SLURM, GKE, launch/local.sh) are joined from the environment:
@@ -32,6 +33,8 @@ DESCRIPTIONS = {
     'plan': 'per-device memory of a config\'s step, whether it fits, and a mesh that does',
     'pipeline': 'several commands in order, e.g. teacher -> assistant -> student '
                 '(pipeline.json)',
+    'import': 'a public checkpoint (timm, Hugging Face, official MAE / SimMIM / DeiT, '
+              'torchvision, big_vision) as a jkd workdir (import.json)',
 }
 
 
@@ -84,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
                  help='devices of the planned machine (default: the product of config.mesh)')
   p.add_argument('--measure', action='store_true',
                  help='also compile (and run once) the real step here: XLA\'s memory figures')
+  p = sub.add_parser('import', help=DESCRIPTIONS['import'])
+  p.add_argument('--checkpoint', required=True,
+                 help='a .safetensors, PyTorch .pth/.bin (read weights-only) or big_vision .npz')
+  p.add_argument('--workdir', required=True, help='the new workdir (an Orbax checkpoint)')
+  p.add_argument('--model', default=None,
+                 help='a registered jkd model to build (default: inferred from the shapes)')
+  p.add_argument('--config', default=None,
+                 help='optional run config whose data (and optimizer) the workdir records, '
+                      'e.g. configs/fashion_mnist/supervised.py; default synthetic data of the '
+                      "checkpoint's size")
   p = sub.add_parser('eval', help=DESCRIPTIONS['eval'])
   p.add_argument('--workdir', required=True)
   p.add_argument('--config', default=None,
@@ -135,6 +148,12 @@ def _run_plan(args, overrides: list[str]) -> dict:
   return result
 
 
+def _run_import(args, overrides: list[str]) -> dict:
+  from jkd import convert
+  return convert.save_workdir(args.checkpoint, args.workdir, model=args.model,
+                              config_spec=args.config, overrides=overrides)
+
+
 def _run_eval(args, overrides: list[str]) -> dict:
   from jkd.evaluate import evaluate_workdir
   result = evaluate_workdir(args.workdir, config_spec=args.config, overrides=overrides,
@@ -175,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
       _run_demo(args, overrides)
     elif args.command == 'pipeline':
       _run_pipeline(args, overrides)
+    elif args.command == 'import':
+      _run_import(args, overrides)
     else:
       _run_training(args.command, args, overrides)
     return 0

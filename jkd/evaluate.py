@@ -12,10 +12,17 @@ from jkd.errors import UserError
 
 
 def _config_from_meta(meta: dict) -> ml_collections.ConfigDict:
+  """The run's stored config, with the model fields whose default changed since it was saved
+  (`jkd.models.legacy_fields`): an older run is evaluated as it was trained."""
+  from jkd import models  # pylint: disable=g-import-not-at-top
   if 'config' not in meta:
     raise UserError('This checkpoint stores no config; pass --config FILE.py (the one the run '
                     'used).')
-  return ml_collections.ConfigDict(meta['config'])
+  config = ml_collections.ConfigDict(meta['config'])
+  for field, value in models.legacy_fields(meta).items():
+    if field not in config.model:
+      config.model[field] = value
+  return config
 
 
 def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=(),

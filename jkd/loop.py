@@ -25,6 +25,7 @@ from jkd import storage
 from jkd.checkpoint import RunCheckpointer, model_params
 from jkd.errors import UserError
 from jkd.metrics import MetricWriter, Throughput, format_duration
+from jkd import models
 from jkd.models import param_count
 
 
@@ -206,6 +207,16 @@ def _check_same_model(ckpt: RunCheckpointer, task: Task) -> None:
         f'{ckpt.directory} holds checkpoints of model {saved!r}, but the config asks for {now!r}. '
         'Use a fresh --workdir for the new model, or the config the run was started with; the '
         'existing checkpoints were left untouched.')
+  # A run saved before a default changed keeps the old value (jkd.models.LEGACY_DEFAULTS).
+  saved_model = (meta.get('config') or {}).get('model') or {}
+  for field, old in models.legacy_fields(meta).items():
+    current = (task.meta.get('model_fields') or {}).get(field)
+    if field not in saved_model and current is not None and current != old:
+      raise UserError(
+          f'{ckpt.directory} was started with model.{field}={old!r} (the default before '
+          f'2026-12), but this config gives {current!r}: resuming would change what the run '
+          f'computes. Resume with --config.model.{field}={old}; the existing checkpoints were '
+          'left untouched.')
 
 
 def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
@@ -237,7 +248,8 @@ def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
   ckpt_every = int(config.get('checkpoint_every', 0))
   # Multi-process runs agree on stopping every this many steps (see `_StopSignal.agreed`).
   stop_check_every = max(int(config.get('stop_check_every', 10)), 1)
-  meta = dict(task.meta, kind=task.kind, params=n_params, config=config.to_dict())
+  meta = dict(task.meta, kind=task.kind, params=n_params, config=config.to_dict(),
+              model_defaults=models.MODEL_DEFAULTS_VERSION)
   step = int(state.step)
   throughput, pending, last_loss = Throughput(), [], float('nan')
   eval_results: dict[str, float] = {}

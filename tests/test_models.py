@@ -338,3 +338,54 @@ def test_remat_rejects_unknown_policies_and_models_without_it():
     jax.eval_shape(lambda: _init(models.create('vit_nano_p4', remat='some'), _images()))
   with pytest.raises(UserError, match='remat'):
     models.create('resnet8_s', remat='full')
+
+
+# --- options that public checkpoints need (jkd import; parity in tests/test_import.py) --------
+
+def test_sincos_tables_are_jkds_maes_and_big_visions():
+  jkd_t = vit_lib.posemb_sincos_2d(3, 4, 16)
+  mae = vit_lib.posemb_sincos_2d(3, 4, 16, table='sincos2d_mae')
+  bv = vit_lib.posemb_sincos_2d(3, 4, 16, table='sincos2d_bv')
+  # big_vision's is jkd's with the halves swapped (columns first); MAE's has other frequencies.
+  np.testing.assert_array_equal(bv[..., :8], jkd_t[..., 8:])
+  np.testing.assert_array_equal(bv[..., 8:], jkd_t[..., :8])
+  # MAE (util/pos_embed.py): omega_k = 1 / 10000^(k / (D/4)), columns (x) first, [sin, cos].
+  y, x = np.mgrid[:3, :4]
+  omega = 1. / 10000**(np.arange(4) / 4.)
+  ex = np.concatenate([np.sin(np.outer(x.ravel(), omega)), np.cos(np.outer(x.ravel(), omega)),
+                       np.sin(np.outer(y.ravel(), omega)), np.cos(np.outer(y.ravel(), omega))], 1)
+  np.testing.assert_allclose(mae[0], ex, atol=1e-6)
+  assert not np.allclose(mae, jkd_t, atol=1e-2)
+
+
+def test_class_token_with_avg_pool_fc_norm_layer_scale_and_relative_position_bias():
+  model = models.create('vit_nano_p4', depth=2, pool='gap', class_token=True, fc_norm=True,
+                        layer_scale=0.1, rel_pos_bias='block', posemb='none')
+  variables, out = _abstract(model, 28, batch=2)
+  p = nn.meta.unbox(variables['params'])
+  assert 'cls' in p and 'fc_norm' in p and 'encoder_norm' not in p['encoder']
+  assert 'pos_embedding' not in p and out.shape == (2, 10)
+  block = p['encoder']['block0']
+  assert block['ls1'].shape == (96,) and block['ls2'].shape == (96,)
+  # (2*7 - 1)^2 + 3 relative offsets (with the class token) by 3 heads.
+  assert block['rel_pos_bias']['relative_position_bias_table'].shape == (172, 3)
+  shared = models.create('vit_nano_p4', depth=2, pool='token', rel_pos_bias='shared')
+  variables, _ = _abstract(shared, 28, batch=2)
+  table = nn.meta.unbox(variables['params'])['encoder']['rel_pos_bias']
+  assert table['relative_position_bias_table'].shape == (172, 3)
+  for bad in (dict(pool='token', class_token=False), dict(posemb='sincos3d'),
+              dict(rel_pos_bias='block', distill_token=True, pool='token'),
+              dict(rel_pos_bias='global')):
+    with pytest.raises(UserError):
+      _abstract(models.create('vit_nano_p4', depth=1, **bad), 28, batch=1)
+
+
+def test_relative_position_index_is_beits():
+  """Index of microsoft/unilm beit (as SimMIM's vision_transformer.py) for a 2x2 grid."""
+  index = vit_lib.relative_position_index((2, 2))
+  assert index.shape == (5, 5)
+  size = 3 * 3 + 3
+  assert (index[0, 1:] == size - 3).all() and (index[1:, 0] == size - 2).all()
+  assert index[0, 0] == size - 1
+  # Patch (0, 0) -> (1, 1) is offset (-1, -1): row (-1 + 1) * 3 + (-1 + 1) = 0; the reverse 8.
+  assert index[1, 4] == 0 and index[4, 1] == 8 and index[1, 1] == 4

@@ -21,7 +21,7 @@ def get_config(arg=None):
   c = base_config()
   c.data = default_data_config('fashion_mnist')
   c.model = ml_collections.ConfigDict({'name': 'vit_mini_p4', 'dtype': 'float32',
-                                       'posemb': 'sincos2d', 'drop_path': 0.1})
+                                       'posemb': 'sincos2d_mae', 'drop_path': 0.1})
   c.batch_size = 128
   c.num_epochs = 10.0
   c.optim.lr = 1e-3

@@ -66,7 +66,7 @@ def get_config(arg=None):
   c.data.crop_padding = 0
   c.teacher = ml_collections.ConfigDict({'workdir': '', 'dtype': 'float32'})
   c.model = ml_collections.ConfigDict({
-      'name': 'vit_nano_p4', 'dtype': 'float32', 'posemb': 'sincos2d',
+      'name': 'vit_nano_p4', 'dtype': 'float32', 'posemb': 'sincos2d_mae',
       'decoder_width': 128, 'decoder_depth': 2, 'decoder_heads': 4})
   c.losses = ml_collections.ConfigDict(RECIPES[recipe])
   c.mask_ratio = 0.0            # 0 = the teacher's.

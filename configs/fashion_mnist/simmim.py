@@ -29,7 +29,7 @@ def get_config(arg=None):
   # Fixed sin-cos positions so that one fine-tune config serves both methods (SimMIM's ViT
   # uses a relative position bias, which jkd's ViT does not have).
   c.model = ml_collections.ConfigDict({'name': 'vit_mini_p4', 'dtype': 'float32',
-                                       'posemb': 'sincos2d'})
+                                       'posemb': 'sincos2d_mae'})
   c.mask_ratio = 0.6
   c.mask_patch_size = 4
   c.norm_pix_loss = False       # MAE only.

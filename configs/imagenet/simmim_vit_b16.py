@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.data.flip = True
   c.data.num_workers = 32
   c.model = ml_collections.ConfigDict({
-      'name': 'vit_b16', 'dtype': 'bfloat16', 'attention': 'cudnn', 'posemb': 'sincos2d',
+      'name': 'vit_b16', 'dtype': 'bfloat16', 'attention': 'cudnn', 'posemb': 'sincos2d_mae',
       'drop_path': 0.1})
   c.mask_ratio = 0.6
   c.mask_patch_size = 32

@@ -17,8 +17,9 @@ from jkd.models.layers import param_count
 from jkd.models.resnet import ResNet
 from jkd.models.vit import ViT, attention_maps, block_outputs, posemb_sincos_2d
 
-__all__ = ['ResNet', 'ViT', 'attention_maps', 'block_outputs', 'create', 'names',
-           'param_count', 'posemb_sincos_2d']
+__all__ = ['MODEL_DEFAULTS_VERSION', 'ResNet', 'ViT', 'attention_maps', 'block_outputs',
+           'create', 'legacy_fields', 'names', 'param_count', 'posemb_sincos_2d',
+           'with_legacy_fields']
 
 
 def _vit(width, depth, heads, patch=16, num_classes=1000):
@@ -49,6 +50,30 @@ _REGISTRY = {
     'vit_mini_p4': _vit(192, 6, 3, patch=4, num_classes=10),
     'vit_small_p4': _vit(256, 8, 4, patch=4, num_classes=10),
 }
+
+
+# Model fields whose default changed, with the value that runs saved before the change used.
+# A checkpoint records `meta['model_defaults'] = MODEL_DEFAULTS_VERSION`; one without it (an
+# older run) gets these values wherever its saved config leaves the field unset, so that no
+# saved run changes meaning. Keyed by the run's MIM method (checkpoint `meta['method']`).
+MODEL_DEFAULTS_VERSION = 2
+LEGACY_DEFAULTS: dict[str, dict] = {
+    # Until 2026-12 MAE used jkd's own sin-cos table; since then the official MAE table.
+    'mae': {'posemb': 'sincos2d'},
+}
+
+
+def legacy_fields(meta: dict) -> dict:
+  """The model fields an older checkpoint's saved config must be read with (see
+  `LEGACY_DEFAULTS`); {} for checkpoints written since `MODEL_DEFAULTS_VERSION`."""
+  if int(meta.get('model_defaults', 1)) >= MODEL_DEFAULTS_VERSION:
+    return {}
+  return dict(LEGACY_DEFAULTS.get(meta.get('method'), {}))
+
+
+def with_legacy_fields(model_cfg: dict, meta: dict) -> dict:
+  """`model_cfg` (a saved `config.model`) with `legacy_fields(meta)` where it sets nothing."""
+  return {**legacy_fields(meta), **dict(model_cfg)}
 
 
 def names() -> list[str]:

@@ -30,8 +30,9 @@ import jax.numpy as jnp
 
 from jkd import masking
 from jkd.errors import UserError
+from jkd.models import vit as vit_lib
 from jkd.models.layers import logical
-from jkd.models.vit import Encoder, PatchEmbed, ViT, posemb_sincos_2d
+from jkd.models.vit import Encoder, PatchEmbed, ViT, position_embedding, posemb_sincos_2d
 
 Dtype = Any
 
@@ -39,17 +40,6 @@ Dtype = Any
 _token_init = nn.initializers.normal(0.02)
 _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros
-
-
-def _position_embedding(module: nn.Module, kind: str, grid: tuple[int, int], width: int):
-  """(1, gh*gw, D) fp32: the param 'pos_embedding' of `module` (as ViT), or fixed sin-cos."""
-  if kind == 'learn':
-    return module.param('pos_embedding',
-                        logical(nn.initializers.normal(0.02), (None, 'pos', 'embed')),
-                        (1, grid[0] * grid[1], width))
-  if kind == 'sincos2d':
-    return posemb_sincos_2d(grid[0], grid[1], width)
-  raise UserError(f"unknown posemb {kind!r}: use 'learn' or 'sincos2d'.")
 
 
 def _pad_tokens(x: jax.Array, multiple: int) -> tuple[jax.Array, jax.Array | None]:
@@ -70,17 +60,23 @@ class SimMIM(nn.Module):
   """SimMIM with a plain ViT encoder and the one-layer pixel decoder.
 
   tokens = PatchEmbed(x);  tokens <- (1 - m) * tokens + m * mask_token  (m = 1 on masked patches)
-  tokens += pos;  z = Encoder(tokens)  (all L tokens, final LayerNorm)
-  pred = PixelShuffle_p(Dense_{p*p*C}(z))   (SimMIM's 1x1 conv with encoder_stride = p)
+  tokens += pos;  [cls] + tokens;  z = Encoder(tokens)  (all L tokens, final LayerNorm)
+  pred = PixelShuffle_p(Dense_{p*p*C}(z without cls))   (SimMIM's 1x1 conv, encoder_stride p)
+
+  The official SimMIM ViT-B (microsoft/SimMIM models/simmim.py, BEiT's ViT) is
+  `cls_token=True, posemb='none', rel_pos_bias='shared', layer_scale=0.1`.
 
   Attributes:
     patch_size, width, depth, num_heads, mlp_dim, dropout, drop_path, dtype, attention: the
       encoder, as `jkd.models.vit.ViT`.
-    posemb: 'learn' (param 'pos_embedding', loads into a ViT with posemb='learn') or
-      'sincos2d' (fixed). The paper's ViT uses a relative position bias, which jkd's ViT lacks.
+    posemb: 'learn' (param 'pos_embedding', loads into a ViT with posemb='learn'), a fixed
+      sin-cos table (`jkd.models.vit.SINCOS_TABLES`) or 'none'.
     channels: image channels C the decoder predicts (3 RGB, 1 grey).
     remat: activation checkpointing of the encoder blocks ('none', 'full', 'dots'; see
       `jkd.models.vit.Encoder`).
+    cls_token: a learned class token 'cls' before the patches (dropped before the decoder).
+    layer_scale, rel_pos_bias: see `jkd.models.vit.ViT` (BEiT's layer scale and relative
+      position bias).
   """
   patch_size: int = 16
   width: int = 768
@@ -94,6 +90,9 @@ class SimMIM(nn.Module):
   posemb: str = 'learn'
   channels: int = 3
   remat: str = 'none'
+  cls_token: bool = False
+  layer_scale: float = 0.
+  rel_pos_bias: str = 'none'
 
   @nn.compact
   def __call__(self, images: jax.Array, mask: jax.Array, *, train: bool = False) -> jax.Array:
@@ -119,12 +118,21 @@ class SimMIM(nn.Module):
                             (1, 1, self.width))
     m = mask.reshape(b, -1, 1).astype(self.dtype)
     x = x * (1 - m) + mask_token.astype(self.dtype) * m
-    x = x + _position_embedding(self, self.posemb, grid, self.width).astype(self.dtype)
+    pos = position_embedding(self, self.posemb, grid, self.width)
+    if pos is not None:
+      x = x + pos.astype(self.dtype)
+    if self.cls_token:
+      cls = self.param('cls', logical(_token_init, (None, None, 'embed')), (1, 1, self.width))
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
     self.sow('intermediates', 'encoder_input', x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.dropout,
                 self.drop_path, self.dtype, self.attention, remat=self.remat,
-                name='encoder')(x, train=train)
+                layer_scale=self.layer_scale, rel_pos_bias=self.rel_pos_bias,
+                class_token=self.cls_token, name='encoder')(
+                    x, train=train, grid=grid if self.rel_pos_bias != 'none' else None)
+    if self.cls_token:
+      x = x[:, 1:]
     return SimMIMDecoder(p, self.channels, name='decoder')(x, grid)
 
 
@@ -159,9 +167,13 @@ class MAE(nn.Module):
 
   Attributes:
     patch_size, width, depth, num_heads, mlp_dim, dropout, drop_path, dtype, attention: the
-      encoder, as `jkd.models.vit.ViT` (posemb fixed 2-D sin-cos, as MAE).
-    cls_token: prepend a learned class token 'cls' (MAE's default). Off by default: pool-free
-      fine-tuning ('gap') needs none, and the token counts stay cuDNN-friendly.
+      encoder, as `jkd.models.vit.ViT`.
+    posemb: the fixed 2-D sin-cos table of the encoder and the decoder: 'sincos2d_mae' (the
+      official MAE's, the default since 2026-12) or 'sincos2d' (jkd's own, which MAE runs made
+      before then used; their checkpoints keep it, see `jkd.models.legacy_fields`).
+    cls_token: prepend a learned class token 'cls' (the official MAE always has one). Off by
+      default: pool-free fine-tuning ('gap') needs none, and the token counts stay
+      cuDNN-friendly.
     decoder_width, decoder_depth, decoder_heads: the decoder (MAE ViT-B: 512, 8, 16).
     decoder_mlp_dim: decoder MLP width; None means 4 * decoder_width.
     channels: image channels C the decoder predicts.
@@ -187,6 +199,7 @@ class MAE(nn.Module):
   channels: int = 3
   pad_tokens_to: int = 0
   remat: str = 'none'
+  posemb: str = 'sincos2d_mae'
 
   def num_patches(self, image_size: int) -> int:
     """L for a square image of side `image_size`."""
@@ -213,7 +226,10 @@ class MAE(nn.Module):
     if mae_mask.ids_restore.shape[1] != x.shape[1]:
       raise UserError(f'MAE mask over {mae_mask.ids_restore.shape[1]} patches, but the images '
                       f'have {x.shape[1]}: draw it with num_patches={x.shape[1]}.')
-    x = x + posemb_sincos_2d(*grid, self.width).astype(self.dtype)
+    if self.posemb not in vit_lib.SINCOS_TABLES:
+      raise UserError(f'MAE uses a fixed sin-cos position table: posemb={self.posemb!r} is not '
+                      f'one of {", ".join(vit_lib.SINCOS_TABLES)}.')
+    x = x + posemb_sincos_2d(*grid, self.width, table=self.posemb).astype(self.dtype)
     x = masking.gather_tokens(x, mae_mask.ids_keep)
     if self.cls_token:
       # MAE's class token has a zero position embedding, so nothing is added to it.
@@ -229,7 +245,7 @@ class MAE(nn.Module):
     x = x[:, :length]
     return MAEDecoder(self.patch_size, self.channels, self.decoder_width, self.decoder_depth,
                       self.decoder_heads, self.decoder_mlp_dim, self.dtype, self.attention,
-                      self.cls_token, self.remat, name='decoder')(
+                      self.cls_token, self.remat, self.posemb, name='decoder')(
                           x, mae_mask.ids_restore, grid, train=train)
 
 
@@ -243,6 +259,7 @@ class MAEDecoder(nn.Module):
     has_cls: the encoder output starts with a class token (kept through the blocks, dropped
       before the prediction, as MAE).
     remat: activation checkpointing of the blocks (see `jkd.models.vit.Encoder`).
+    posemb: the fixed sin-cos table (as `MAE.posemb`).
   """
   patch_size: int
   channels: int
@@ -254,6 +271,7 @@ class MAEDecoder(nn.Module):
   attention: str | None = 'xla'
   has_cls: bool = False
   remat: str = 'none'
+  posemb: str = 'sincos2d_mae'
 
   @nn.compact
   def __call__(self, x: jax.Array, ids_restore: jax.Array, grid: tuple[int, int], *,
@@ -269,7 +287,7 @@ class MAEDecoder(nn.Module):
                             (1, 1, self.width))
     fill = jnp.broadcast_to(mask_token.astype(x.dtype), (b, total - x.shape[1], self.width))
     x = masking.unshuffle_tokens(jnp.concatenate([x, fill], axis=1), ids_restore)
-    x = x + posemb_sincos_2d(*grid, self.width).astype(x.dtype)
+    x = x + posemb_sincos_2d(*grid, self.width, table=self.posemb).astype(x.dtype)
     if cls is not None:
       x = jnp.concatenate([cls, x], axis=1)
     # The decoder sees all L (+1) tokens; pad for cuDNN like the encoder.
@@ -325,3 +343,18 @@ def create_mim(method: str, encoder_name: str, **overrides) -> nn.Module:
     raise UserError(f'{method} model has no field(s) {", ".join(unknown)}; '
                     f'valid fields: {", ".join(valid)}.')
   return cls(**{**{f: getattr(vit, f) for f in _ENCODER_FIELDS}, **overrides})
+
+
+def posemb_of(model_cfg, method: str | None = None) -> str | None:
+  """The position embedding a model config gives ('learn', a sin-cos table, 'none'), its
+  default included; `method` 'mae' / 'simmim' for a MIM model's; None for models without."""
+  if model_cfg.get('posemb'):
+    return model_cfg['posemb']
+  if method in METHODS:
+    field = next((f for f in dataclasses.fields(METHODS[method]) if f.name == 'posemb'), None)
+    return field.default if field else None
+  from jkd import models  # The registry imports model modules; import it lazily.
+  try:
+    return models.field_default(model_cfg['name'], 'posemb')
+  except (KeyError, UserError):
+    return None

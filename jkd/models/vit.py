@@ -39,13 +39,21 @@ class AttentionConfigError(UserError, ValueError):
   """An attention implementation that cannot run with the chosen settings."""
 
 
-def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
-                     dtype: Dtype = jnp.float32) -> jax.Array:
-  """Fixed 2-D sin-cos position embedding (MAE, big_vision).
+# The fixed 2-D sin-cos position tables, by `posemb` name. Each is [sin, cos] of positions times
+# frequencies omega_k = temperature^(-k / denominator), k < width/4, for the first coordinate's
+# half of the channels, then the same for the other coordinate:
+#   'sincos2d'      jkd's own (every jkd run before 2026-12): rows (y) first, denominator
+#                   width/4 - 1 (big_vision's frequencies).
+#   'sincos2d_mae'  official MAE (facebookresearch/mae util/pos_embed.py, also its decoder):
+#                   columns (x) first, denominator width/4.
+#   'sincos2d_bv'   big_vision's `posemb_sincos_2d` (MoCo v3): columns first, width/4 - 1.
+SINCOS_TABLES = {'sincos2d': ('y', 1), 'sincos2d_mae': ('x', 0), 'sincos2d_bv': ('x', 1)}
+POSEMBS = ('learn', *SINCOS_TABLES, 'none')
 
-  The first half of the channels encodes the row (y), the second half the column (x); each half
-  is [sin(pos * omega), cos(pos * omega)] with omega_k = temperature^(-k / (width/4 - 1)), as
-  big_vision's `posemb_sincos_2d`.
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
+                     dtype: Dtype = jnp.float32, table: str = 'sincos2d') -> jax.Array:
+  """A fixed 2-D sin-cos position embedding (see `SINCOS_TABLES` for which is whose).
 
   Args:
     h: grid height in patches.
@@ -53,21 +61,86 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
     width: embedding width; must be divisible by 4.
     temperature: the base of the frequencies.
     dtype: output dtype.
+    table: 'sincos2d' (jkd's), 'sincos2d_mae' (official MAE) or 'sincos2d_bv' (big_vision).
 
   Returns:
     (1, h*w, width) array, rows in raster order (row-major over the grid).
   """
   if width % 4:
-    raise UserError(f'sincos2d position embedding needs a width divisible by 4, got {width}: '
+    raise UserError(f'{table} position embedding needs a width divisible by 4, got {width}: '
                     "choose another width or posemb='learn'.")
+  first, offset = SINCOS_TABLES[table]
   y, x = np.mgrid[:h, :w]
   quarter = width // 4
-  omega = np.arange(quarter) / max(quarter - 1, 1)
+  omega = np.arange(quarter) / max(quarter - offset, 1)
   omega = 1. / (temperature**omega)
   y = np.einsum('n,d->nd', y.reshape(-1), omega)
   x = np.einsum('n,d->nd', x.reshape(-1), omega)
-  pe = np.concatenate([np.sin(y), np.cos(y), np.sin(x), np.cos(x)], axis=1)
+  halves = [np.sin(y), np.cos(y), np.sin(x), np.cos(x)]
+  pe = np.concatenate(halves if first == 'y' else halves[2:] + halves[:2], axis=1)
   return jnp.asarray(pe, dtype)[None]
+
+
+def position_embedding(module: nn.Module, kind: str, grid: tuple[int, int], width: int):
+  """(1, gh*gw, D) fp32 position embedding of `module`'s patches, or None for posemb 'none':
+  the param 'pos_embedding' when learned, else the fixed table named `kind`."""
+  if kind not in POSEMBS:
+    raise UserError(f'unknown posemb {kind!r}: use one of {", ".join(POSEMBS)}.')
+  if kind == 'learn':
+    return module.param('pos_embedding',
+                        logical(nn.initializers.normal(0.02), (None, 'pos', 'embed')),
+                        (1, grid[0] * grid[1], width))
+  if kind == 'none':
+    return None
+  return posemb_sincos_2d(grid[0], grid[1], width, table=kind)
+
+
+def relative_position_index(grid: tuple[int, int]) -> np.ndarray:
+  """BEiT's index into a relative position bias table, for a class token then gh*gw patches.
+
+  Returns (L, L) int with L = 1 + gh*gw: patch pairs index their (dy, dx) offset among
+  (2gh-1)(2gw-1) entries; the last three entries are patch->class, class->patch and
+  class->class. The table therefore has (2gh-1)(2gw-1) + 3 rows (microsoft/unilm beit, as
+  SimMIM's models/vision_transformer.py).
+  """
+  gh, gw = grid
+  coords = np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')).reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+  rel[:, :, 0] += gh - 1
+  rel[:, :, 1] += gw - 1
+  rel[:, :, 0] *= 2 * gw - 1
+  size = (2 * gh - 1) * (2 * gw - 1) + 3
+  index = np.zeros((gh * gw + 1,) * 2, np.int32)
+  index[1:, 1:] = rel.sum(-1)
+  index[0, 0:] = size - 3
+  index[0:, 0] = size - 2
+  index[0, 0] = size - 1
+  return index
+
+
+class RelativePositionBias(nn.Module):
+  """A learned bias on the attention logits per head and relative patch offset (BEiT, SimMIM's
+  ViT). Param 'relative_position_bias_table' ((2gh-1)(2gw-1) + 3, H), zero-initialised.
+
+  Attributes:
+    grid: the patch grid (gh, gw).
+    num_heads: H.
+    class_token: whether the sequence starts with a class token (else its rows are dropped).
+  """
+  grid: tuple[int, int]
+  num_heads: int
+  class_token: bool = True
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    """Returns the bias (H, L, L) fp32, L = [1 +] gh*gw."""
+    gh, gw = self.grid
+    table = self.param('relative_position_bias_table', logical(_zeros, (None, 'heads')),
+                       ((2 * gh - 1) * (2 * gw - 1) + 3, self.num_heads))
+    index = relative_position_index(self.grid)
+    if not self.class_token:
+      index = index[1:, 1:]
+    return jnp.transpose(table[index], (2, 0, 1))
 
 
 class PatchEmbed(nn.Module):
@@ -120,13 +193,15 @@ class Attention(nn.Module):
   sow_maps: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, seq_lengths: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, seq_lengths: jax.Array | None = None,
+               bias: jax.Array | None = None) -> jax.Array:
     """Self-attention over the tokens.
 
     Args:
       x: tokens (B, L, D).
       seq_lengths: optional (B,) int true lengths; tokens at or past the length are padding,
         never attended to, and their outputs are zero.
+      bias: optional (H, L, L) fp32 added to the attention logits (a relative position bias).
 
     Returns:
       (B, L, D) in `dtype`.
@@ -151,7 +226,7 @@ class Attention(nn.Module):
       seq_lengths = jnp.asarray(seq_lengths, jnp.int32)
 
     if self.sow_maps and self.is_mutable_collection('intermediates'):
-      out = self._explicit(q, k, v, seq_lengths)
+      out = self._explicit(q, k, v, seq_lengths, bias)
     else:
       if self.implementation == 'cudnn' and jnp.dtype(q.dtype) not in (
           jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -159,7 +234,8 @@ class Attention(nn.Module):
             f"attention='cudnn' needs bf16 or fp16 compute, but dtype is {jnp.dtype(q.dtype)}: "
             "pass dtype=jnp.bfloat16 or use attention='xla'.")
       out = jax.nn.dot_product_attention(
-          q, k, v, implementation=self.implementation,
+          q, k, v, bias=None if bias is None else bias[None].astype(q.dtype),
+          implementation=self.implementation,
           query_seq_lengths=seq_lengths, key_value_seq_lengths=seq_lengths)
 
     return nn.DenseGeneral(
@@ -167,12 +243,14 @@ class Attention(nn.Module):
         kernel_init=logical(_xavier, ('heads', 'kv', 'embed')),
         bias_init=logical(_zeros, ('embed',)))(out)
 
-  def _explicit(self, q, k, v, seq_lengths):
+  def _explicit(self, q, k, v, seq_lengths, bias=None):
     """Reference attention, the same recipe as jax's 'xla' path; sows probs and q, k, v."""
     head_dim = q.shape[-1]
     # fp32 logits and softmax whatever the compute dtype, as jax.nn.dot_product_attention does.
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(1. / np.sqrt(head_dim))
+    if bias is not None:
+      logits = logits + bias[None].astype(jnp.float32)
     if seq_lengths is not None:
       valid = jnp.arange(q.shape[1])[None, :] < seq_lengths[:, None]  # (B, L)
       mask = valid[:, None, :, None] & valid[:, None, None, :]
@@ -198,6 +276,7 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   dropout: float = 0.
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -207,7 +286,8 @@ class MlpBlock(nn.Module):
                  kernel_init=logical(_xavier, ('embed', 'mlp')),
                  bias_init=logical(_zeros, ('mlp',)))(x)
     # Exact (erf) GELU, as timm and PyTorch use: imported checkpoints then give the same outputs.
-    x = nn.gelu(x, approximate=False)
+    # big_vision's ViTs use the tanh approximation (`gelu_approximate`).
+    x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
     x = nn.Dense(d_model, dtype=self.dtype, name='fc2',
                  kernel_init=logical(_xavier, ('mlp', 'embed')),
@@ -215,8 +295,8 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 
-def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name,
+def _layer_norm(name: str, dtype: Dtype, eps: float = LN_EPS) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
                       scale_init=logical(nn.initializers.ones, ('embed',)),
                       bias_init=logical(_zeros, ('embed',)))
 
@@ -224,8 +304,9 @@ def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
 class Encoder1DBlock(nn.Module):
   """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)).
 
-  Sows 'intermediates' 'out' (B, L, D): the block's output. The attention's maps are under
-  its submodule 'attn'.
+  With layer scale (CaiT, DeiT III, BEiT) each branch is multiplied by a learned per-channel
+  scale first: x + ls1 * attn(ln1(x)), x + ls2 * mlp(ln2(x)). Sows 'intermediates' 'out'
+  (B, L, D): the block's output. The attention's maps are under its submodule 'attn'.
 
   Attributes:
     num_heads: attention heads.
@@ -235,6 +316,12 @@ class Encoder1DBlock(nn.Module):
     dtype: compute dtype.
     attention: attention implementation, see `Attention`.
     sow_attention: sow the attention maps, see `Attention.sow_maps`.
+    layer_scale: initial value of the params 'ls1', 'ls2' (D,); 0 = no layer scale.
+    gelu_approximate: see `MlpBlock`.
+    rel_pos_grid: the patch grid of this block's own relative position bias table (BEiT's
+      per-block 'rel_pos_bias'), or None.
+    class_token: the tokens start with a class token (for the relative position bias).
+    norm_eps: the LayerNorms' epsilon (timm 1e-6; Hugging Face ViT 1e-12).
   """
   num_heads: int
   mlp_dim: int
@@ -243,24 +330,42 @@ class Encoder1DBlock(nn.Module):
   dtype: Dtype = jnp.float32
   attention: str | None = 'xla'
   sow_attention: bool = True
+  layer_scale: float = 0.
+  gelu_approximate: bool = False
+  rel_pos_grid: tuple[int, int] | None = None
+  class_token: bool = True
+  norm_eps: float = LN_EPS
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool,
-               seq_lengths: jax.Array | None = None) -> jax.Array:
-    """Args: x (B, L, D); seq_lengths optional (B,) int. Returns (B, L, D).
+  def __call__(self, x: jax.Array, train: bool, seq_lengths: jax.Array | None = None,
+               bias: jax.Array | None = None) -> jax.Array:
+    """Args: x (B, L, D); seq_lengths optional (B,) int; bias optional (H, L, L) on the
+    attention logits. Returns (B, L, D).
 
     `train` may be positional: `nn.remat` needs it so (static_argnums), as `Encoder` calls it.
     """
-    y = _layer_norm('ln1', self.dtype)(x)
+    if self.rel_pos_grid is not None:
+      own = RelativePositionBias(tuple(self.rel_pos_grid), self.num_heads, self.class_token,
+                                 name='rel_pos_bias')()
+      bias = own if bias is None else bias + own
+    y = _layer_norm('ln1', self.dtype, self.norm_eps)(x)
     y = Attention(self.num_heads, self.dtype, self.attention, self.sow_attention, name='attn')(
-        y, seq_lengths=seq_lengths)
+        y, seq_lengths=seq_lengths, bias=bias)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
-    x = x + DropPath(self.drop_path)(y, train=train)
-    y = _layer_norm('ln2', self.dtype)(x)
-    y = MlpBlock(self.mlp_dim, self.dtype, self.dropout, name='mlp')(y, train=train)
-    x = x + DropPath(self.drop_path)(y, train=train)
+    x = x + DropPath(self.drop_path)(self._scale('ls1', y), train=train)
+    y = _layer_norm('ln2', self.dtype, self.norm_eps)(x)
+    y = MlpBlock(self.mlp_dim, self.dtype, self.dropout, self.gelu_approximate, name='mlp')(
+        y, train=train)
+    x = x + DropPath(self.drop_path)(self._scale('ls2', y), train=train)
     self.sow('intermediates', 'out', x)
     return x
+
+  def _scale(self, name: str, y: jax.Array) -> jax.Array:
+    if not self.layer_scale:
+      return y
+    gamma = self.param(name, logical(nn.initializers.constant(self.layer_scale), ('embed',)),
+                       (y.shape[-1],))
+    return y * gamma.astype(y.dtype)
 
 
 class Encoder(nn.Module):
@@ -284,6 +389,14 @@ class Encoder(nn.Module):
       (keep only each block's input, recompute the block in the backward pass: about 1/3 more
       FLOPs) or 'dots' (keep the weight matmuls' outputs). Parameters, outputs, gradients and
       intermediates are the same with every policy; only memory and time differ.
+    layer_scale, gelu_approximate: see `Encoder1DBlock`.
+    rel_pos_bias: BEiT's relative position bias: 'none', 'shared' (one table
+      'rel_pos_bias/relative_position_bias_table' for every block, SimMIM's pretraining ViT) or
+      'block' (one per block, BEiT / SimMIM fine-tuning). Needs the patch grid at call time.
+    class_token: the tokens start with a class token (for the relative position bias).
+    final_norm: end with the LayerNorm 'encoder_norm'; False when the model normalises after
+      pooling instead (`ViT.fc_norm`).
+    norm_eps: the LayerNorms' epsilon.
   """
   depth: int
   num_heads: int
@@ -294,17 +407,39 @@ class Encoder(nn.Module):
   attention: str | None = 'xla'
   sow_attention: bool = True
   remat: str = 'none'
+  layer_scale: float = 0.
+  gelu_approximate: bool = False
+  rel_pos_bias: str = 'none'
+  class_token: bool = True
+  final_norm: bool = True
+  norm_eps: float = LN_EPS
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool,
-               seq_lengths: jax.Array | None = None) -> jax.Array:
-    """Args: x (B, L, D); seq_lengths optional (B,) int. Returns normed tokens (B, L, D)."""
+  def __call__(self, x: jax.Array, *, train: bool, seq_lengths: jax.Array | None = None,
+               grid: tuple[int, int] | None = None) -> jax.Array:
+    """Args: x (B, L, D); seq_lengths optional (B,) int; grid (gh, gw) of the patches, needed
+    with a relative position bias. Returns normed tokens (B, L, D)."""
+    if self.rel_pos_bias not in ('none', 'shared', 'block'):
+      raise UserError(f"unknown rel_pos_bias {self.rel_pos_bias!r}: use 'none', 'shared' or "
+                      "'block'.")
+    if self.rel_pos_bias != 'none' and grid is None:
+      raise UserError('a relative position bias needs the patch grid: this model cannot use '
+                      f'rel_pos_bias={self.rel_pos_bias!r}.')
+    bias = None
+    if self.rel_pos_bias == 'shared':
+      bias = RelativePositionBias(tuple(grid), self.num_heads, self.class_token,
+                                  name='rel_pos_bias')()
+    own_grid = tuple(grid) if self.rel_pos_bias == 'block' else None
     block = remat_block(self.remat)
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x = block(self.num_heads, self.mlp_dim, self.dropout, rate, self.dtype,
-                self.attention, self.sow_attention, name=f'block{i}')(x, train, seq_lengths)
-    return _layer_norm('encoder_norm', self.dtype)(x)
+                self.attention, self.sow_attention, self.layer_scale, self.gelu_approximate,
+                own_grid, self.class_token, self.norm_eps, name=f'block{i}')(
+                    x, train, seq_lengths, bias)
+    if not self.final_norm:
+      return x
+    return _layer_norm('encoder_norm', self.dtype, self.norm_eps)(x)
 
 
 def remat_block(policy: str) -> type[nn.Module]:
@@ -346,9 +481,12 @@ class ViT(nn.Module):
     depth: number of blocks.
     num_heads: attention heads.
     mlp_dim: MLP hidden width; None means 4 * width.
-    pool: 'gap' (mean of the patch tokens, no class token: 196 tokens at 224/16, a length
-      cuDNN accepts) or 'token' (class token 'cls').
-    posemb: 'learn' (param 'pos_embedding', (1, gh*gw, D), patches only) or 'sincos2d' (fixed).
+    pool: 'gap' (mean of the patch tokens: 196 tokens at 224/16 without a class token, a
+      length cuDNN accepts) or 'token' (the class token 'cls').
+    posemb: 'learn' (param 'pos_embedding', (1, gh*gw, D), patches only: a checkpoint's class
+      token position is folded into 'cls' on import), a fixed sin-cos table ('sincos2d',
+      jkd's own; 'sincos2d_mae', official MAE's; 'sincos2d_bv', big_vision's: see
+      `SINCOS_TABLES`), or 'none' (position from a relative position bias only).
     dropout: dropout rate.
     drop_path: stochastic-depth rate of the last block.
     dtype: compute dtype; parameters stay fp32 and logits are returned as fp32.
@@ -359,6 +497,15 @@ class ViT(nn.Module):
       explicit attention path). False keeps the fused kernel while block outputs are tapped.
     remat: activation checkpointing of the blocks: 'none', 'full' or 'dots' (see `Encoder`);
       for batches or models whose saved activations do not fit (`jkd plan` shows them).
+    class_token: a learned class token 'cls' first in the sequence; None means pool='token'.
+      With pool='gap' it is attended to but left out of the mean (timm's avg pooling, MAE
+      fine-tuning, BEiT).
+    fc_norm: normalise the pooled features (LayerNorm 'fc_norm') instead of the tokens
+      ('encoder_norm'): timm's `fc_norm`, the default of its avg pooling and of MAE's
+      fine-tuned models.
+    layer_scale, gelu_approximate: see `Encoder1DBlock` (DeiT III / BEiT; big_vision).
+    rel_pos_bias: 'none', 'shared' or 'block': BEiT's relative position bias (see `Encoder`).
+    norm_eps: the LayerNorms' epsilon (1e-6 as timm; Hugging Face's ViT uses 1e-12).
   """
   num_classes: int
   patch_size: int = 16
@@ -376,20 +523,38 @@ class ViT(nn.Module):
   distill_token: bool = False
   sow_attention: bool = True
   remat: str = 'none'
+  class_token: bool | None = None
+  fc_norm: bool = False
+  layer_scale: float = 0.
+  gelu_approximate: bool = False
+  rel_pos_bias: str = 'none'
+  norm_eps: float = LN_EPS
+
+  @property
+  def has_class_token(self) -> bool:
+    return self.pool == 'token' if self.class_token is None else bool(self.class_token)
 
   def setup(self):
     if self.pool not in ('gap', 'token'):
       raise UserError(f"unknown pool {self.pool!r}: use 'gap' or 'token'.")
-    if self.posemb not in ('learn', 'sincos2d'):
-      raise UserError(f"unknown posemb {self.posemb!r}: use 'learn' or 'sincos2d'.")
+    if self.posemb not in POSEMBS:
+      raise UserError(f'unknown posemb {self.posemb!r}: use one of {", ".join(POSEMBS)}.')
+    if self.pool == 'token' and not self.has_class_token:
+      raise UserError("pool='token' reads the class token: drop class_token=False.")
+    if self.rel_pos_bias != 'none' and self.distill_token:
+      raise UserError('a relative position bias and a distillation token cannot be combined.')
     self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
     self.encoder = Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width,
                            self.dropout, self.drop_path, self.dtype, self.attention,
-                           self.sow_attention, self.remat)
+                           self.sow_attention, self.remat, self.layer_scale,
+                           self.gelu_approximate, self.rel_pos_bias, self.has_class_token,
+                           final_norm=not self.fc_norm, norm_eps=self.norm_eps)
+    if self.fc_norm:
+      self.fc_norm_layer = _layer_norm('fc_norm', self.dtype, self.norm_eps)
     if self.distill_token and not self.num_classes:
       raise UserError('distill_token=True needs a classifier head: set num_classes > 0, or '
                       'drop distill_token.')
-    if self.pool == 'token':
+    if self.has_class_token:
       self.cls = self.param('cls', logical(_zeros, (None, None, 'embed')), (1, 1, self.width))
     if self.distill_token:
       # Random, not zero like 'cls': two identical zero tokens would start as exact copies
@@ -421,14 +586,11 @@ class ViT(nn.Module):
       'pos_embedding' (1, gh*gw, D), sized from the images seen at init.
     """
     x = self.patch_embed(images.astype(self.dtype))
-    if self.posemb == 'learn':
-      pos = self.param('pos_embedding',
-                       logical(nn.initializers.normal(0.02), (None, 'pos', 'embed')),
-                       (1, x.shape[1], self.width))
-    else:
-      pos = posemb_sincos_2d(images.shape[1] // self.patch_size,
-                             images.shape[2] // self.patch_size, self.width)
-    return x + pos.astype(self.dtype)
+    pos = position_embedding(self, self.posemb, self._grid(images), self.width)
+    return x if pos is None else x + pos.astype(self.dtype)
+
+  def _grid(self, images: jax.Array) -> tuple[int, int]:
+    return images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """Classifies images.
@@ -472,7 +634,7 @@ class ViT(nn.Module):
     x = self.embed(images)
     b = x.shape[0]
     prefix = []
-    if self.pool == 'token':
+    if self.has_class_token:
       prefix.append(jnp.broadcast_to(self.cls.astype(self.dtype), (b, 1, self.width)))
     if self.distill_token:
       prefix.append(jnp.broadcast_to(self.dist_token.astype(self.dtype), (b, 1, self.width)))
@@ -480,9 +642,12 @@ class ViT(nn.Module):
       x = jnp.concatenate([*prefix, x], axis=1)
     self.sow('intermediates', 'patch_embed', x)
     x = self.token_dropout(x, deterministic=not train)
-    x = self.encoder(x, train=train)
+    grid = self._grid(images) if self.rel_pos_bias != 'none' else None
+    x = self.encoder(x, train=train, grid=grid)
     n = len(prefix)  # Leading non-patch tokens: [cls][dist].
     pooled = x[:, 0] if self.pool == 'token' else x[:, n:].mean(axis=1)
+    if self.fc_norm:
+      pooled = self.fc_norm_layer(pooled)
     pooled = pooled.astype(jnp.float32)
     self.sow('intermediates', 'pre_logits', pooled)
     if not self.distill_token:

@@ -16,7 +16,7 @@ import optax
 from jkd import data, loop, models
 from jkd.checkpoint import load_model
 from jkd.errors import UserError
-from jkd.models.mim import METHODS, create_mim
+from jkd.models.mim import METHODS, create_mim, posemb_of
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Collections a forward pass may write that are not state to keep across steps.
@@ -236,11 +236,14 @@ def init_from(config, **options):
   if not config.get('init_from'):
     return None
   return functools.partial(load_init_from, config.init_from,
-                           params_prefix=tuple(config.get('init_prefix', ()) or ()), **options)
+                           params_prefix=tuple(config.get('init_prefix', ()) or ()),
+                           posemb=posemb_of(config.model, config.get('method')),
+                           **options)
 
 
 def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
-                   skip: tuple[str, ...] = ('head',), into: str | None = None, log=print):
+                   skip: tuple[str, ...] = ('head',), into: str | None = None,
+                   posemb: str | None = None, log=print):
   """Initialises `state.params` (and BatchNorm stats) from another run's latest checkpoint.
 
   Args:
@@ -249,8 +252,17 @@ def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
     skip: top-level names of the model that keep their fresh initialisation.
     into: the key of `state.params` that holds the model (a distilled student sits under
       'student', beside its projectors, which stay fresh); None: all of `state.params`.
+    posemb: this model's position embedding; a fixed table that differs from the one the
+      source was trained with is refused (the weights would see other positions).
   """
   saved = load_model(workdir, prefix=params_prefix)  # The run's own prefix unless one is given.
+  source = posemb_of(saved.model_config, saved.meta.get('method')) if saved.model_config \
+      else None
+  fixed = models.vit.SINCOS_TABLES
+  if posemb in fixed and source in fixed and source != posemb:
+    raise UserError(f'init_from={workdir!r} was trained with the position table {source!r}, '
+                    f'but this model uses {posemb!r}: the weights would see other positions. '
+                    f'Set --config.model.posemb={source}.')
   target = state.params if into is None else state.params[into]
   params, loaded, skipped = merge_pretrained(target, saved.params, skip=skip)
   if into is not None:

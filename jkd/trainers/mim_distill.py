@@ -83,7 +83,8 @@ def build_task(config, workdir: str, *, teacher: Teacher | None = None) -> loop.
   return common.make_task(
       config, 'distill', run,
       meta={'method': d.method, 'params_prefix': [STUDENT], 'teacher': teacher.description,
-            'mim': d.student.settings},
+            'mim': d.student.settings,
+            'model_fields': {'posemb': d.student.model.posemb}},
       init_state=functools.partial(d.init_state, tx, run.shape),
       train_step=mim_distill_step(d, tx, schedule, mean=mean, std=std),
       eval_step=mim_distill_eval_step(d, mean=mean, std=std),

@@ -199,7 +199,8 @@ def build_task(config, workdir: str) -> loop.Task:
     return common.new_state(params, {}, tx)
 
   return common.make_task(
-      config, 'pretrain', run, meta={'method': config.method},
+      config, 'pretrain', run,
+      meta={'method': config.method, 'model_fields': {'posemb': model.posemb}},
       init_state=init_state,
       train_step=mim_step(objective, tx, schedule, mean=info.mean, std=info.std, dtype=dtype),
       eval_step=mim_eval_step(objective, mean=info.mean, std=info.std, dtype=dtype),

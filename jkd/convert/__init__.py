@@ -1,0 +1,324 @@
+"""Public vision checkpoints as jkd models: the same network, provably, in one call.
+
+  module, variables = jkd.convert.load('deit_small_patch16_224.safetensors')
+  logits = module.apply(variables, images)              # images (B, 224, 224, 3), NHWC
+  report = jkd.convert.save_workdir('mae_pretrain_vit_base.pth', 'runs/mae_b')   # `jkd import`
+
+`save_workdir` writes a normal jkd workdir (an Orbax checkpoint at step 0 and its metadata): use
+it as `--config.teacher.workdir`, `--config.init_from`, a MIM teacher (MAE / SimMIM
+pretraining checkpoints keep their decoders), or evaluate it with `jkd eval --workdir`.
+
+Formats: `jkd.convert.formats` (safetensors, PyTorch zip read weights-only, big_vision .npz).
+Sources: timm ViT / DeiT / DeiT III / ResNet, Hugging Face ViT, torchvision ResNet, the
+official MAE (pretraining with decoder, and fine-tuned) and SimMIM ViT, big_vision ViT
+(`jkd.convert.vit`, `jkd.convert.resnet`). The model's sizes come from the tensors' shapes;
+what shapes do not say (a ViT's head count when its width is not a multiple of 64) comes from
+`--model NAME` or `--config.model.num_heads=H`. A different class count gets a fresh head, a
+different image size a resampled position table (bicubic, as timm); the report lists both.
+docs/pretrained.md has the workflow end to end.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jkd import masking, models, storage
+from jkd.config import apply_override, load_config
+from jkd.convert import formats, posemb, resnet, vit
+from jkd.convert.vit import Converted
+from jkd.errors import UserError
+
+LAYOUTS = {**vit.LAYOUTS, **resnet.LAYOUTS}
+# A MIM model's masking defaults (the papers'), for `jkd eval` and MIM distillation.
+MIM_DEFAULTS = {'mae': {'mask_ratio': 0.75, 'norm_pix_loss': True, 'mask_patch_size': 0},
+                'simmim': {'mask_ratio': 0.6, 'norm_pix_loss': False, 'mask_patch_size': 32}}
+
+
+def convert(tensors: dict, model: dict | None = None) -> Converted:
+  """Detects the tensors' layout and translates them (`Converted`).
+
+  Args:
+    tensors: {name: array} as `formats.read_tensors` returns them.
+    model: fields the tensors cannot say or the user wants instead ({'name': 'vit_s16'},
+      {'num_heads': 3}, ...).
+  """
+  found = [name for name, (detect, _) in LAYOUTS.items() if detect(tensors)]
+  if not found:
+    raise UserError('The checkpoint\'s tensors match no layout jkd imports (timm / Hugging Face '
+                    'ViT and DeiT, official MAE and SimMIM, big_vision ViT, torchvision / timm '
+                    f'ResNet). It holds: {formats.describe(tensors)}.')
+  return LAYOUTS[found[0]][1](tensors, dict(model or {}))
+
+
+@dataclasses.dataclass
+class Imported:
+  """A converted checkpoint as a jkd module with its variables.
+
+  Attributes:
+    module: the Flax module (`ViT`, `ResNet`, `SimMIM` or `MAE`).
+    variables: {'params': ..., other collections}, numpy float32.
+    config: the run config that describes it (model, data, and a MIM model's masking).
+    report: what was mapped (see `build`).
+  """
+  module: nn.Module
+  variables: dict
+  config: ml_collections.ConfigDict
+  report: dict
+
+
+def default_config(converted: Converted) -> ml_collections.ConfigDict:
+  """A run config for a converted model with no data of its own: synthetic images of the
+  checkpoint's size, channels and classes (replace `config.data` to evaluate or train)."""
+  from jkd.data import default_data_config  # pylint: disable=g-import-not-at-top
+  from jkd.defaults import base_config  # pylint: disable=g-import-not-at-top
+  c = base_config()
+  c.data = default_data_config('synthetic')
+  c.data.image_size = converted.image_size or 224
+  c.data.channels = converted.channels
+  c.data.num_classes = converted.num_classes or 1000
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.model = ml_collections.ConfigDict(converted.model)
+  if converted.method:
+    c.method = converted.method
+    c.update(MIM_DEFAULTS[converted.method])
+  return c
+
+
+def _model_overrides(overrides: Sequence[str]) -> dict:
+  """{'num_heads': 6, ...} from 'model.num_heads=6' overrides (typed later by apply_override)."""
+  out = {}
+  for o in overrides:
+    key, _, text = o.partition('=')
+    if key.startswith('model.') and key.count('.') == 1:
+      try:
+        out[key[len('model.'):]] = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        out[key[len('model.'):]] = text
+  return out
+
+
+def make_config(converted: Converted, config_spec: str | None = None,
+                overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The run config of an import: `config_spec`'s (a jkd config file, e.g. the dataset to
+  evaluate or fine-tune on) or `default_config`'s, with the converted model, then `overrides`.
+  """
+  config = load_config(config_spec) if config_spec else default_config(converted)
+  base = ml_collections.ConfigDict(config.get('model') or {})
+  config.model = ml_collections.ConfigDict(converted.model)
+  if base.get('dtype') and 'dtype' not in config.model:
+    config.model.dtype = base.dtype
+  if converted.method:
+    config.method = converted.method
+    for k, v in MIM_DEFAULTS[converted.method].items():
+      if k not in config:
+        config[k] = v
+  for o in overrides:
+    apply_override(config, o)
+  return config
+
+
+def _init(module: nn.Module, method: str | None, shape, seed: int) -> dict:
+  """Fresh variables (unboxed numpy) of `module` for images of `shape`."""
+  key = jax.random.key(seed)
+  x = jnp.zeros((1, *shape), jnp.float32)
+  if method == 'mae':
+    mask = masking.mae_mask(key, 1, (shape[0] // module.patch_size) ** 2, 0.75)
+    variables = module.init({'params': key}, x, mask, train=False)
+  elif method == 'simmim':
+    g = shape[0] // module.patch_size
+    variables = module.init({'params': key}, x, jnp.zeros((1, g, g), jnp.int32), train=False)
+  else:
+    variables = module.init({'params': key, 'dropout': key}, x, train=False)
+  variables = {k: v for k, v in nn.meta.unbox(variables).items() if k != 'intermediates'}
+  return jax.tree.map(np.asarray, variables)
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    path = f'{prefix}/{k}' if prefix else str(k)
+    out.update(_flatten(v, path) if isinstance(v, dict) else {path: v})
+  return out
+
+
+def _unflatten(flat: dict) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    *parents, leaf = path.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def build(converted: Converted, config: ml_collections.ConfigDict, *, seed: int = 0,
+          source: dict | None = None) -> Imported:
+  """The jkd module of `config.model` with the converted tensors in its variables.
+
+  Where the target differs from the checkpoint, the target wins and the report says so: a head
+  for another class count starts fresh, a learned position table is resampled to another image
+  size, a parameter the checkpoint lacks starts fresh.
+
+  Returns:
+    `Imported`, whose report has: checkpoint, format, layout, method, model (the config),
+    tensors (in the file), used (file tensors translated), arrays (the model's variables),
+    mapped (of them, loaded from the file), params (the model's parameter count), dropped (file
+    tensors not used), fresh (model variables not from the file), resized, notes.
+  """
+  from jkd import data  # pylint: disable=g-import-not-at-top
+  from jkd.trainers import common  # pylint: disable=g-import-not-at-top
+  info = data.get_info(config.data)
+  shape = common.input_shape(info, config.data)
+  if converted.method:
+    module = common.create_mim_model(converted.method, config.model, shape[2])
+  else:
+    module = common.create_model(config.model, info.num_classes)
+  if shape[2] != converted.channels:
+    raise UserError(f'The checkpoint takes {converted.channels}-channel images, but the data '
+                    f'gives {shape[2]} channels: use a dataset with {converted.channels} '
+                    'channels (config.data).')
+  target = _init(module, converted.method, shape, seed)
+  sources = {'params': converted.params, **{k: v for k, v in converted.model_state.items()}}
+  fresh, resized, mapped = [], [], set()
+  out = {}
+  for collection, tree in target.items():
+    flat, src = _flatten(tree), sources.get(collection, {})
+    for path, leaf in flat.items():
+      value = src.get(path)
+      name = path if collection == 'params' else f'{collection}/{path}'
+      if value is not None and path == 'pos_embedding' and value.shape != leaf.shape:
+        old = vit._grid_of(value.shape[1])
+        new = vit._grid_of(leaf.shape[1])
+        value = posemb.resample(np.asarray(value, np.float32), (new, new), (old, old))
+        resized.append(f'pos_embedding {old}x{old} -> {new}x{new} patches (bicubic, as timm)')
+      if value is None or tuple(value.shape) != tuple(leaf.shape):
+        fresh.append(name + ('' if value is None else
+                             f' (checkpoint {tuple(value.shape)}, model {tuple(leaf.shape)})'))
+        continue
+      flat[path] = np.asarray(value, np.float32).astype(leaf.dtype)
+      mapped.add(name)
+    out[collection] = _unflatten(flat)
+  unplaced = sorted(p for c, tree in sources.items() for p in tree
+                    if (p if c == 'params' else f'{c}/{p}') not in mapped
+                    and not any(f.split(' ')[0] == (p if c == 'params' else f'{c}/{p}')
+                                for f in fresh))
+  if not mapped:
+    raise UserError('None of the checkpoint\'s tensors fit the model: check --model and '
+                    '--config.model.')
+  dropped = sorted(set((source or {}).get('names', ())) - converted.used) + unplaced
+  report = {**{k: v for k, v in (source or {}).items() if k != 'names'},
+            'layout': converted.layout, 'method': converted.method,
+            'model': config.model.to_dict(), 'used': len(converted.used), 'mapped': len(mapped),
+            'arrays': len(mapped) + len(fresh),
+            'params': models.param_count(out['params']), 'dropped': dropped, 'fresh': fresh,
+            'resized': resized, 'notes': list(converted.notes)}
+  return Imported(module, out, config, report)
+
+
+def read(path: str, model: dict | None = None) -> tuple[Converted, dict]:
+  """(converted, source facts {path, format, tensors, names}) of a checkpoint file."""
+  tensors, fmt = formats.read_tensors(path)
+  converted = convert(tensors, model)
+  return converted, {'checkpoint': storage.resolve(path), 'format': fmt,
+                     'tensors': len(tensors), 'names': sorted(tensors)}
+
+
+def load(path: str, model: str | None = None, **overrides: Any) -> tuple[nn.Module, dict]:
+  """A checkpoint file as (Flax module, variables), ready for `module.apply(variables, x)`.
+
+  Args:
+    path: a safetensors, PyTorch (.pth / .bin) or big_vision .npz file.
+    model: a registered jkd model name to build (its head count, say) instead of the one
+      inferred from the shapes.
+    **overrides: model fields, e.g. num_heads=3, dtype='bfloat16', num_classes=10 (a fresh
+      head), image_size=384 (a resampled position table).
+  """
+  image_size = overrides.pop('image_size', None)
+  num_classes = overrides.pop('num_classes', None)
+  given = {**({'name': model} if model else {}), **overrides}
+  converted, source = read(path, given)
+  config = default_config(converted)
+  config.model.update(given)
+  if image_size:
+    config.data.image_size = int(image_size)
+  if num_classes:
+    config.data.num_classes = int(num_classes)
+  imported = build(converted, config, source=source)
+  return imported.module, imported.variables
+
+
+def save_workdir(path: str, workdir: str, *, model: str | None = None,
+                 config_spec: str | None = None, overrides: Sequence[str] = (),
+                 log=print) -> dict:
+  """`jkd import`: converts `path` and writes it as a jkd workdir; returns the report (also in
+  `WORKDIR/import.json`).
+
+  The workdir holds an Orbax checkpoint at step 0 of the trainer that runs such a model
+  (`jkd train`'s for a classifier, `jkd pretrain`'s for an MAE / SimMIM model), with the config
+  (`make_config`) in its metadata: everything that reads a workdir reads it.
+
+  Raises:
+    UserError: a file jkd cannot read or convert, or a workdir that already holds checkpoints.
+  """
+  from jkd import loop, trainers  # pylint: disable=g-import-not-at-top
+  from jkd.checkpoint import RunCheckpointer, checkpoint_dir  # pylint: disable=g-import-not-at-top
+  workdir = storage.resolve(workdir)
+  if storage.isdir(checkpoint_dir(workdir)) and RunCheckpointer(
+      workdir, create=False).latest_step() is not None:
+    raise UserError(f'{workdir} already holds checkpoints: import into a new --workdir (the '
+                    'existing checkpoints were left untouched).')
+  given = {**({'name': model} if model else {}), **_model_overrides(overrides)}
+  converted, source = read(path, given)
+  config = make_config(converted, config_spec, overrides)
+  imported = build(converted, config, source=source)
+  task = trainers.get('pretrain' if converted.method else 'train', config).build_task(
+      config, workdir)
+  init_key, _ = loop.run_keys(config)
+  state = jax.jit(lambda k: nn.meta.unbox(task.init_state(k)))(init_key)
+  state = state.replace(params=imported.variables['params'],
+                        model_state={k: v for k, v in imported.variables.items()
+                                     if k != 'params'})
+  report = {**imported.report, 'workdir': workdir}
+  meta = dict(task.meta, kind=task.kind, params=report['params'], config=config.to_dict(),
+              model_defaults=models.MODEL_DEFAULTS_VERSION,
+              imported={k: report[k] for k in ('checkpoint', 'format', 'layout')})
+  storage.makedirs(workdir)
+  ckpt = RunCheckpointer(workdir)
+  try:
+    ckpt.save(0, state, task.train_iterator.get_state(), meta)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  close = getattr(task.train_iterator, 'close', None)
+  if close:
+    close()
+  if jax.process_index() == 0:
+    storage.write_json(storage.join(workdir, 'import.json'), report)
+  log(format_report(report))
+  return report
+
+
+def format_report(r: dict) -> str:
+  """The lines `jkd import` prints."""
+  model = r['model']
+  lines = [f'imported {r.get("checkpoint")} ({r.get("format")}, {r["layout"]} layout) -> '
+           f'{r.get("workdir", "memory")}',
+           f'  model {model.get("name")} {({k: v for k, v in model.items() if k != "name"})}',
+           f'  {r["used"]} of the file\'s {r.get("tensors")} tensors used; {r["mapped"]} of the '
+           f'model\'s {r["arrays"]} arrays loaded from them; {r["params"]:,} parameters']
+  for title, key in (('dropped (in the file, not in the model)', 'dropped'),
+                     ('fresh (in the model, not from the file)', 'fresh'),
+                     ('resized', 'resized'), ('notes', 'notes')):
+    if r[key]:
+      shown = r[key][:8] + ([f'... {len(r[key]) - 8} more'] if len(r[key]) > 8 else [])
+      lines.append(f'  {title}: ' + '; '.join(shown))
+  return '\n'.join(lines)
