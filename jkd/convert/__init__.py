@@ -187,38 +187,38 @@ def build(converted: Converted, config: ml_collections.ConfigDict, *, seed: int 
                     f'gives {shape[2]} channels: use a dataset with {converted.channels} '
                     'channels (config.data).')
   target = _init(module, converted.method, shape, seed)
-  sources = {'params': converted.params, **{k: v for k, v in converted.model_state.items()}}
-  fresh, resized, mapped = [], [], set()
-  out = {}
+  # Converted tensors by the name the report uses: 'path' for params, 'collection/path' else.
+  sources = {path: v for path, v in converted.params.items()}
+  for collection, tree in converted.model_state.items():
+    sources.update({f'{collection}/{path}': v for path, v in tree.items()})
+  fresh, resized, seen, out = [], [], set(), {}
   for collection, tree in target.items():
-    flat, src = _flatten(tree), sources.get(collection, {})
+    flat = _flatten(tree)
     for path, leaf in flat.items():
-      value = src.get(path)
       name = path if collection == 'params' else f'{collection}/{path}'
+      value = sources.get(name)
+      seen.add(name)
       if value is not None and path == 'pos_embedding' and value.shape != leaf.shape:
-        old = vit._grid_of(value.shape[1])
-        new = vit._grid_of(leaf.shape[1])
+        old, new = vit._grid_of(value.shape[1]), vit._grid_of(leaf.shape[1])
         value = posemb.resample(np.asarray(value, np.float32), (new, new), (old, old))
         resized.append(f'pos_embedding {old}x{old} -> {new}x{new} patches (bicubic, as timm)')
       if value is None or tuple(value.shape) != tuple(leaf.shape):
         fresh.append(name + ('' if value is None else
                              f' (checkpoint {tuple(value.shape)}, model {tuple(leaf.shape)})'))
-        continue
-      flat[path] = np.asarray(value, np.float32).astype(leaf.dtype)
-      mapped.add(name)
+      else:
+        flat[path] = np.asarray(value, np.float32).astype(leaf.dtype)
     out[collection] = _unflatten(flat)
-  unplaced = sorted(p for c, tree in sources.items() for p in tree
-                    if (p if c == 'params' else f'{c}/{p}') not in mapped
-                    and not any(f.split(' ')[0] == (p if c == 'params' else f'{c}/{p}')
-                                for f in fresh))
+  mapped = len(seen) - len(fresh)
+  # Converted tensors the model has no place for (e.g. a head when it has none).
+  unplaced = sorted(set(sources) - seen)
   if not mapped:
     raise UserError('None of the checkpoint\'s tensors fit the model: check --model and '
                     '--config.model.')
   dropped = sorted(set((source or {}).get('names', ())) - converted.used) + unplaced
   report = {**{k: v for k, v in (source or {}).items() if k != 'names'},
             'layout': converted.layout, 'method': converted.method,
-            'model': config.model.to_dict(), 'used': len(converted.used), 'mapped': len(mapped),
-            'arrays': len(mapped) + len(fresh),
+            'model': config.model.to_dict(), 'used': len(converted.used), 'mapped': mapped,
+            'arrays': len(seen),
             'params': models.param_count(out['params']), 'dropped': dropped, 'fresh': fresh,
             'resized': resized, 'notes': list(converted.notes)}
   return Imported(module, out, config, report)
