@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from jkd import interrupt
 from jkd.errors import UserError
 
 
@@ -34,6 +35,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
+  except interrupt.Interrupted:  # SIGTERM while loading: not the file's fault.
+    raise
   except (Exception, SystemExit) as e:  # A user's file: show what broke without our traceback.
     raise UserError(f'Config file {path!r} failed to load: {_describe(e)}. Fix the file and run '
                     'the command again.') from e
@@ -50,6 +53,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
                     'after the colon. Drop the ":..." part.')
   try:
     config = get_config(arg or None) if takes_arg else get_config()
+  except interrupt.Interrupted:
+    raise
   except (Exception, SystemExit) as e:
     given = f' with argument {arg!r}' if arg else ''
     raise UserError(f'Config file {path!r} failed to load{given}: get_config() raised '
