@@ -57,12 +57,19 @@ def _same_params(a, b):
 # ---------------------------------------------------------------- non-finite loss
 
 
-def test_nan_run_keeps_every_good_checkpoint(tmp_path):
+@pytest.fixture(scope='module')
+def good(tmp_path_factory):
+  """A finished tiny run with checkpoints at steps 4, 8 and 12."""
+  workdir = str(tmp_path_factory.mktemp('good') / 'run')
+  out = run_jkd('train', '--config', TINY, '--workdir', workdir)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return workdir
+
+
+def test_nan_run_keeps_every_good_checkpoint(good, tmp_path):
   """lr=1e9 on a copy of a good run, three times: it stops with exit 3 at the first non-finite
   step, never saves it, keeps steps 4, 8, 12 byte-identical, and summary.json (strict JSON)
   marks the run failed. Before issue 19 the three runs rotated every good step out."""
-  good = str(tmp_path / 'good')
-  assert run_jkd('train', '--config', TINY, '--workdir', good).returncode == 0
   copy = str(tmp_path / 'copy')
   shutil.copytree(good, copy)
   before = _files(os.path.join(copy, 'checkpoints'))
@@ -94,6 +101,27 @@ def test_nan_run_keeps_every_good_checkpoint(tmp_path):
   assert out.returncode == 0 and 'resumed' in out.stdout and 'at step 12' in out.stdout
   with open(os.path.join(copy, 'summary.json')) as f:
     assert json.load(f)['status'] == 'ok'
+  _one_line_per_step(copy)
+
+
+def test_resume_from_an_older_step_only_when_asked(good, tmp_path):
+  """The latest checkpoint damaged: the run and `jkd eval` refuse it (exit 2, test_bad_input);
+  with --config.resume_from_step=8 eval reads step 8, and the run resumes from step 8, moves
+  step 12 aside (kept) and ends bit-identical to the undamaged run."""
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(good, copy)
+  d = os.path.join(copy, 'checkpoints', '12', 'state', 'ocdbt.process_0', 'd')
+  biggest = max((os.path.join(d, f) for f in os.listdir(d)), key=os.path.getsize)
+  os.truncate(biggest, 100)
+  out = run_jkd('eval', '--workdir', copy, '--config.resume_from_step=8')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.load(open(os.path.join(copy, 'eval.json')))['step'] == 8
+  out = run_jkd('train', '--config', TINY, '--workdir', copy, '--config.resume_from_step=8')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'moved the newer steps 12 to' in out.stdout and 'at step 8' in out.stdout
+  discarded = os.path.join(copy, 'discarded_checkpoints')
+  assert [os.listdir(os.path.join(discarded, t)) for t in os.listdir(discarded)] == [['12']]
+  _same_params(good, copy)
   _one_line_per_step(copy)
 
 
