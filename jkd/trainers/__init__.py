@@ -72,7 +72,7 @@ class Trainer:
     from jkd import interrupt, lock  # pylint: disable=g-import-not-at-top
     self.check(config)
     with interrupt.deferred(), lock.hold(workdir, command=f'jkd {self.command}'):
-      interrupt.check('during start-up, before step 1; nothing was written')
+      interrupt.check('during start-up; nothing new was written')
       return self.load().train(config, workdir)
 
 
