@@ -11,7 +11,9 @@
   jkd pipeline --config FILE.py[:ARG] --workdir DIR [...]   (stages in WORKDIR/<stage>)
   jkd import   --checkpoint FILE --workdir DIR [--model NAME] [--config FILE.py] [...]
 
-Bad input ends with exit code 2 and one paragraph naming the problem and the fix.
+Bad input ends with exit code 2 and one paragraph naming the problem and the fix; a run that
+diverged (a non-finite loss) with exit code 3; SIGTERM / SIGINT with 143 / 130 after saving a
+checkpoint of the step reached (docs/reliability.md).
 Multi-process runs (TPU pods, SLURM, GKE, launch/local.sh) are joined from the environment:
 see jkd/distributed.py and launch/README.md.
 """
@@ -23,7 +25,9 @@ import os
 import sys
 import textwrap
 
-from jkd import storage, trainers
+# Only light modules here: `main` installs the signal handlers before anything heavy loads
+# (jkd.storage, jax), so a SIGTERM during start-up is handled too.
+from jkd import interrupt, trainers
 from jkd.errors import UserError
 
 DESCRIPTIONS = {
@@ -107,38 +111,62 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _run_training(command: str, args, overrides: list[str]) -> dict:
+def _load(args, overrides: list[str], command: str):
+  """The config of a command, loaded and checked (`jkd.validate`) before anything is built."""
+  from jkd import validate
   from jkd.config import load_config
   config = load_config(args.config, overrides)
-  storage.makedirs(args.workdir)
+  if command in trainers.COMMANDS:
+    trainers.check(command, config)
+  else:
+    validate.check(config, command)
+  return config
+
+
+def _run_training(command: str, args, overrides: list[str]) -> dict:
+  from jkd import storage
+  config = _load(args, overrides, command)
+  storage.ensure_dir(args.workdir)
   return trainers.get(command, config).train(config, args.workdir)
 
 
 def _run_bench(args, overrides: list[str]) -> dict:
-  from jkd import bench
-  from jkd.config import load_config
-  return bench.run(load_config(args.config, overrides), args.workdir)
+  from jkd import bench, storage
+  config = _load(args, overrides, 'bench')
+  storage.ensure_dir(args.workdir)
+  return bench.run(config, args.workdir)
 
 
 def _run_demo(args, overrides: list[str]) -> dict:
-  from jkd import demo
+  from jkd import demo, lock, storage
   from jkd.config import load_config
   spec = args.config or os.path.join(demo.configs_dir(), 'demo.py')
-  return demo.run(load_config(spec, overrides), args.workdir)
+  config = load_config(spec, overrides)
+  storage.ensure_dir(args.workdir)
+  with interrupt.deferred(), lock.hold(args.workdir, command='jkd demo'):
+    return demo.run(config, args.workdir)
 
 
 def _run_pipeline(args, overrides: list[str]) -> dict:
-  from jkd import pipeline
+  from jkd import lock, pipeline, storage
   from jkd.config import load_config
-  return pipeline.run(load_config(args.config, overrides), args.workdir)
+  config = load_config(args.config, overrides)
+  storage.ensure_dir(args.workdir)
+  with interrupt.deferred(), lock.hold(args.workdir, command='jkd pipeline'):
+    return pipeline.run(config, args.workdir)
 
 
 def _run_plan(args, overrides: list[str]) -> dict:
-  from jkd import memory
-  from jkd.config import load_config
-  config = load_config(args.config, overrides)
+  from jkd import memory, storage
+  if args.devices is not None and args.devices < 1:
+    raise UserError(f'--devices {args.devices}: the planned machine needs at least 1 device. '
+                    'Pass a positive count, or leave --devices out (the product of config.mesh).')
+  config = _load(args, overrides, 'plan')
+  device_memory = memory.parse_bytes(args.device_memory)
+  if args.workdir:
+    storage.ensure_dir(args.workdir)
   result = memory.plan(config, teacher=args.teacher, num_devices=args.devices,
-                       device_memory=memory.parse_bytes(args.device_memory))
+                       device_memory=device_memory)
   print(memory.format_plan(result))
   if args.measure:
     result['xla'] = memory.compile_step(config, teacher=args.teacher, run=True)
@@ -173,17 +201,27 @@ def _quiet_libraries() -> None:
     pass
 
 
+def _fill(text: str) -> str:
+  """One paragraph wrapped at 100 columns; paths and URLs are never split (copyable)."""
+  return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
+
+
 def main(argv: list[str] | None = None) -> int:
+  program = argv is None  # The `jkd` process itself, not a caller in Python.
   argv = list(sys.argv[1:] if argv is None else argv)
-  _quiet_libraries()
   try:
+    # First thing: from here a SIGTERM/SIGINT ends in a clean exit 143/130, never a traceback.
+    interrupt.install()
+    _quiet_libraries()
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    from jkd import storage
     if args.workdir:  # Local paths made absolute; a bucket URL checked for its package.
       args.workdir = storage.resolve(args.workdir)
     # Before anything touches a device: join the multi-process run the environment names.
     from jkd import distributed
     distributed.initialize()
+    interrupt.install()  # Again: jax.distributed installs a SIGTERM handler of its own.
     if args.command == 'eval':
       _run_eval(args, overrides)
     elif args.command == 'plan':
@@ -200,9 +238,22 @@ def main(argv: list[str] | None = None) -> int:
       _run_training(args.command, args, overrides)
     return 0
   except UserError as e:
-    message = textwrap.fill(str(e), width=100)
+    message = _fill(str(e))
     print(f'jkd {argv[0] if argv else ""}: error: {message}', file=sys.stderr)
-    return 2
+    return getattr(e, 'exit_code', 2)
+  except interrupt.Interrupted as e:
+    print(f'jkd {argv[0] if argv else ""}: {_fill(e.message)}',
+          file=sys.stderr)
+    return e.code
+  except KeyboardInterrupt:  # Raised by a library's own handler: no traceback either.
+    print(f'jkd {argv[0] if argv else ""}: interrupted; the last complete checkpoint is kept.',
+          file=sys.stderr)
+    return 128 + 2
+  finally:
+    if program:  # Done: a late signal must not turn the exit status into a kill.
+      interrupt.ignore()
+    else:
+      interrupt.uninstall()
 
 
 if __name__ == '__main__':

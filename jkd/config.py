@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from jkd import interrupt
 from jkd.errors import UserError
 
 
@@ -23,31 +24,65 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   """Loads `FILE.py[:ARG]` and applies `a.b=value` overrides (without the `--config.` prefix)."""
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
-    raise UserError(f'Config file {path!r} does not exist. Pass --config with the path of a '
-                    'Python file that defines get_config(), e.g. configs/fashion_mnist/supervised.py.')
+    what = 'is a directory, not a file' if os.path.isdir(path) else 'does not exist'
+    raise UserError(f'Config file {path!r} {what}. Pass --config with the path of a Python '
+                    'file that defines get_config(), e.g. configs/fashion_mnist/supervised.py.')
   module_spec = importlib.util.spec_from_file_location(
       f'jkd_config_{abs(hash(os.path.abspath(path)))}', path)
+  if module_spec is None or module_spec.loader is None:
+    raise UserError(f'Config file {path!r} is not a Python file: a config is a FILE.py that '
+                    'defines get_config() returning an ml_collections.ConfigDict.')
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-  except Exception as e:  # A user's file: show what broke without our traceback.
-    raise UserError(f'Config file {path!r} failed to load: {type(e).__name__}: {e}. '
-                    'Fix the file and run the command again.') from e
-  if not hasattr(module, 'get_config'):
+  except interrupt.Interrupted:  # SIGTERM while loading: not the file's fault.
+    raise
+  except (Exception, SystemExit) as e:  # A user's file: show what broke without our traceback.
+    raise UserError(f'Config file {path!r} failed to load: {_describe(e)}. Fix the file and run '
+                    'the command again.') from e
+  get_config = getattr(module, 'get_config', None)
+  if not callable(get_config):
     raise UserError(f'Config file {path!r} has no get_config() function; define one that returns '
                     'an ml_collections.ConfigDict.')
-  takes_arg = len(inspect.signature(module.get_config).parameters) > 0
+  try:
+    takes_arg = len(inspect.signature(get_config).parameters) > 0
+  except (TypeError, ValueError):
+    takes_arg = True
   if arg and not takes_arg:
     raise UserError(f'Config file {path!r}: get_config() takes no argument but {arg!r} was given '
                     'after the colon. Drop the ":..." part.')
   try:
-    config = module.get_config(arg or None) if takes_arg else module.get_config()
-  except (ValueError, KeyError, TypeError) as e:
-    raise UserError(f'Config file {path!r} failed to load with argument {arg!r}: {e}.') from e
-  config = ml_collections.ConfigDict(config)  # Also accepts a plain dict.
+    config = get_config(arg or None) if takes_arg else get_config()
+  except interrupt.Interrupted:
+    raise
+  except (Exception, SystemExit) as e:
+    given = f' with argument {arg!r}' if arg else ''
+    raise UserError(f'Config file {path!r} failed to load{given}: get_config() raised '
+                    f'{_describe(e)}. Fix the file, or pass an argument it accepts after the '
+                    'colon.') from e
+  if not isinstance(config, (ml_collections.ConfigDict, dict)):
+    raise UserError(f'Config file {path!r}: get_config() returned {_short(config)} '
+                    f'({type(config).__name__}), not a config. Make it return an '
+                    'ml_collections.ConfigDict (or a dict), e.g. one built from '
+                    'jkd.defaults.base_config().')
+  try:
+    config = ml_collections.ConfigDict(config)  # Also accepts a plain dict.
+  except Exception as e:  # pylint: disable=broad-except  (a user's dict of anything)
+    raise UserError(f'Config file {path!r}: get_config() returned a dict that is not a valid '
+                    f'config ({_describe(e)}).') from e
   for override in overrides:
     apply_override(config, override)
   return config
+
+
+def _describe(e: BaseException) -> str:
+  text = str(e).strip()
+  return f'{type(e).__name__}: {text[:300]}' if text else type(e).__name__
+
+
+def _short(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + '...'
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
@@ -146,10 +181,16 @@ def _literal(text: str) -> Any:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
     node = ast.parse(text.strip(), mode='eval').body
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'dict'
-        and not node.args and all(k.arg for k in node.keywords)):
-      return {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-    raise
+    return _dict_call(node)
+
+
+def _dict_call(node: ast.AST) -> Any:
+  """A literal, or a `dict(a=..., b=...)` call whose values are literals or such calls (so the
+  spelling nests: `dict(cache=dict(dir='x'))`); anything else is a ValueError."""
+  if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'dict'
+      and not node.args and all(k.arg for k in node.keywords)):
+    return {k.arg: _dict_call(k.value) for k in node.keywords}
+  return ast.literal_eval(node)
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -23,6 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.stop_check_every = 10      # Multi-process: steps between agreeing on a SIGTERM (jkd.loop).
+  c.nan_patience = 0           # Non-finite steps in a row skipped before the run stops (0: stop).
+  c.resume_from_step = 0       # Resume (or jkd eval) this checkpoint step instead of the latest.
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
   # Entries replacing jkd.parallel.DEFAULT_RULES, e.g. (('embed', None), ('mlp', 'fsdp')).
   c.sharding_rules = ()

@@ -24,6 +24,20 @@ def _scalar(v: Any) -> Any:
   return v
 
 
+def _tensorboard(logdir: str):
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    # tensorboardX writes gs:// and s3:// logdirs itself (google-cloud-storage, boto3).
+    return SummaryWriter(logdir)
+  except ImportError:  # TensorBoard files are a convenience, JSONL is the record.
+    return None
+
+
+def _kind(record: Mapping[str, Any]) -> tuple[str, int]:
+  """What a metrics line is: ('train', step) or ('eval:SPLIT', step)."""
+  return ('eval:' + str(record['split']) if 'split' in record else 'train', int(record['step']))
+
+
 def format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -40,23 +54,39 @@ class MetricWriter:
     self.total_steps = total_steps
     self.label = label
     self.stream = stream or sys.stdout
-    self._tb = None
+    self._tb = self._tb_dir = None
+    self._keys: set[tuple[str, int]] = set()  # (kind, step) of the lines in metrics.jsonl
     if self.is_main:
       storage.makedirs(workdir)
       self._jsonl = storage.LineLog(storage.join(workdir, 'metrics.jsonl'))
-      if tensorboard:
-        try:
-          from tensorboardX import SummaryWriter
-          # tensorboardX writes gs:// and s3:// logdirs itself (google-cloud-storage, boto3).
-          self._tb = SummaryWriter(storage.join(workdir, 'tensorboard'))
-        except ImportError:  # TensorBoard files are a convenience, JSONL is the record.
-          self._tb = None
+      # Opened at the first line written: a run refused before training leaves no event file.
+      self._tb_dir = storage.join(workdir, 'tensorboard') if tensorboard else None
+
+  def resume(self, step: int) -> None:
+    """Drops the lines an earlier attempt wrote after checkpoint `step` (the run redoes those
+    steps) and any line cut off by a kill, so `metrics.jsonl` keeps exactly one line per logged
+    step and eval whatever the number of resumes. Call it before the first `write`."""
+    if not self.is_main:
+      return
+    kept = self._jsonl.rewrite(lambda record: record['step'] <= step)
+    self._keys = {_kind(record) for record in kept}
+
+  def logged(self, step: int, split: str | None = None) -> bool:
+    """Whether metrics.jsonl has the train line (or the eval line of `split`) of `step`
+    (process 0 only knows; others answer False)."""
+    return (('eval:' + split) if split else 'train', int(step)) in self._keys
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = '') -> None:
     if not self.is_main:
       return
     record = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+    key = _kind(record)
+    if key in self._keys:  # e.g. the final eval again, after a stop during the final phase
+      self._jsonl.rewrite(lambda r: _kind(r) != key)
+    self._keys.add(key)
     self._jsonl.write(json.dumps(record))
+    if self._tb is None and self._tb_dir is not None:
+      self._tb_dir, self._tb = None, _tensorboard(self._tb_dir)
     if self._tb is not None:
       for k, v in record.items():
         if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):

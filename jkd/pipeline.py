@@ -89,12 +89,15 @@ class Stage:
 
 def finished(workdir: str) -> dict | None:
   """The summary.json of the finished run in `workdir`; None while it is unfinished (also when
-  the file was cut off while being written, or is not a JSON object)."""
+  the file was cut off while being written, is not a JSON object, or marks a failed run: a run
+  that diverged is run again, from its last good checkpoint)."""
   try:
     summary = storage.read_json(storage.join(workdir, 'summary.json'))
   except (OSError, ValueError):
     return None
-  return summary if isinstance(summary, dict) else None
+  if not isinstance(summary, dict) or summary.get('status') == 'failed':
+    return None
+  return summary
 
 
 def run_in_order(stages: Sequence[Stage], execute: Callable[[int, Stage], dict | None],
@@ -167,6 +170,19 @@ def plan(config, workdir: str) -> list[Stage]:
   return stages
 
 
+def check_stages(stages: Sequence[Stage]) -> None:
+  """Loads and checks (`jkd.validate`) the config of every stage still to run, before the first
+  one starts: a bad override in the last stage is reported now, not after the others ran."""
+  for s in stages:
+    if finished(s.workdir) is not None:
+      continue
+    try:
+      config = load_config(s.config, s.config_overrides())
+      trainers.check(s.command, config)
+    except UserError as e:
+      raise UserError(f'stage {s.name!r} (jkd {s.command} --config {s.config}): {e}') from None
+
+
 def _train(s: Stage) -> dict:
   """Runs a stage in this process (`jkd pipeline`'s executor); returns its summary."""
   config = load_config(s.config, s.config_overrides())
@@ -195,6 +211,7 @@ def run_stages(config, workdir: str, label: str = 'pipeline'
       print(f'[{label}] {text}', flush=True)
 
   stages = plan(config, workdir)
+  check_stages(stages)
   storage.makedirs(storage.resolve(workdir))
   times = {}
 

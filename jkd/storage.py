@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -89,6 +91,28 @@ def makedirs(path) -> None:
     os.makedirs(os.fspath(path), exist_ok=True)
 
 
+def ensure_dir(path, what: str = '--workdir') -> None:
+  """Creates a local directory (and its parents) that this process can write, or raises a
+  UserError naming `what` (the argument or config key the path came from). URLs pass as is."""
+  text = os.fspath(path)
+  if is_remote(text):
+    return
+  try:
+    os.makedirs(text, exist_ok=True)
+  except FileExistsError:
+    raise UserError(f'{what} {text} is a file, not a directory. Pass a directory (it is created '
+                    'if missing), or move the file away.') from None
+  except NotADirectoryError:
+    raise UserError(f'{what} {text} cannot be created: a part of that path is a file, not a '
+                    'directory. Pass a path under a directory.') from None
+  except OSError as e:
+    raise UserError(f'{what} {text} cannot be created ({e.strerror}). Pass a directory this user '
+                    'can write.') from None
+  if not os.access(text, os.W_OK | os.X_OK):
+    raise UserError(f'{what} {text} is not writable (read-only directory or file system). Pass '
+                    'a directory this user can write, or fix its permissions.')
+
+
 def open_file(path, mode: str = 'r'):
   """A file object for reading ('r', 'rb') or writing whole ('w', 'wb')."""
   return epath.Path(os.fspath(path)).open(mode)
@@ -108,23 +132,71 @@ def write_bytes(path, data: bytes) -> None:
   if is_remote(text):  # An object upload becomes visible only when complete.
     epath.Path(text).write_bytes(data)
     return
-  os.makedirs(os.path.dirname(os.path.abspath(text)), exist_ok=True)
-  tmp = f'{text}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, text)
+  directory = os.path.dirname(os.path.abspath(text))
+  os.makedirs(directory, exist_ok=True)
+  # A fresh, unpredictable name opened with O_EXCL | O_NOFOLLOW (mkstemp): in a shared workdir
+  # a planted file or symlink of a guessable name cannot redirect the write. `os.replace`
+  # swaps the name itself, so a symlink at the destination is replaced, never followed.
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(text) + '.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open would give this.
+    os.replace(tmp, text)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def write_text(path, text: str) -> None:
   write_bytes(path, text.encode('utf-8'))
 
 
+def strict_json(obj: Any) -> Any:
+  """`obj` with every non-finite float as the string 'nan', 'inf' or '-inf' (JSON has no NaN;
+  the value stays visible, as in metrics.jsonl) and numpy scalars as Python numbers."""
+  if isinstance(obj, dict):
+    return {k: strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict_json(v) for v in obj]
+  if hasattr(obj, 'item') and getattr(obj, 'ndim', None) == 0:  # numpy / jax scalars
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return str(obj)
+  return obj
+
+
 def write_json(path, obj: Any) -> None:
-  write_text(path, json.dumps(obj, indent=2, default=float) + '\n')
+  """Writes strict JSON (`strict_json`: no bare NaN or Infinity), atomically."""
+  write_text(path, json.dumps(strict_json(obj), indent=2, default=float, allow_nan=False) + '\n')
 
 
 def read_json(path) -> Any:
   return json.loads(read_text(path))
+
+
+def open_append(path: str):
+  """A local text file opened for appending, line-buffered, never through a symlink (a planted
+  link in a shared workdir cannot make jkd append to another file)."""
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0),
+                 0o666)
+  except OSError as e:
+    raise UserError(f'Cannot open {path} for appending ({e.strerror}): it must be a regular file '
+                    'the run can write, not a symlink. Remove it or use another --workdir.') from e
+  return os.fdopen(fd, 'a', buffering=1)
+
+
+def remove(path) -> None:
+  """Deletes one file (local or an object in a bucket)."""
+  epath.Path(os.fspath(path)).unlink()
 
 
 def copy(src, dst) -> None:
@@ -158,12 +230,12 @@ class LineLog:
     self.remote = is_remote(self.path)
     self.flush_every_s = flush_every_s
     if self.remote:
-      self._lines = [read_text(self.path)] if exists(self.path) else []
+      self._lines = read_text(self.path).splitlines(keepends=True) if exists(self.path) else []
       self._dirty = False
       self._last_upload = time.monotonic()
     else:
       os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-      self._file = open(self.path, 'a', buffering=1)
+      self._file = open_append(self.path)
 
   def write(self, line: str) -> None:
     if not self.remote:
@@ -173,6 +245,35 @@ class LineLog:
     self._dirty = True
     if time.monotonic() - self._last_upload >= self.flush_every_s:
       self.flush()
+
+  def rewrite(self, keep) -> list[dict]:
+    """Keeps only the JSON lines `keep(record)` accepts (lines that do not parse as a JSON
+    object with a 'step', e.g. one cut off by a kill, are dropped); returns the kept records.
+    Locally the file is replaced atomically and reopened for appending."""
+    if self.remote:
+      lines = self._lines
+    else:
+      self._file.close()
+      with open(self.path) as f:
+        lines = f.readlines()
+    kept_lines, kept = [], []
+    for line in lines:
+      try:
+        record = json.loads(line)
+        ok = isinstance(record, dict) and 'step' in record and keep(record)
+      except (ValueError, TypeError):
+        ok = False
+      if ok:
+        kept_lines.append(line if line.endswith('\n') else line + '\n')
+        kept.append(record)
+    if self.remote:
+      self._lines, self._dirty = kept_lines, True
+      self.flush()
+    else:
+      if kept_lines != lines:
+        write_text(self.path, ''.join(kept_lines))
+      self._file = open_append(self.path)
+    return kept
 
   def flush(self) -> None:
     if not self.remote:

@@ -82,6 +82,21 @@ class Teacher:
     model_cfg = ml_collections.ConfigDict(saved.model_config)
     if not model_cfg.get('name'):
       raise UserError(f'The checkpoint in {workdir} does not say which model it holds.')
+    meta = saved.meta
+    if meta.get('method') in METHODS:
+      raise UserError(
+          f'config.teacher.workdir={workdir!r} is a masked-image-modeling run ({meta.get("kind")} '
+          f'{meta.get("method")}, model {meta.get("model")!r}): it reconstructs pixels and has '
+          'no classifier head to teach from. Fine-tune it into a classifier first (`jkd train '
+          '--config configs/fashion_mnist/finetune.py --config.init_from=THAT_WORKDIR`) and use '
+          'that workdir as the teacher, or distill a masked student from it with '
+          'configs/fashion_mnist/mim_distill.py.')
+    saved_classes = meta.get('num_classes')
+    if saved_classes is not None and int(saved_classes) != int(num_classes):
+      raise UserError(
+          f'config.teacher.workdir={workdir!r} holds a {saved_classes}-class model, but the '
+          f'student has {num_classes} classes (the dataset\'s): the teacher\'s logits cannot '
+          'teach those labels. Use a teacher trained on this dataset\'s classes.')
     if dtype:
       model_cfg.dtype = dtype
     return cls(module=common.create_model(model_cfg, num_classes), variables=saved.variables,

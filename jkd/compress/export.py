@@ -10,6 +10,12 @@ Layout of `WORKDIR/export/`:
                      activations), so no jkd/Flax code is needed to run it.
 `export_size_bytes(dir)` is the size of weights.bin as written. Pruned weights are exact zeros
 before quantization and so exact integer zeros here (`round(0 / s) = 0`).
+
+An export directory is code: `jkd eval --export` runs the serialized program it finds there (a
+StableHLO computation, not Python; it cannot read files or the network, but it decides the
+model's outputs). Evaluate exports you made or trust. Reading one checks every manifest field
+against weights.bin and the program's signature first (`load_tensors`, `load_export`): a
+damaged or edited export is a UserError naming the file, never a crash.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import numpy as np
 
 from jkd import storage
 from jkd.compress import quant
+from jkd.errors import UserError
 
 WEIGHTS, MANIFEST, PROGRAM = 'weights.bin', 'manifest.json', 'model.jaxexport'
 
@@ -130,10 +137,73 @@ def export_model(export_dir: str, model: nn.Module, quant_cfg, params, model_sta
   return manifest
 
 
+# Stored dtypes `_storable` writes, and the logical dtypes they stand for.
+STORED_DTYPES = ('uint8', 'int8', 'int16', 'int32', 'float32')
+LOGICAL_DTYPES = ('int4', 'uint8', 'int8', 'int16', 'int32', 'float32')
+
+
+def _damaged(path: str, what: str) -> UserError:
+  return UserError(f'{path}: {what}. The export is damaged or was edited: run `jkd compress` '
+                   'again to rewrite it (or restore it from where it came from).')
+
+
+def read_manifest(export_dir: str) -> dict:
+  """The export's manifest.json, every field checked (types, dtypes, shapes, offsets within
+  the weights); UserError naming the field otherwise."""
+  path = storage.join(export_dir, MANIFEST)
+  try:
+    manifest = storage.read_json(path)
+  except (OSError, ValueError, UnicodeDecodeError) as e:
+    raise _damaged(path, f'not readable JSON ({type(e).__name__}: {str(e)[:120]})') from None
+  if not isinstance(manifest, dict) or not isinstance(manifest.get('tensors'), list):
+    raise _damaged(path, 'no "tensors" list')
+  shape = manifest.get('image_shape')
+  if not (isinstance(shape, list) and len(shape) == 3 and all(
+      isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+    raise _damaged(path, f'image_shape is {shape!r}, not [H, W, C] of positive integers')
+  end = 0
+  for i, t in enumerate(manifest['tensors']):
+    where = f'tensors[{i}]' + (f' ({t.get("name")})' if isinstance(t, dict) else '')
+    if not isinstance(t, dict):
+      raise _damaged(path, f'{where} is not an object')
+    if t.get('dtype') not in STORED_DTYPES or t.get('logical_dtype') not in LOGICAL_DTYPES:
+      raise _damaged(path, f'{where} has dtype {t.get("dtype")!r} / logical_dtype '
+                     f'{t.get("logical_dtype")!r}; allowed: {STORED_DTYPES} / {LOGICAL_DTYPES}')
+    dims, offset, size = t.get('shape'), t.get('offset'), t.get('bytes')
+    if not (isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                           and d >= 0 for d in dims)):
+      raise _damaged(path, f'{where} has shape {dims!r}, not a list of sizes')
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, size)):
+      raise _damaged(path, f'{where} has offset {offset!r} / bytes {size!r}, not byte counts')
+    count = int(np.prod(dims, dtype=np.int64))
+    itemsize = np.dtype(t['dtype']).itemsize
+    want = (count + 1) // 2 if t['logical_dtype'] == 'int4' else count * itemsize
+    packed = t['logical_dtype'] == 'int4' and t['dtype'] == 'uint8'
+    if size != want or not (packed or t['logical_dtype'] == t['dtype']):
+      raise _damaged(path, f'{where} has {size} bytes of {t["dtype"]} for a '
+                     f'{t["logical_dtype"]} tensor of shape {dims} ({want} expected)')
+    if offset != end:
+      raise _damaged(path, f'{where} starts at byte {offset}; the tensors are stored back to '
+                     f'back, so it should start at {end}')
+    end = offset + size
+  if manifest.get('weights_bytes') != end:
+    raise _damaged(path, f'weights_bytes is {manifest.get("weights_bytes")!r} but the tensors '
+                   f'take {end} bytes')
+  return manifest
+
+
 def load_tensors(export_dir: str) -> tuple[list[np.ndarray], dict]:
-  """(stored tensors in manifest order, manifest) read back from `weights.bin`."""
-  manifest = storage.read_json(storage.join(export_dir, MANIFEST))
-  blob = storage.read_bytes(storage.join(export_dir, WEIGHTS))
+  """(stored tensors in manifest order, manifest) read back from `weights.bin`; the manifest
+  and the file's size checked first (`read_manifest`)."""
+  manifest = read_manifest(export_dir)
+  path = storage.join(export_dir, WEIGHTS)
+  try:
+    blob = storage.read_bytes(path)
+  except OSError as e:
+    raise _damaged(path, f'not readable ({e.strerror or e})') from None
+  if len(blob) != manifest['weights_bytes']:
+    raise _damaged(path, f'{len(blob)} bytes, but manifest.json says '
+                   f'{manifest["weights_bytes"]} (truncated or replaced)')
   arrays = []
   for t in manifest['tensors']:
     a = np.frombuffer(blob, dtype=t['dtype'], count=t['bytes'] // np.dtype(t['dtype']).itemsize,
@@ -145,11 +215,28 @@ def load_tensors(export_dir: str) -> tuple[list[np.ndarray], dict]:
 def load_export(export_dir: str):
   """Returns `predict(images_uint8 (B, H, W, C)) -> float32 logits (B, classes)` and manifest.
 
-  Runs the deserialized `model.jaxexport` on the integer tensors of `weights.bin`.
+  Runs the deserialized `model.jaxexport` on the integer tensors of `weights.bin`, after
+  checking that the program takes exactly those tensors and images of the manifest's shape.
   """
   arrays, manifest = load_tensors(export_dir)
-  exported = jax.export.deserialize(bytearray(storage.read_bytes(storage.join(export_dir,
-                                                                             PROGRAM))))
+  path = storage.join(export_dir, PROGRAM)
+  try:
+    exported = jax.export.deserialize(bytearray(storage.read_bytes(path)))
+  except Exception as e:  # pylint: disable=broad-except  (flatbuffer / version errors)
+    raise _damaged(path, f'not a jax.export program ({type(e).__name__}: {str(e)[:150]})'
+                   ) from None
+  avals = list(exported.in_avals)
+  want = [(a.shape, a.dtype) for a in arrays]
+  got = [(tuple(a.shape), a.dtype) for a in avals[:-1]]
+  if len(avals) != len(arrays) + 1 or [(tuple(s), np.dtype(d)) for s, d in want] != [
+      (s, np.dtype(d)) for s, d in got]:
+    raise _damaged(path, f'the program takes {len(avals) - 1} tensors that do not match the '
+                   f'{len(arrays)} of manifest.json / weights.bin')
+  image = avals[-1]
+  if np.dtype(image.dtype) != np.uint8 or tuple(image.shape[1:]) != tuple(
+      manifest['image_shape']):
+    raise _damaged(path, f'the program takes images {image.dtype}{list(image.shape)}, the '
+                   f'manifest says uint8 {manifest["image_shape"]}')
   flat = [jnp.asarray(a) for a in arrays]
   call = jax.jit(exported.call)
   return (lambda images: call(flat, jnp.asarray(images, jnp.uint8))), manifest
@@ -162,9 +249,14 @@ def export_size_bytes(export_dir: str) -> int:
 
 def evaluate_export(export_dir: str, batches) -> dict:
   """Accuracy of the exported model over eval batches (dicts with image, label, mask)."""
-  predict, _ = load_export(export_dir)
+  predict, manifest = load_export(export_dir)
   correct = count = 0.0
   for batch in batches:
+    if tuple(batch['image'].shape[1:]) != tuple(manifest['image_shape']):
+      raise UserError(f'The export in {export_dir} takes images of shape '
+                      f'{manifest["image_shape"]}, the eval data has '
+                      f'{list(batch["image"].shape[1:])}: evaluate it on the dataset and '
+                      'config.data.image_size it was exported for.')
     logits = np.asarray(predict(batch['image']))
     mask = np.asarray(batch['mask'], np.float64)
     correct += float(np.sum((logits.argmax(-1) == np.asarray(batch['label'])) * mask))

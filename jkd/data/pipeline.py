@@ -95,6 +95,22 @@ def _read_options(cfg) -> grain.ReadOptions:
                            prefetch_buffer_size=max(int(cfg_get(cfg, 'prefetch', 2)), threads))
 
 
+def check_crop(crop_scale, crop_ratio) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """`config.data.crop_scale` / `crop_ratio` as float pairs; UserError unless each is (low,
+  high) with 0 < low <= high (and high <= 1 for the area fraction)."""
+  try:
+    scale = tuple(float(v) for v in crop_scale)
+    ratio = tuple(float(v) for v in crop_ratio)
+  except (TypeError, ValueError):
+    scale = ratio = ()
+  if (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1
+      or len(ratio) != 2 or not 0 < ratio[0] <= ratio[1] or not math.isfinite(ratio[1])):
+    raise UserError(f'config.data.crop_scale={crop_scale} / crop_ratio={crop_ratio}: '
+                    'give (low, high) with 0 < low <= high <= 1 for the area fraction and '
+                    '0 < low <= high for the aspect ratio, e.g. crop_scale=(0.2, 1.0).')
+  return scale, ratio
+
+
 class _BatchReader:
   """Reads (`read`) and augments (`augment`) this process's rows of one global batch."""
 
@@ -110,13 +126,8 @@ class _BatchReader:
     self.flip = bool(cfg_get(cfg, 'flip', False)) and train
     self.inception = train and self.variable and bool(cfg_get(cfg, 'inception_crop', True))
     self.crop_fraction = float(cfg_get(cfg, 'crop_fraction', 0.875))
-    self.crop_scale = tuple(float(v) for v in cfg_get(cfg, 'crop_scale', (0.08, 1.0)))
-    self.crop_ratio = tuple(float(v) for v in cfg_get(cfg, 'crop_ratio', (3 / 4, 4 / 3)))
-    if (len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
-        or len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]):
-      raise UserError(f'config.data.crop_scale={self.crop_scale} / crop_ratio={self.crop_ratio}: '
-                      'give (low, high) with 0 < low <= high <= 1 for the area fraction and '
-                      '0 < low <= high for the aspect ratio, e.g. crop_scale=(0.2, 1.0).')
+    self.crop_scale, self.crop_ratio = check_crop(cfg_get(cfg, 'crop_scale', (0.08, 1.0)),
+                                                  cfg_get(cfg, 'crop_ratio', (3 / 4, 4 / 3)))
     # In-memory arrays at the wanted size need no per-example work: one fancy-index gather.
     self.gather = hasattr(source, 'get_batch') and (
         not self.size or source.get_batch(np.zeros(1, np.int64))[0].shape[1:3] ==

@@ -9,6 +9,7 @@ import functools
 import gzip
 import os
 import re
+import zlib
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,12 @@ def read_idx(path: str) -> np.ndarray:
   """
   data = storage.read_bytes(path)
   if path.endswith('.gz'):
-    data = gzip.decompress(data)
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+      raise UserError(f'{path} is not a valid gzip file ({type(e).__name__}: {e}): it is '
+                      'truncated or damaged; re-download it (or reinstall '
+                      'dataset-fashion-mnist).') from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
     raise UserError(f'{path} is not a uint8 IDX file (bad magic number); re-download it.')
   rank = data[3]

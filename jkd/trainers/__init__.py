@@ -42,9 +42,38 @@ class Trainer:
     """The trainer's Task; `inputs` are its optional arguments (e.g. `teacher=`)."""
     return self.load().build_task(config, workdir, **inputs)
 
+  def check(self, config) -> None:
+    """`jkd.validate.check` of a config this trainer runs, its loss terms included; UserError
+    for the first setting that cannot work. Cheap: nothing is loaded or built."""
+    from jkd import validate  # pylint: disable=g-import-not-at-top
+    validate.check(config, self.command, trainer=self.name)
+    if not config.get('losses') or self.name not in ('distill', 'mim_distill', 'compress'):
+      return
+    if self.name == 'mim_distill':
+      from jkd.trainers import mim_terms  # pylint: disable=g-import-not-at-top
+      terms = mim_terms.parse_terms(config.losses)
+    elif self.name == 'compress':
+      from jkd.trainers import compress  # pylint: disable=g-import-not-at-top
+      terms = compress.loss_terms(config)
+    else:
+      from jkd.trainers import distill_terms, teacher_cache  # pylint: disable=g-import-not-at-top
+      terms = distill_terms.parse_terms(config.losses)
+      if teacher_cache.enabled(config):  # Now, not after the cache was built.
+        teacher_cache.check_terms(terms)
+    validate.check_terms(terms)
+
   def train(self, config, workdir: str) -> dict:
-    """Runs the command; returns the summary (also in `workdir/summary.json`)."""
-    return self.load().train(config, workdir)
+    """Runs the command; returns the summary (also in `workdir/summary.json`).
+
+    The one way a run starts (the CLI, `jkd pipeline`, `jkd demo`): the config is checked
+    (`jkd.validate`), the workdir's lock taken (`jkd.lock`; a second writer is refused), and
+    SIGTERM/SIGINT deferred to the run's safe points (`jkd.interrupt`) until it returns.
+    """
+    from jkd import interrupt, lock  # pylint: disable=g-import-not-at-top
+    self.check(config)
+    with interrupt.deferred(), lock.hold(workdir, command=f'jkd {self.command}'):
+      interrupt.check('during start-up; nothing new was written')
+      return self.load().train(config, workdir)
 
 
 TRAINERS: tuple[Trainer, ...] = (
@@ -70,6 +99,16 @@ def get(command: str, config=None) -> Trainer:
   Raises:
     UserError: not a training command.
   """
+  return _find(command, config)
+
+
+def check(command: str, config) -> None:
+  """`Trainer.check` of the trainer that runs `jkd COMMAND` with `config`: the whole config and
+  its loss terms checked (`jkd.validate`), nothing built. UserError for the first bad setting."""
+  _find(command, config).check(config)
+
+
+def _find(command: str, config=None) -> Trainer:
   candidates = [t for t in TRAINERS if t.command == command]
   if not candidates:
     raise UserError(f'{command!r} is not a training command; use one of {", ".join(COMMANDS)}.')

@@ -130,11 +130,13 @@ class RunData:
   @classmethod
   def from_config(cls, config, *, square_for: str = '') -> 'RunData':
     """Reads `config.data`; `square_for` names a job that needs square images (MIM)."""
+    from jkd import validate  # pylint: disable=g-import-not-at-top  (no cycle at import time)
     info = data.get_info(config.data)
     shape = input_shape(info, config.data)
     if square_for and shape[0] != shape[1]:
       raise UserError(f'{square_for} needs square images, got {shape[:2]}: set '
                       '--config.data.image_size.')
+    validate.check_data(config, info, shape)
     return cls(info, shape, total_steps(config, info.num_examples[config.data.train_split]))
 
 
@@ -238,13 +240,24 @@ def init_from(config, **options):
   return functools.partial(load_init_from, config.init_from,
                            params_prefix=tuple(config.get('init_prefix', ()) or ()),
                            posemb=posemb_of(config.model, config.get('method')),
-                           **options)
+                           model_name=config.model.get('name'), **options)
+
+
+# Top-level parts a warm start may leave fresh: heads (new classes, DeiT's second head), and the
+# tokens and learned positions a pretraining model may lack (MAE uses fixed sin-cos positions).
+FRESH_PARTS = ('head', 'head_dist', 'pos_embedding', 'cls', 'dist_token')
 
 
 def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
                    skip: tuple[str, ...] = ('head',), into: str | None = None,
-                   posemb: str | None = None, log=print):
+                   posemb: str | None = None, model_name: str | None = None, log=print):
   """Initialises `state.params` (and BatchNorm stats) from another run's latest checkpoint.
+
+  The saved model must be this run's architecture: the same model name (`model_name`, when
+  given, against the name the checkpoint records), and every tensor of this model found there
+  with the same shape, except the `FRESH_PARTS` a fine-tune adds. Anything else (a ViT into a
+  ResNet, resnet20_s into resnet8_s, another width) is a UserError: a warm start that loads a
+  few tensors, or another model's, would train silently from a wrong start.
 
   Args:
     params_prefix: path inside the source params to take (e.g. ('encoder',) for the encoder
@@ -254,6 +267,7 @@ def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
       'student', beside its projectors, which stay fresh); None: all of `state.params`.
     posemb: this model's position embedding; a fixed table that differs from the one the
       source was trained with is refused (the weights would see other positions).
+    model_name: this run's `config.model.name`.
   """
   saved = load_model(workdir, prefix=params_prefix)  # The run's own prefix unless one is given.
   source = posemb_of(saved.model_config, saved.meta.get('method')) if saved.model_config \
@@ -263,17 +277,42 @@ def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
     raise UserError(f'init_from={workdir!r} was trained with the position table {source!r}, '
                     f'but this model uses {posemb!r}: the weights would see other positions. '
                     f'Set --config.model.posemb={source}.')
+  saved_name = saved.meta.get('model')
+  if model_name and saved_name and saved_name != model_name:
+    raise UserError(
+        f'init_from={workdir!r} holds a {saved_name!r} model ({saved.meta.get("kind")} run), but '
+        f'this run trains {model_name!r}: the weights of another architecture cannot start it. '
+        f'Set --config.model.name={saved_name} (and the same model fields), or point '
+        'config.init_from to a run of this model.')
   target = state.params if into is None else state.params[into]
   params, loaded, skipped = merge_pretrained(target, saved.params, skip=skip)
+  flat_source = {'/'.join(map(str, k)): v.shape for k, v in _flatten(saved.params)}
+  # Left fresh for another reason than `skip`: another shape there, or missing there (allowed
+  # for FRESH_PARTS only).
+  wrong = [k for k in skipped if k.split('/')[0] not in skip
+           and (k in flat_source or k.split('/')[0] not in FRESH_PARTS)]
   if into is not None:
     params = {**state.params, into: params}
-  if not loaded:
-    raise UserError(f'init_from={workdir!r}: none of its weights fit this model '
-                    f'({saved.meta.get("model")!r} there). Check config.model and '
-                    'config.init_from.')
+  if not loaded or wrong:
+    shapes = {k: tuple(np.shape(v)) for k, v in _flatten_leaves(target)}
+    detail = '; '.join(
+        f'{k} is {list(flat_source[k])} there, {list(shapes.get(k, ()))} here' if k in flat_source
+        else f'{k} is missing there' for k in wrong[:3])
+    raise UserError(
+        f'init_from={workdir!r} ({saved_name!r}, {saved.meta.get("kind")} run) does not fit this '
+        f'model: {len(loaded)} of {len(loaded) + len(skipped)} tensors load'
+        + (f' ({detail}{" ..." if len(wrong) > 3 else ""})' if detail else '') + '. Use the '
+        'model fields of that run (width, depth, heads, patch size, classes), or another '
+        'config.init_from. Nothing was written.')
   model_state = state.model_state
   if model_state and saved.model_state:
     model_state, _, _ = merge_pretrained(model_state, saved.model_state, skip=())
   log(f'init_from {workdir}: loaded {len(loaded)} tensors, kept {len(skipped)} fresh '
       f'({", ".join(sorted({s.split("/")[0] for s in skipped})[:6]) or "none"})')
   return state.replace(params=params, model_state=model_state)
+
+
+def _flatten_leaves(tree, prefix=()):
+  """('a/b/kernel', leaf) of a tree of arrays (boxed or not)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    yield '/'.join(str(getattr(p, 'key', p)) for p in path), leaf

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd import data, loop, parallel, storage
+from jkd import data, interrupt, loop, parallel, storage
 from jkd.checkpoint import read_latest_meta
 from jkd.errors import UserError
 from jkd.metrics import format_duration
@@ -98,10 +98,36 @@ def _read_manifest(directory: str) -> dict | None:
   except (OSError, ValueError) as e:
     raise UserError(f'{path} is unreadable ({e}): remove the cache directory or point '
                     '--config.teacher.cache.dir to another one.') from e
-  if manifest.get('format') != FORMAT or 'identity' not in manifest:
+  if (not isinstance(manifest, dict) or manifest.get('format') != FORMAT
+      or not isinstance(manifest.get('identity'), dict)):
     raise UserError(f'{path} is not a jkd teacher cache (format {FORMAT}): point '
                     '--config.teacher.cache.dir to an empty or jkd-made directory.')
+  _check_manifest(path, manifest)
   return manifest
+
+
+def _check_manifest(path: str, manifest: dict) -> None:
+  """UserError naming the field of a cache manifest that is not what `ensure` writes (a
+  hand-edited or damaged file must not steer which shards are read or trusted)."""
+  def bad(field, what):
+    raise UserError(f'{path}: field {field!r} is {what}; the manifest is damaged or was edited. '
+                    'Remove the cache directory (it is rebuilt) or point '
+                    '--config.teacher.cache.dir to another one.')
+  steps = manifest.get('shard_steps')
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    bad('shard_steps', f'{steps!r}, not an integer >= 1')
+  shards = manifest.get('shards')
+  if not isinstance(shards, dict):
+    bad('shards', f'{type(shards).__name__}, not a dict')
+  for key, count in shards.items():
+    if not key.isdigit() or not isinstance(count, int) or not 0 <= count <= steps:
+      bad(f'shards[{key!r}]', f'{count!r}, not a batch count in [0, shard_steps]')
+  ident = manifest['identity']
+  for field, kind in (('topk', int), ('num_classes', int), ('batch_size', int)):
+    if not isinstance(ident.get(field), kind) or ident[field] < 1:
+      bad(f'identity.{field}', f'{ident.get(field)!r}, not an integer >= 1')
+  if ident.get('dtype') not in DTYPES:
+    bad('identity.dtype', f'{ident.get("dtype")!r}, not one of {tuple(DTYPES)}')
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -169,6 +195,7 @@ def ensure(config, *, log=print) -> dict:
     UserError: the cache was built for other settings, or it is incomplete and no teacher is set.
   """
   directory, s, num_classes, total_steps = _plan(config)
+  storage.ensure_dir(directory, 'config.teacher.cache.dir')
   if jax.process_index() != 0:
     log = lambda *_: None  # noqa: E731  (one progress stream per run)
   manifest = _read_manifest(directory)
@@ -247,6 +274,9 @@ def _build(config, directory, manifest, lengths, missing, eval_missing, log) -> 
     rate = done * config.batch_size / (time.perf_counter() - started)
     log(f'[teacher cache] shard {i + 1}/{len(lengths)}  {done}/{todo} batches  '
         f'{rate:,.0f} ex/s  ETA {format_duration((todo - done) * config.batch_size / rate)}')
+    if jax.process_count() == 1:  # Shards are complete files: a stop here loses nothing.
+      interrupt.check(f'while building the teacher cache ({done} of {todo} batches are saved in '
+                      f'{directory}); run the same command again to continue it')
   iterator.close()
   if eval_missing:
     manifest['eval'] = _eval_predictions(config, directory, teacher, t_vars, t_shardings,
@@ -294,6 +324,29 @@ def _eval_predictions(config, directory, teacher: Teacher, t_vars, t_shardings, 
           'teacher_accuracy': float(np.mean(preds == labels)) if len(preds) else 0.0}
 
 
+def _read_shard(path: str, manifest: dict) -> dict:
+  """A shard's arrays, checked against the manifest (shapes, dtypes, index range)."""
+  ident = manifest['identity']
+  try:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
+      shard = {name: f[name] for name in ('values', 'indices', 'rest')}
+  except Exception as e:  # pylint: disable=broad-except  (zip, npy and key errors alike)
+    raise UserError(f'{path} is damaged ({type(e).__name__}: {str(e)[:200]}): remove the cache '
+                    'directory (it is rebuilt) or point --config.teacher.cache.dir to another '
+                    'one.') from None
+  values, indices, rest = shard['values'], shard['indices'], shard['rest']
+  k, batch = ident['topk'], ident['batch_size']
+  if (values.ndim != 3 or values.shape[1:] != (batch, k) or indices.shape != values.shape
+      or rest.shape != values.shape[:2] or not np.issubdtype(indices.dtype, np.integer)
+      or values.dtype != DTYPES[ident['dtype']]
+      or (indices.size and (indices.min() < 0 or indices.max() >= ident['num_classes']))):
+    raise UserError(f'{path} does not match its manifest (values {values.shape} '
+                    f'{values.dtype}, indices {indices.shape} {indices.dtype}, rest {rest.shape}; '
+                    f'expected (steps, {batch}, {k}) {ident["dtype"]}, class indices below '
+                    f'{ident["num_classes"]}): remove the cache directory (it is rebuilt).')
+  return shard
+
+
 class CachedTeacherIterator:
   """Wraps the run's train iterator: batch k gains the cached teacher outputs of batch k.
 
@@ -336,8 +389,7 @@ class CachedTeacherIterator:
       if not storage.isfile(path):
         raise UserError(f'The teacher cache in {self._directory} has no batch {k} ({path} is '
                         'missing): run `jkd distill` with this config to complete it.')
-      with np.load(io.BytesIO(storage.read_bytes(path))) as f:
-        self._shard = (i, {name: f[name] for name in ('values', 'indices', 'rest')})
+      self._shard = (i, _read_shard(path, self._manifest))
     shard = self._shard[1]
     if j >= len(shard['values']):
       raise UserError(f'The teacher cache in {self._directory} ends before batch {k}: run '
@@ -403,7 +455,15 @@ def _eval_predictions_for(config) -> np.ndarray | None:
   if (manifest is None or (manifest.get('eval') or {}).get('identity') != _eval_identity(config)
       or not storage.isfile(path)):
     return None
-  return np.load(io.BytesIO(storage.read_bytes(path)))
+  try:
+    preds = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'{path} is damaged ({type(e).__name__}: {str(e)[:200]}): remove it (it is '
+                    'rebuilt with the cache).') from None
+  if preds.ndim != 1 or not np.issubdtype(preds.dtype, np.integer):
+    raise UserError(f'{path} holds {preds.dtype} {preds.shape}, not the teacher\'s predicted '
+                    'classes: remove it (it is rebuilt with the cache).')
+  return preds
 
 
 def with_eval_predictions(config, batches):

@@ -1,0 +1,673 @@
+"""Bad input through the real CLI (issue 19): every case ends with exit code 2 and one paragraph
+(`jkd CMD: error: ...`) that names the key or file, without a traceback, and leaves every
+checkpoint and export that existed before byte-identical.
+
+The cases run in this process through `jkd.cli.main(argv)`, the function the `jkd` command
+calls (`python -m jkd.cli` and the console script both return its value as the exit status), so
+150-odd cases share one jax start-up and one compile cache. `test_cases_in_fresh_processes`
+runs a sample through `python -m jkd.cli` in child processes: the same exit statuses and
+messages there, and nothing printed at interpreter exit (where Orbax's abandoned reads used to
+print asyncio tracebacks).
+"""
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jkd import cli
+
+from conftest import REPO, run_jkd
+
+FM = os.path.join(REPO, 'configs', 'fashion_mnist')
+SUP = f'{FM}/supervised.py:tiny'
+MAE = f'{FM}/mae.py:tiny'
+SIMMIM = f'{FM}/simmim.py:tiny'
+DISTILL = f'{FM}/distill.py:tiny'
+MIMD = f'{FM}/mim_distill.py:tiny'
+COMPRESS = f'{FM}/compress.py:tiny'
+FINETUNE = f'{FM}/finetune.py:tiny'
+PIPELINE = f'{FM}/pipeline.py:tiny'
+BENCH = os.path.join(REPO, 'configs', 'bench', 'vit_s16.py') + ':tiny'
+PLAN = os.path.join(REPO, 'configs', 'bench', 'vit_s16.py')
+VIT = ('--config.model.name=vit_nano_p4',)
+MAE_PTH = os.path.join(REPO, 'tests', 'fixtures', 'import', 'mae_pretrain.pth')
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """argv with {placeholders} of the world's paths; `words`: all must be in the message."""
+  id: str
+  argv: tuple
+  words: tuple
+
+
+def C(id_, *argv, words):  # noqa: N802  (a table row)
+  return Case(id_, argv, (words,) if isinstance(words, str) else tuple(words))
+
+
+def train(*extra, w='{new}'):
+  return ('train', '--config', SUP, '--workdir', w, *extra)
+
+
+def pretrain(*extra, config=MAE, w='{new}'):
+  return ('pretrain', '--config', config, '--workdir', w, *extra)
+
+
+def distill(*extra, config=DISTILL, teacher='{good}', w='{new}'):
+  t = (f'--config.teacher.workdir={teacher}',) if teacher else ()
+  return ('distill', '--config', config, '--workdir', w, *t, *extra)
+
+
+def compress(*extra, config=COMPRESS, init='{good}', w='{new}'):
+  i = (f'--config.init_from={init}',) if init else ()
+  return ('compress', '--config', config, '--workdir', w, *i, *extra)
+
+
+def ev(*extra, w='{good}'):
+  return ('eval', '--workdir', w, *extra)
+
+
+CASES = [
+    # ---- command line
+    C('no_command', words='COMMAND'),
+    C('unknown_command', 'frobnicate', '--workdir', '{new}', words='frobnicate'),
+    C('train_no_workdir', 'train', '--config', SUP, words='--workdir'),
+    C('train_no_config', 'train', '--workdir', '{new}', words='--config'),
+    C('override_without_value', *train('--config.batch_size'), words='--config.batch_size'),
+    C('plan_devices_not_int', 'plan', '--config', PLAN, '--devices', 'eight', words='--devices'),
+    # ---- config files
+    C('config_empty', 'train', '--config', '{cfgs}/empty.py', '--workdir', '{new}',
+      words=['empty.py', 'get_config']),
+    C('config_returns_none', 'train', '--config', '{cfgs}/none.py', '--workdir', '{new}',
+      words=['none.py', 'None']),
+    C('config_raises', 'train', '--config', '{cfgs}/raises.py', '--workdir', '{new}',
+      words=['raises.py', 'RuntimeError', 'boom']),
+    C('config_returns_int', 'train', '--config', '{cfgs}/int.py', '--workdir', '{new}',
+      words=['int.py', 'not a config']),
+    C('config_syntax_error', 'train', '--config', '{cfgs}/syntax.py', '--workdir', '{new}',
+      words=['syntax.py', 'SyntaxError']),
+    C('config_import_error', 'train', '--config', '{cfgs}/imports.py', '--workdir', '{new}',
+      words=['imports.py', 'no_such_module']),
+    C('config_sys_exit', 'train', '--config', '{cfgs}/exits.py', '--workdir', '{new}',
+      words=['exits.py', 'SystemExit']),
+    C('config_missing', 'train', '--config', '{cfgs}/nope.py', '--workdir', '{new}',
+      words=['nope.py', 'does not exist']),
+    C('config_is_directory', 'train', '--config', '{cfgs}', '--workdir', '{new}',
+      words='is a directory'),
+    C('config_not_python', 'train', '--config', '{cfgs}/config.yaml', '--workdir', '{new}',
+      words=['config.yaml', 'not a Python file']),
+    C('config_bad_arg', 'train', '--config', f'{FM}/supervised.py:nonsense', '--workdir', '{new}',
+      words=['supervised.py', 'nonsense']),
+    C('config_arg_not_taken', 'train', '--config', '{cfgs}/noarg.py:tiny', '--workdir', '{new}',
+      words=['noarg.py', 'takes no argument']),
+    C('demo_bad_scale', 'demo', '--workdir', '{new}', '--config',
+      os.path.join(REPO, 'configs', 'demo.py') + ':huge', words=['demo.py', 'huge']),
+    # ---- overrides: keys and types
+    C('unknown_key', *train('--config.optim.lrr=1'), words=['optim.lrr', 'lr']),
+    C('int_not_int', *train('--config.batch_size=abc'), words=['batch_size', 'integer']),
+    C('int_given_float', *train('--config.batch_size=1.5'), words='batch_size'),
+    C('bool_not_bool', *train('--config.data.flip=maybe'), words=['data.flip', 'bool']),
+    C('value_not_group', *train('--config.batch_size.x=1'), words=['batch_size', 'not a group']),
+    C('dict_call_not_literal', *train('--config.mesh=dict(data=int(2))'), words=['mesh', 'dict']),
+    C('nested_dict_bad_value', *train('--config.mesh=dict(data=dict(a=1))'),
+      words='config.mesh.data'),
+    C('model_field_unknown', *train('--config.model.distill_token=true'),
+      words='distill_token'),
+    C('unknown_loss_term_key', *distill('--config.losses.nope.weight=1'), words='losses.nope'),
+    # ---- run settings
+    C('total_steps_negative', *train('--config.total_steps=-5'), words='total_steps'),
+    C('keep_checkpoints_zero', *train('--config.keep_checkpoints=0'), words='keep_checkpoints'),
+    C('seed_negative', *train('--config.seed=-1'), words='config.seed'),
+    C('rng_impl_unknown', *train('--config.rng_impl=foo'), words=['rng_impl', 'foo']),
+    C('batch_size_zero', *train('--config.batch_size=0'), words='batch_size'),
+    C('batch_size_negative', *train('--config.batch_size=-4'), words='batch_size'),
+    C('eval_batch_size_zero', *train('--config.eval_batch_size=0'), words='eval_batch_size'),
+    C('num_epochs_zero', *train('--config.total_steps=0', '--config.num_epochs=0'),
+      words='num_epochs'),
+    C('num_epochs_nan', *train('--config.total_steps=0', '--config.num_epochs=nan'),
+      words='num_epochs'),
+    C('log_every_zero', *train('--config.log_every=0'), words='log_every'),
+    C('checkpoint_every_negative', *train('--config.checkpoint_every=-1'),
+      words='checkpoint_every'),
+    C('eval_every_negative', *train('--config.eval_every=-2'), words='eval_every'),
+    C('label_smoothing_one', *train('--config.label_smoothing=1.0'), words='label_smoothing'),
+    C('mixup_negative', *train('--config.mixup_alpha=-1'), words='mixup_alpha'),
+    C('nan_patience_negative', *train('--config.nan_patience=-1'), words='nan_patience'),
+    C('resume_from_step_negative', *train('--config.resume_from_step=-3'),
+      words='resume_from_step'),
+    C('stop_check_every_zero', *train('--config.stop_check_every=0'), words='stop_check_every'),
+    C('mesh_two_fill_axes', *train('--config.mesh=dict(data=-1, fsdp=-1)'), words='mesh'),
+    C('mesh_unknown_axis', *train('--config.mesh=dict(data=-1, model=2)'),
+      words=['mesh.model', 'axis']),
+    C('mesh_zero', *train('--config.mesh.fsdp=0'), words='mesh.fsdp'),
+    C('mesh_too_many_devices', *train('--config.mesh.data=64'), words=['config.mesh', 'devices']),
+    C('sharding_rule_bad_axis', *train("--config.sharding_rules=(('embed', 'model'),)"),
+      words=['sharding_rules', 'model']),
+    # ---- optimizer
+    C('lr_inf', *train('--config.optim.lr=inf'), words='optim.lr'),
+    C('lr_nan', *train('--config.optim.lr=nan'), words='optim.lr'),
+    C('lr_negative', *train('--config.optim.lr=-0.1'), words='optim.lr'),
+    C('lr_zero', *train('--config.optim.lr=0'), words='optim.lr'),
+    C('b2_one', *train('--config.optim.b2=1.0'), words='optim.b2'),
+    C('b1_negative', *train('--config.optim.b1=-0.1'), words='optim.b1'),
+    C('weight_decay_negative', *train('--config.optim.weight_decay=-1'),
+      words='optim.weight_decay'),
+    C('grad_clip_negative', *train('--config.optim.grad_clip=-1'), words='optim.grad_clip'),
+    C('warmup_negative', *train('--config.optim.warmup_steps=-10'), words='optim.warmup_steps'),
+    C('schedule_unknown', *train('--config.optim.schedule=step'), words=['optim.schedule', 'step']),
+    C('optimizer_unknown', *train('--config.optim.name=adam'), words=['optim.name', 'adam']),
+    C('min_lr_ratio_two', *train('--config.optim.min_lr_ratio=2'), words='optim.min_lr_ratio'),
+    C('momentum_too_big', *train('--config.optim.name=sgd', '--config.optim.momentum=1.5'),
+      words='optim.momentum'),
+    C('layer_decay_too_big', 'train', '--config', FINETUNE, '--workdir', '{new}',
+      '--config.optim.layer_decay=1.5', words='optim.layer_decay'),
+    # ---- data
+    C('image_size_negative', *train('--config.data.image_size=-8'), words='data.image_size'),
+    C('image_size_zero', *train('--config.data.image_size=0'), words='data.image_size'),
+    C('data_dir_missing', *train('--config.data.data_dir=/nonexistent/fmnist'),
+      words=['/nonexistent/fmnist', 'dataset-fashion-mnist']),
+    C('data_dir_garbage', *train('--config.data.data_dir={data_garbage}'),
+      words='data_garbage'),
+    C('data_dir_truncated_gz', *train('--config.data.data_dir={data_truncated}'),
+      words=['data_truncated', 'gzip']),
+    C('data_dir_random_bytes', *train('--config.data.data_dir={data_random}'),
+      words=['data_random', 'gzip']),
+    C('data_dir_truncated_idx', *train('--config.data.data_dir={data_short_idx}'),
+      words=['data_short_idx', 'truncated']),
+    C('train_eval_split_empty', *train("--config.data.eval_split=test[5:5]"),
+      words=['data.eval_split', 'no examples']),
+    C('train_split_empty', *train("--config.data.train_split=train[100:100]"),
+      words=['data.train_split', 'no examples']),
+    C('train_split_unknown', *train('--config.data.train_split=validation'),
+      words='validation'),
+    C('train_split_bad_syntax', *train('--config.data.train_split=train[::2]'),
+      words='data.train_split'),
+    C('crop_padding_negative', *train('--config.data.crop_padding=-1'), words='data.crop_padding'),
+    C('num_workers_negative', *train('--config.data.num_workers=-1'), words='data.num_workers'),
+    C('crop_scale_reversed', *train('--config.data.crop_scale=(0.5, 0.1)'),
+      words='data.crop_scale'),
+    C('crop_fraction_zero', *train('--config.data.crop_fraction=0'), words='data.crop_fraction'),
+    C('dataset_unknown', *train('--config.data.name=no_such_dataset'), words='no_such_dataset'),
+    C('batch_larger_than_split', *train('--config.batch_size=60000'),
+      words=['60000', 'train[:512]']),
+    # ---- models
+    C('model_unknown', *train('--config.model.name=resnet9000'), words='resnet9000'),
+    C('resnet_width_zero', *train('--config.model.width=0'), words='model.width'),
+    C('resnet_stage_sizes_zero', *train('--config.model.stage_sizes=(0, 1)'),
+      words='model.stage_sizes'),
+    C('resnet_block_unknown', *train('--config.model.block=weird'), words='model.block'),
+    C('resnet_stem_unknown', *train('--config.model.stem=huge'), words='model.stem'),
+    C('dtype_unknown', *train('--config.model.dtype=float64'), words='model.dtype'),
+    C('num_classes_not_dataset', *train('--config.model.num_classes=5'),
+      words=['model.num_classes', '10 classes']),
+    C('vit_heads_do_not_divide', *train(*VIT, '--config.model.num_heads=5'),
+      words=['model.num_heads', 'model.width']),
+    C('vit_depth_zero', *train(*VIT, '--config.model.depth=0'), words='model.depth'),
+    C('vit_patch_does_not_divide', *train(*VIT, '--config.model.patch_size=5'),
+      words=['model.patch_size', '28']),
+    C('vit_dropout_too_big', *train(*VIT, '--config.model.dropout=1.5'), words='model.dropout'),
+    C('vit_drop_path_negative', *train(*VIT, '--config.model.drop_path=-0.1'),
+      words='model.drop_path'),
+    C('vit_pool_unknown', *train(*VIT, '--config.model.pool=cls'), words='model.pool'),
+    C('vit_posemb_unknown', *train(*VIT, '--config.model.posemb=rope'), words='model.posemb'),
+    C('vit_remat_unknown', *train(*VIT, '--config.model.remat=some'), words='model.remat'),
+    C('vit_attention_unknown', *train(*VIT, '--config.model.attention=flash'),
+      words='model.attention'),
+    C('vit_sincos_width', *train(*VIT, '--config.model.posemb=sincos2d', '--config.model.width=99',
+                                 '--config.model.num_heads=3'), words='model.width'),
+    # ---- MIM pretraining
+    C('mask_ratio_above_one', *pretrain('--config.mask_ratio=1.5'), words='mask_ratio'),
+    C('mask_ratio_negative', *pretrain('--config.mask_ratio=-0.5'), words='mask_ratio'),
+    C('mae_mask_ratio_zero', *pretrain('--config.mask_ratio=0'), words='mask_ratio'),
+    C('simmim_mask_ratio_one', *pretrain('--config.mask_ratio=1', config=SIMMIM),
+      words='mask_ratio'),
+    C('decoder_heads_do_not_divide', *pretrain('--config.model.decoder_heads=5'),
+      words=['model.decoder_heads', 'decoder_width']),
+    C('decoder_width_zero', *pretrain('--config.model.decoder_width=0'),
+      words='model.decoder_width'),
+    C('mim_method_unknown', *pretrain('--config.method=bert'), words=['config.method', 'bert']),
+    C('mim_encoder_not_vit', *pretrain('--config.model.name=resnet8_s'),
+      words='resnet8_s'),
+    C('simmim_mask_patch_not_multiple', *pretrain('--config.mask_patch_size=3', config=SIMMIM),
+      words='mask_patch_size'),
+    C('pretrain_init_from_ignored', *pretrain('--config.init_from={good}'),
+      words='init_from'),
+    C('simmim_has_no_cls_token', *pretrain('--config.model.cls_token=true', config=SIMMIM),
+      words='cls_token'),
+    # ---- distillation
+    C('distill_no_teacher', *distill(teacher=''), words='teacher.workdir'),
+    C('teacher_missing', *distill(teacher='/nonexistent/teacher'), words='/nonexistent/teacher'),
+    C('teacher_not_a_workdir', *distill(teacher='{plain_dir}'), words='plain_dir'),
+    C('teacher_is_pretraining_run', *distill(teacher='{mae}'),
+      words=['teacher.workdir', 'masked-image-modeling']),
+    C('teacher_other_classes', *distill(teacher='{five_classes}'),
+      words=['teacher.workdir', '5-class']),
+    C('teacher_dtype_unknown', *distill('--config.teacher.dtype=float64'),
+      words='teacher.dtype'),
+    C('kd_temperature_zero', *distill('--config.losses.kd.temperature=0'),
+      words='losses.kd.temperature'),
+    C('kd_weight_negative', *distill('--config.losses.kd.weight=-1'), words='losses.kd.weight'),
+    C('all_weights_zero', *distill('--config.losses.kd.weight=0', '--config.losses.ce.weight=0'),
+      words=['config.losses', 'weight 0']),
+    C('loss_option_unknown', *distill('--config.losses.kd.bogus=1'), words='bogus'),
+    C('loss_kind_unknown', *distill("--config.losses=dict(x=dict(kind='nope'))"),
+      words=['config.losses', 'nope']),
+    C('tap_unknown', *distill(config=f'{FM}/distill.py:tiny-fitnet',
+                              *('--config.losses.fitnet.student=stage9',)),
+      words='stage9'),
+    C('cache_dir_is_file', *distill('--config.teacher.cache.dir={a_file}'),
+      words=['config.teacher.cache.dir', 'a_file']),
+    C('cache_topk_zero', *distill('--config.teacher.cache.topk=0'), words='cache.topk'),
+    C('cache_rest_unknown', *distill('--config.teacher.cache.rest=weird'), words='cache.rest'),
+    C('cache_with_feature_term', *distill('--config.teacher.cache.dir={new}/cache',
+                                          config=f'{FM}/distill.py:tiny-fitnet'),
+      words=['cache.dir', 'fitnet']),
+    C('cache_manifest_garbage', *distill('--config.teacher.cache.dir={cache_garbage}'),
+      words='cache_garbage'),
+    C('cache_manifest_edited', *distill('--config.teacher.cache.dir={cache_edited}'),
+      words=['cache_edited', 'shard_steps']),
+    C('distill_init_from_other_model', *distill('--config.init_from={mae}'),
+      words=['init_from', 'vit_nano_p4']),
+    C('mim_distill_classifier_teacher', *distill(config=MIMD), words='masked-image-modeling'),
+    C('mim_distill_mask_ratio_one', *distill('--config.mask_ratio=1.0', config=MIMD,
+                                             teacher='{mae}'), words='mask_ratio'),
+    C('mim_distill_init_from', *distill('--config.init_from={mae}', config=MIMD, teacher='{mae}'),
+      words='init_from'),
+    # ---- compression
+    C('compress_no_init_from', *compress(init=''), words='init_from'),
+    C('compress_init_from_missing', *compress(init='/nonexistent/run'), words='/nonexistent/run'),
+    C('compress_init_from_vit_run', *compress(init='{mae}'), words=['init_from', 'vit_nano_p4']),
+    C('compress_init_from_other_resnet', *compress('--config.model.name=resnet20_s'),
+      words=['init_from', 'resnet8_s']),
+    C('compress_init_from_other_width', *compress('--config.model.width=8'),
+      words=['init_from', 'tensors']),
+    C('weight_bits_three', *compress('--config.quant.weight_bits=3'), words='quant.weight_bits'),
+    C('act_bits_five', *compress('--config.quant.act_bits=5'), words='quant.act_bits'),
+    C('quant_mode_unknown', *compress('--config.quant.mode=dynamic'), words='quant.mode'),
+    C('quant_module_path_bad_regex', *compress('--config.quant.module_path=['),
+      words='quant.module_path'),
+    C('sparsity_above_one', *compress('--config.prune.target_sparsity=1.5',
+                                      config=f'{FM}/compress.py:tiny-prune50'),
+      words='prune.target_sparsity'),
+    C('sparsity_one', *compress('--config.prune.target_sparsity=1.0',
+                                config=f'{FM}/compress.py:tiny-prune50'),
+      words='prune.target_sparsity'),
+    C('n_m_reversed', *compress('--config.prune.n_m=(4, 2)', config=f'{FM}/compress.py:tiny-prune24'),
+      words='prune.n_m'),
+    C('n_m_zero', *compress('--config.prune.n_m=(0, 4)', config=f'{FM}/compress.py:tiny-prune24'),
+      words='prune.n_m'),
+    C('n_m_one_number', *compress('--config.prune.n_m=(2,)',
+                                  config=f'{FM}/compress.py:tiny-prune24'), words='prune.n_m'),
+    C('prune_schedule_unknown', *compress('--config.prune.schedule=linear'),
+      words='prune.schedule'),
+    C('prune_scope_unknown', *compress('--config.prune.scope=channel'), words='prune.scope'),
+    C('prune_update_every_zero', *compress('--config.prune.update_every=0'),
+      words='prune.update_every'),
+    C('prune_ends_before_start', *compress('--config.prune.begin_step=10',
+                                           '--config.prune.end_step=5'), words='prune.end_step'),
+    C('kd_weight_shorthand_too_big', *compress('--config.kd_weight=1.5'), words='kd_weight'),
+    C('kd_temperature_shorthand_zero', *compress('--config.kd_temperature=0',
+                                                 '--config.kd_weight=0.5'),
+      words='kd_temperature'),
+    # ---- workdirs and existing runs
+    C('workdir_is_file', *train(w='{a_file}'), words=['a_file', 'not a directory']),
+    C('workdir_under_file', *train(w='{a_file}/run'), words=['a_file', 'cannot be created']),
+    C('workdir_checkpoints_is_file', *train(w='{checkpoints_file}'),
+      words=['checkpoints_file/checkpoints', 'not a directory']),
+    C('resume_other_width', *train('--config.model.width=8', w='{good}'),
+      words=['checkpoints', 'stage1_block0']),
+    C('resume_other_model', *train('--config.model.name=resnet20_s', w='{good}'),
+      words="'resnet8_s'"),
+    C('resume_other_optimizer', *train('--config.optim.name=sgd', w='{good}'),
+      words=['does not match', 'opt_state']),
+    C('resume_as_other_kind', *compress(w='{good}'), words=["'train' run", 'compress']),
+    C('resume_from_step_missing', *train('--config.resume_from_step=5', w='{good}'),
+      words=['resume_from_step=5', '4, 8, 12']),
+    C('resume_truncated_checkpoint', *train('--config.total_steps=16', w='{truncated}'),
+      words=['step 12', 'damaged', 'resume_from_step=8']),
+    C('resume_random_bytes_checkpoint', *train('--config.total_steps=16', w='{scrambled}'),
+      words=['step 12', 'damaged']),
+    C('resume_garbage_metadata', *train('--config.total_steps=16', w='{bad_meta}'),
+      words=['step 12', 'unreadable']),
+    *([C('workdir_read_only', *train(w='{read_only}/run'),
+         words=['read_only', 'cannot be created'])] if os.geteuid() else []),
+    C('workdir_locked', *train(w='{locked}'), words=['in use', 'pid']),
+    C('metrics_jsonl_symlink', *train(w='{planted_link}'), words=['metrics.jsonl', 'symlink']),
+    # ---- jkd eval
+    C('eval_missing_workdir', *ev(w='/nonexistent/run'), words='/nonexistent/run'),
+    C('eval_not_a_workdir', *ev(w='{plain_dir}'), words=['plain_dir', 'checkpoints']),
+    C('eval_export_missing', *ev('--export'), words=['export/manifest.json', 'jkd compress']),
+    C('eval_split_garbage', *ev('--split', 'test[[1'), words='test[[1'),
+    C('eval_split_empty', *ev('--split', 'test[5:5]'), words=['eval_split', 'no examples']),
+    C('eval_config_missing', *ev('--config', '{cfgs}/nope.py'), words='nope.py'),
+    C('eval_unknown_override', *ev('--config.optim.lrr=1'), words='optim.lrr'),
+    C('eval_truncated_checkpoint', *ev(w='{truncated}'), words=['step 12', 'damaged']),
+    C('eval_random_bytes_checkpoint', *ev(w='{scrambled}'), words=['step 12', 'damaged']),
+    C('eval_step_missing', *ev('--config.resume_from_step=7'), words=['step 7', '4, 8, 12']),
+    C('export_manifest_garbage', *ev('--export', w='{export_garbage}'),
+      words=['manifest.json', 'JSON']),
+    C('export_manifest_truncated', *ev('--export', w='{export_truncated_manifest}'),
+      words='manifest.json'),
+    C('export_manifest_offset_edited', *ev('--export', w='{export_offset}'),
+      words=['manifest.json', 'starts at byte']),
+    C('export_manifest_dtype_edited', *ev('--export', w='{export_dtype}'),
+      words=['manifest.json', 'object']),
+    C('export_manifest_shape_edited', *ev('--export', w='{export_shape}'),
+      words=['manifest.json', 'bytes']),
+    C('export_weights_truncated', *ev('--export', w='{export_weights}'),
+      words=['weights.bin', 'truncated']),
+    C('export_program_garbage', *ev('--export', w='{export_program}'),
+      words=['model.jaxexport', 'jax.export']),
+    C('export_program_truncated', *ev('--export', w='{export_program_cut}'),
+      words='model.jaxexport'),
+    C('export_other_image_size', *ev('--export', '--config.data.image_size=32', w='{q8}'),
+      words=['export', '32']),
+    # ---- jkd bench / jkd plan
+    C('bench_config_missing', 'bench', '--config', '{cfgs}/nope.py', '--workdir', '{new}',
+      words='nope.py'),
+    C('bench_steps_zero', 'bench', '--config', BENCH, '--workdir', '{new}',
+      '--config.bench.steps=0', words='bench.steps'),
+    C('bench_job_unknown', 'bench', '--config', BENCH, '--workdir', '{new}',
+      '--config.bench.job=fly', words=['bench.job', 'fly']),
+    C('bench_model_unknown', 'bench', '--config', BENCH, '--workdir', '{new}',
+      '--config.model.name=vit_nope', words='vit_nope'),
+    C('bench_batch_zero', 'bench', '--config', BENCH, '--workdir', '{new}',
+      '--config.batch_size=0', words='batch_size'),
+    C('plan_devices_zero', 'plan', '--config', PLAN, '--devices', '0', words='--devices'),
+    C('plan_devices_negative', 'plan', '--config', PLAN, '--devices', '-1', words='--devices'),
+    C('plan_device_memory_garbage', 'plan', '--config', PLAN, '--device-memory', 'lots',
+      words='lots'),
+    C('plan_teacher_unknown', 'plan', '--config', PLAN, '--teacher', 'vit_nope',
+      words='vit_nope'),
+    C('plan_mesh_does_not_divide', 'plan', '--config', PLAN, '--config.mesh.data=3',
+      '--devices', '8', words='mesh'),
+    C('plan_heads_do_not_divide', 'plan', '--config', PLAN, '--config.model.num_heads=7',
+      words='model.num_heads'),
+    # ---- jkd import (a public checkpoint)
+    C('import_checkpoint_missing', 'import', '--checkpoint', '{root}/nope.safetensors',
+      '--workdir', '{new}', words='nope.safetensors'),
+    C('import_checkpoint_not_weights', 'import', '--checkpoint', '{cfgs}/raises.py',
+      '--workdir', '{new}', words='raises.py'),
+    C('import_model_unknown', 'import', '--checkpoint', MAE_PTH, '--workdir', '{new}',
+      '--model', 'vit_nope', words='vit_nope'),
+    C('import_model_other_architecture', 'import', '--checkpoint', MAE_PTH, '--workdir',
+      '{new}', '--model', 'resnet8_s', words='resnet8_s'),
+    C('import_posemb_unknown', 'import', '--checkpoint', MAE_PTH, '--workdir', '{new}',
+      '--config.model.num_heads=3', '--config.model.posemb=spiral', words=['posemb', 'spiral']),
+    C('import_into_existing_run', 'import', '--checkpoint', MAE_PTH, '--workdir', '{good}',
+      words='{good}'),
+    # ---- pipelines and the demo
+    C('pipeline_stage_command_unknown', 'pipeline', '--config', PIPELINE, '--workdir', '{new}',
+      '--config.stages.teacher.command=fly', words=['teacher', 'fly']),
+    C('pipeline_order_names_missing_stage', 'pipeline', '--config', PIPELINE, '--workdir',
+      '{new}', "--config.order=('teacher', 'ghost')", words='ghost'),
+    C('pipeline_stage_bad_override', 'pipeline', '--config', PIPELINE, '--workdir', '{new}',
+      "--config.stages.student.overrides=('optim.lrr=1',)", words=['student', 'optim.lrr']),
+    C('pipeline_stage_bad_value', 'pipeline', '--config', PIPELINE, '--workdir', '{new}',
+      "--config.stages.student.overrides=('batch_size=0',)", words=['student', 'batch_size']),
+    C('pipeline_stage_config_missing', 'pipeline', '--config', PIPELINE, '--workdir', '{new}',
+      '--config.stages.teacher.config=fashion_mnist/nope.py', words=['teacher', 'nope.py']),
+    C('pipeline_teacher_is_later_stage', 'pipeline', '--config', PIPELINE, '--workdir', '{new}',
+      '--config.stages.assistant.teacher=student', words=['assistant', 'earlier stage']),
+    C('demo_stage_bad_value', 'demo', '--workdir', '{new}', '--config',
+      os.path.join(REPO, 'configs', 'demo.py') + ':fast',
+      "--config.stages.student_kd.overrides=('losses.kd.temperature=0',)",
+      words=['student_kd', 'losses.kd.temperature']),
+]
+
+
+# ---------------------------------------------------------------- the world the cases run in
+
+
+def _main(argv) -> int:
+  try:
+    return cli.main(list(argv))
+  except SystemExit as e:  # argparse
+    return e.code
+
+
+def _write(path, text):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(text)
+
+
+def _damage_largest(workdir, step, how):
+  d = os.path.join(workdir, 'checkpoints', str(step), 'state', 'ocdbt.process_0', 'd')
+  path = max((os.path.join(d, f) for f in os.listdir(d)), key=os.path.getsize)
+  size = os.path.getsize(path)
+  if how == 'truncate':
+    os.truncate(path, size // 10)
+  else:
+    with open(path, 'wb') as f:
+      f.write(os.urandom(size))
+
+
+def _edit_manifest(workdir, edit):
+  path = os.path.join(workdir, 'export', 'manifest.json')
+  with open(path) as f:
+    manifest = json.load(f)
+  edit(manifest)
+  with open(path, 'w') as f:
+    json.dump(manifest, f)
+
+
+def _copy(world, src, name):
+  dst = os.path.join(world['root'], name)
+  shutil.copytree(world[src], dst, symlinks=True)
+  world[name] = dst
+  return dst
+
+
+def snapshot(root) -> dict:
+  """sha256 of every file under every checkpoints/ and export/ below `root`."""
+  out = {}
+  for base, dirs, files in os.walk(root):
+    parts = base.split(os.sep)
+    if 'checkpoints' in parts or 'export' in parts:
+      for f in files:
+        path = os.path.join(base, f)
+        with open(path, 'rb') as fh:
+          out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+  """Trained runs (a supervised resnet8_s, an MAE ViT, a 5-class teacher, an int8 export) and
+  damaged copies of them, config files and data directories that are wrong in every way."""
+  root = str(tmp_path_factory.mktemp('bad_input'))
+  w = {'root': root}
+  for name in ('good', 'mae', 'five_classes', 'q8'):
+    w[name] = os.path.join(root, name)
+  assert _main(train(w=w['good'])) == 0
+  assert _main(pretrain('--config.total_steps=4', '--config.checkpoint_every=4',
+                        w=w['mae'])) == 0
+  cfgs = w['cfgs'] = os.path.join(root, 'cfgs')
+  _write(f'{cfgs}/five_classes.py', f"""import importlib.util
+from jkd.data import default_data_config
+
+def get_config():
+  spec = importlib.util.spec_from_file_location('sup', {SUP.split(':')[0]!r})
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config('tiny')
+  c.data = default_data_config('synthetic')
+  c.data.update(num_classes=5, image_size=8, channels=1, train_split='train[:64]',
+                eval_split='test[:64]')
+  c.total_steps = c.checkpoint_every = 2
+  return c
+""")
+  assert _main(['train', '--config', f'{cfgs}/five_classes.py', '--workdir',
+                w['five_classes']]) == 0
+  assert _main([a.format(**w) for a in compress('--config.total_steps=2', w=w['q8'])]) == 0
+  _write(f'{cfgs}/empty.py', '')
+  _write(f'{cfgs}/none.py', 'def get_config():\n  return None\n')
+  _write(f'{cfgs}/raises.py', 'def get_config():\n  raise RuntimeError("boom")\n')
+  _write(f'{cfgs}/int.py', 'def get_config():\n  return 5\n')
+  _write(f'{cfgs}/syntax.py', 'def get_config(:\n')
+  _write(f'{cfgs}/imports.py', 'import no_such_module\n')
+  _write(f'{cfgs}/exits.py', 'import sys\nsys.exit(3)\n')
+  _write(f'{cfgs}/config.yaml', 'batch_size: 3\n')
+  _write(f'{cfgs}/noarg.py', 'from jkd.defaults import base_config\n\n'
+         'def get_config():\n  return base_config()\n')
+
+  from jkd.data import sources  # pylint: disable=g-import-not-at-top
+  real = sources._fashion_mnist_dir(None)  # pylint: disable=protected-access
+  names = sorted(f for f in os.listdir(real) if f.endswith('.gz'))
+  for kind in ('garbage', 'truncated', 'random', 'short_idx'):
+    d = w[f'data_{kind}'] = os.path.join(root, f'data_{kind}')
+    os.makedirs(d)
+    for name in names:
+      with open(os.path.join(real, name), 'rb') as f:
+        data = f.read()
+      if kind == 'garbage':  # a valid gzip of text
+        data = gzip.compress(b'this is not an IDX file\n')
+      elif kind == 'truncated':
+        data = data[:len(data) // 3]
+      elif kind == 'random':
+        data = os.urandom(4096)
+      else:  # a valid gzip of a cut IDX file
+        data = gzip.compress(gzip.decompress(data)[:5000])
+      with open(os.path.join(d, name), 'wb') as f:
+        f.write(data)
+
+  w['a_file'] = os.path.join(root, 'a_file')
+  _write(w['a_file'], 'not a directory\n')
+  w['plain_dir'] = os.path.join(root, 'plain_dir')
+  os.makedirs(w['plain_dir'])
+  w['checkpoints_file'] = os.path.join(root, 'checkpoints_file')
+  _write(os.path.join(w['checkpoints_file'], 'checkpoints'), 'not a directory\n')
+  w['read_only'] = os.path.join(root, 'read_only')
+  os.makedirs(w['read_only'])
+  os.chmod(w['read_only'], 0o555)  # (root writes there all the same: its case is skipped)
+  _damage_largest(_copy(w, 'good', 'truncated'), 12, 'truncate')
+  _damage_largest(_copy(w, 'good', 'scrambled'), 12, 'scramble')
+  _write(os.path.join(_copy(w, 'good', 'bad_meta'), 'checkpoints', '12', 'meta', 'metadata'),
+         '{"kind": ')
+  locked = _copy(w, 'good', 'locked')
+  holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])
+  w['holder'] = holder
+  from jkd import lock  # pylint: disable=g-import-not-at-top
+  record = dict(lock._holder_record('jkd train'), pid=holder.pid,  # pylint: disable=protected-access
+                proc_start=lock._proc_start(holder.pid))  # pylint: disable=protected-access
+  _write(os.path.join(locked, lock.LOCK_FILE), json.dumps(record))
+  planted = _copy(w, 'good', 'planted_link')
+  os.remove(os.path.join(planted, 'metrics.jsonl'))
+  os.symlink(w['a_file'], os.path.join(planted, 'metrics.jsonl'))
+
+  cache = w['cache_garbage'] = os.path.join(root, 'cache_garbage')
+  _write(os.path.join(cache, 'manifest.json'), '{not json')
+  cache = w['cache_edited'] = os.path.join(root, 'cache_edited')
+  _write(os.path.join(cache, 'manifest.json'), json.dumps(
+      {'format': 1, 'identity': {}, 'shard_steps': -1, 'shards': {}}))
+
+  exports = {
+      'export_garbage': lambda p: _write(p('manifest.json'), 'garbage{'),
+      'export_truncated_manifest': lambda p: _write(p('manifest.json'), open(
+          p('manifest.json')).read()[:300]),
+      'export_offset': lambda p: _edit_manifest(os.path.dirname(os.path.dirname(p('x'))),
+                                                lambda m: m['tensors'][1].update(offset=7)),
+      'export_dtype': lambda p: _edit_manifest(os.path.dirname(os.path.dirname(p('x'))),
+                                               lambda m: m['tensors'][0].update(dtype='object')),
+      'export_shape': lambda p: _edit_manifest(os.path.dirname(os.path.dirname(p('x'))),
+                                               lambda m: m['tensors'][0].update(shape=[999, 3])),
+      'export_weights': lambda p: os.truncate(p('weights.bin'), 100),
+      'export_program': lambda p: _write(p('model.jaxexport'), 'not a program'),
+      'export_program_cut': lambda p: os.truncate(p('model.jaxexport'),
+                                                  os.path.getsize(p('model.jaxexport')) // 2),
+  }
+  for name, damage in exports.items():
+    d = _copy(w, 'q8', name)
+    damage(lambda f, d=d: os.path.join(d, 'export', f))
+  w['before'] = snapshot(root)
+  yield w
+  holder.kill()
+  holder.wait()
+
+
+def _format(argv, world, tmp_path):
+  values = {**{k: v for k, v in world.items() if isinstance(v, str)}, 'new': str(tmp_path / 'new')}
+  return [a.format(**values) for a in argv]
+
+
+def _check(case, code, out, err, world):
+  text = out + err
+  assert code == 2, (case.id, code, err[-3000:], out[-1500:])
+  assert 'Traceback' not in text, (case.id, text[-4000:])
+  assert 'error:' in err or 'usage:' in err, (case.id, err[-2000:])
+  for word in case.words:
+    assert word.format(**{k: v for k, v in world.items() if isinstance(v, str)}) in err, (
+        case.id, word, err[-2000:])
+
+
+@pytest.mark.parametrize('case', CASES, ids=[c.id for c in CASES])
+def test_bad_input_exits_2_naming_it(case, world, tmp_path, capfd):
+  argv = _format(case.argv, world, tmp_path)
+  code = _main(argv)
+  out, err = capfd.readouterr()
+  _check(case, code, out, ' '.join(err.split()), world)
+  assert snapshot(world['root']) == world['before'], f'{case.id} changed a checkpoint or export'
+  locks = [b for b, _, files in os.walk(world['root']) if 'jkd.lock' in files]
+  assert locks == [world['locked']], f'{case.id} left a lock: {locks}'
+
+
+def test_at_least_100_cases_over_every_command():
+  assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
+  commands = {c.argv[0] for c in CASES if c.argv}
+  assert {'train', 'pretrain', 'distill', 'compress', 'eval', 'bench', 'plan', 'pipeline',
+          'demo', 'import'} <= commands
+
+
+FRESH_PROCESS = ('config_raises', 'lr_inf', 'resume_truncated_checkpoint',
+                 'eval_random_bytes_checkpoint', 'export_program_garbage', 'workdir_locked')
+
+
+def test_cases_in_fresh_processes(world, tmp_path):
+  """A sample through `python -m jkd.cli`: the same exit status and message, and nothing at
+  interpreter exit (Orbax's abandoned reads of a damaged checkpoint used to print dozens of
+  asyncio tracebacks there)."""
+  by_id = {c.id: c for c in CASES}
+  procs = []
+  for name in FRESH_PROCESS:  # Two at a time: each mostly waits for its imports.
+    argv = _format(by_id[name].argv, world, tmp_path / name)
+    procs.append((name, subprocess.Popen(
+        [sys.executable, '-m', 'jkd.cli', *argv], cwd=REPO, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED='1'))))
+    if len(procs) % 2 == 0:
+      procs[-2][1].wait()
+  for name, proc in procs:
+    out, err = proc.communicate(timeout=300)
+    _check(by_id[name], proc.returncode, out, ' '.join(err.split()), world)
+  assert snapshot(world['root']) == world['before']
+
+
+def test_batch_that_does_not_fit_in_memory(tmp_path):
+  """batch_size=60000 under a 4 GB address-space limit: XLA cannot allocate the step, and the
+  user gets exit 2 naming config.batch_size and what to do (it used to be a traceback)."""
+  import resource  # pylint: disable=g-import-not-at-top
+
+  def limit():
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+  argv = train('--config.batch_size=60000', '--config.data.train_split=train',
+               '--config.eval_batch_size=128', w=str(tmp_path / 'w'))
+  p = subprocess.run([sys.executable, '-m', 'jkd.cli', *argv], cwd=REPO, text=True,
+                     capture_output=True, timeout=300, preexec_fn=limit,
+                     env=dict(os.environ, PYTHONUNBUFFERED='1'))
+  _check(Case('oom', argv, ('config.batch_size=60000', 'memory')), p.returncode, p.stdout,
+         ' '.join(p.stderr.split()), {})
+
+
+
+def test_validate_knows_every_position_embedding():
+  """jkd.validate keeps its own copy of the names (it loads without jax); they must agree."""
+  from jkd import validate
+  from jkd.models import vit
+  assert validate.POSEMBS == vit.POSEMBS
