@@ -197,6 +197,9 @@ def run(task: Task, config, workdir: str, *, label: str | None = None) -> dict:
   finally:
     ckpt.close()
     writer.close()
+    close = getattr(task.train_iterator, 'close', None)
+    if close is not None:  # stops reader workers; frees the batches they buffered ahead
+      close()
 
 
 def _check_same_model(ckpt: RunCheckpointer, task: Task) -> None:
