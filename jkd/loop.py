@@ -165,18 +165,26 @@ def jit_train_step(task: Task, mesh, state_shardings) -> tuple[Callable, tuple]:
   return step_fn, extra_args
 
 
-def evaluate(eval_fn, state, batches: Iterable, mesh, extra_args=()) -> dict[str, float]:
-  """Sums the per-batch sums of `eval_fn` over one pass and derives accuracy / mean loss."""
+def evaluate(eval_fn, state, batches: Iterable, mesh, extra_args=(), *,
+             keep_arrays: bool = False) -> dict[str, Any]:
+  """Sums the per-batch sums of `eval_fn` over one pass and derives accuracy / mean loss.
+
+  Scalar sums become means over the examples; array sums (the [K, K] `confusion` counts) are
+  returned as numpy totals with `keep_arrays=True` (`jkd eval`), else dropped (metrics lines)."""
   totals: dict[str, Any] = {}
   for local in batches:
     sums = eval_fn(state, parallel.global_batch(local, mesh), *extra_args)
     totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
-  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+  totals = jax.device_get(totals)
+  arrays = {k: np.asarray(v) for k, v in totals.items() if np.ndim(v)}
+  totals = {k: float(v) for k, v in totals.items() if not np.ndim(v)}
   count = max(totals.get('count', 0.0), 1.0)
   out = {k: v / count for k, v in totals.items() if k != 'count'}
   if 'correct' in out:
     out['accuracy'] = out.pop('correct')
   out['examples'] = int(totals.get('count', 0))
+  if keep_arrays:
+    out.update(arrays)
   return out
 
 

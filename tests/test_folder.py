@@ -1,18 +1,28 @@
 """The user's own images (`config.data.name='folder'`): real Fashion-MNIST images written as JPEG
-and PNG files into class folders, read in worker processes, packed into ArrayRecord shards (same
-batches both ways), and every bad-input case as a clear user error."""
+and PNG files into class folders, read in worker processes, trained and distilled from (per-class
+eval, confusion matrix), packed by `jkd data prepare` (same batches both ways), resumed
+bit-identically after a kill, and every bad-input case as a clear exit-2 error."""
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from jkd import data
+from jkd.checkpoint import load_arrays
 from jkd.data import folder, jpeg, prepare, sources
 from jkd.errors import UserError
 
+from conftest import REPO, run_jkd
+
+CONFIGS = os.path.join(REPO, 'configs', 'folder')
 PER_CLASS = 30  # 10 classes x 30 = 300 images: 270 train, 30 held out
 
 
@@ -144,6 +154,13 @@ def test_bad_folders_are_user_errors(tmp_path, case):
     assert data.get_info(_cfg(cfg.dir, mode='RGB', eval_split='train')).image_shape == (28, 28, 3)
 
 
+def test_bad_folder_exits_2_with_one_paragraph(tmp_path):
+  out = run_jkd('train', '--config', os.path.join(CONFIGS, 'supervised.py:tiny'),
+                '--workdir', str(tmp_path / 'w'), f'--config.data.dir={tmp_path / "nothing"}')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert 'does not exist' in ' '.join(out.stderr.split())
+
+
 def test_unreadable_image_is_reported_with_its_path(tmp_path):
   root = _write_fmnist_folder(tmp_path / 'p', per_class=4)
   broken = os.path.join(root, 'Bag', 'broken.jpg')
@@ -245,3 +262,118 @@ def test_prepare_gives_the_same_batches_and_resumes(tmp_path, photos):
   _equal(_train(packed, 3), _train(_cfg(photos), 3))
 
 
+def test_prepare_lists_unreadable_files_and_strict_fails(tmp_path):
+  root = _write_fmnist_folder(tmp_path / 'p', per_class=3)
+  bad = os.path.join(root, 'Coat', 'zz.png')
+  open(bad, 'wb').write(b'\x89PNG truncated')
+  out = run_jkd('data', 'prepare', '--dir', root, '--out', str(tmp_path / 'o'), '--workers', '0',
+                '--strict')
+  assert out.returncode == 2 and 'zz.png' in out.stderr and 'Traceback' not in out.stderr
+  out = run_jkd('data', 'prepare', '--dir', root, '--out', str(tmp_path / 'o'), '--workers', '0')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'unreadable: ' + bad in out.stdout
+  summary = json.load(open(tmp_path / 'o' / 'prepare.json'))
+  assert [p for p, _ in summary['bad_files']] == [bad]
+  assert sum(summary['num_examples'].values()) == 30  # 31 files, one unreadable
+
+
+# ---------------------------------------------------------------- commands
+
+
+def test_train_eval_distill_and_compress_a_folder(tmp_path, photos):
+  teacher, student = str(tmp_path / 'teacher'), str(tmp_path / 'student')
+  out = run_jkd('train', '--config', os.path.join(CONFIGS, 'supervised.py:tiny'),
+                '--workdir', teacher, f'--config.data.dir={photos}')
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.load(open(os.path.join(teacher, 'summary.json')))
+  out = run_jkd('eval', '--workdir', teacher)
+  assert out.returncode == 0, out.stderr[-3000:]
+  ev = json.load(open(os.path.join(teacher, 'eval.json')))
+  assert abs(ev['accuracy'] - summary['test_accuracy']) < 1e-6 and ev['examples'] == 30
+  assert ev['class_names'][0] == 'Ankle boot' and len(ev['per_class_accuracy']) == 10
+  assert np.array(ev['confusion']).sum() == 30 and np.trace(ev['confusion']) == round(
+      30 * ev['accuracy'])
+  assert os.path.isfile(os.path.join(teacher, 'confusion.png'))
+  out = run_jkd('distill', '--config', os.path.join(CONFIGS, 'distill.py:tiny'),
+                '--workdir', student, f'--config.data.dir={photos}',
+                f'--config.teacher.workdir={teacher}', '--config.total_steps=4')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.load(open(os.path.join(student, 'summary.json')))['steps'] == 4
+  # Compressed too: int8 post-training quantization of the student (one step) and its export.
+  int8 = str(tmp_path / 'int8')
+  out = run_jkd('compress', '--config', os.path.join(CONFIGS, 'compress.py:tiny-ptq'),
+                '--workdir', int8, f'--config.data.dir={photos}', f'--config.init_from={student}')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert os.path.isfile(os.path.join(int8, 'export', 'manifest.json'))
+
+
+def test_folder_configs():
+  from jkd.config import load_config  # pylint: disable=g-import-not-at-top
+  for spec in ('supervised.py', 'supervised.py:vit_s16', 'distill.py', 'distill.py:dkd',
+               'distill.py:deit', 'compress.py:qat_kd', 'compress.py:prune50'):
+    config = load_config(os.path.join(CONFIGS, spec))
+    assert config.data.name == 'folder' and config.data.image_size == 224, spec
+    assert config.data.worker_processes == -1 and config.data.eval_split == 'val'
+
+
+def test_killed_run_resumes_bit_identically(tmp_path, photos):
+  ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+  args = ['train', '--config', os.path.join(CONFIGS, 'supervised.py:tiny'),
+          f'--config.data.dir={photos}', '--config.total_steps=20', '--config.checkpoint_every=2',
+          '--config.log_every=2']
+  assert run_jkd(*args, '--workdir', ref).returncode == 0
+  # The killed run decodes in two Grain worker processes, the reference in its own process.
+  proc = subprocess.Popen([sys.executable, '-m', 'jkd.cli', *args, '--workdir', killed,
+                           '--config.data.worker_processes=2'], cwd=REPO,
+                          env=dict(os.environ, PYTHONUNBUFFERED='1'), start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(killed, 'checkpoints', '6')):
+      assert proc.poll() is None, 'run ended before it could be killed'
+      assert time.time() < deadline
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # the main process only: its workers must notice
+    proc.wait()
+    deadline = time.time() + 20
+    while _session_alive(proc.pid) and time.time() < deadline:
+      time.sleep(0.2)
+    assert not _session_alive(proc.pid), 'worker processes outlived the killed run'
+  finally:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  assert not os.path.exists(os.path.join(killed, 'summary.json')), 'was not interrupted'
+  out = run_jkd(*args, '--workdir', killed)
+  assert out.returncode == 0 and 'resumed' in out.stdout, out.stderr[-3000:]
+  a, _ = load_arrays(ref)
+  b, _ = load_arrays(killed)
+  for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params'])):
+    np.testing.assert_array_equal(x, y)
+
+
+def _session_alive(sid: int) -> bool:
+  """Whether any process of session `sid` is still running (zombies excluded)."""
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      stat = open(f'/proc/{pid}/stat').read()
+    except OSError:
+      continue
+    fields = stat.rsplit(')', 1)[1].split()
+    if fields[0] != 'Z' and int(fields[3]) == sid:  # state, ppid, pgrp, session
+      return True
+  return False
+
+
+def test_per_class_report_for_any_dataset(tmp_path):
+  from jkd import evaluate, figures  # pylint: disable=g-import-not-at-top
+  confusion = np.array([[3, 1, 0], [0, 0, 0], [2, 0, 4]], np.float32)
+  report = evaluate.per_class(confusion, ['cat', 'dog', 'fox'])
+  assert report['per_class_accuracy'] == {'cat': 0.75, 'dog': None, 'fox': round(4 / 6, 6)}
+  assert report['confusion'][2] == [2, 0, 4]
+  # A run saved before class names were recorded: the labels' numbers.
+  assert evaluate.per_class(confusion)['class_names'] == ['0', '1', '2']
+  many = np.random.default_rng(0).integers(0, 5, (120, 120))  # colours only, no tick labels
+  assert os.path.getsize(figures.save_confusion_matrix(
+      str(tmp_path / 'c.png'), many, [str(i) for i in range(120)])) > 1000
