@@ -234,6 +234,18 @@ def test_batches_do_not_depend_on_workers_or_hosts_and_resume(photos):
   _equal(evals, _eval(_cfg(photos, worker_processes=2)))
 
 
+def test_flips_applied_while_cropping_are_the_batch_flips(photos):
+  flipped, plain = _train(_cfg(photos), 1)[0], _train(_cfg(photos, flip=False), 1)[0]
+  mirrored = (flipped['image'] != plain['image']).any(axis=(1, 2, 3))
+  assert 0.2 < mirrored.mean() < 0.8
+  np.testing.assert_array_equal(flipped['image'][mirrored], plain['image'][mirrored][:, :, ::-1])
+  # The flips are those of the batch flip (`_BatchReader.draws`), as for every other dataset.
+  from jkd.data import pipeline  # pylint: disable=g-import-not-at-top
+  reader = pipeline._BatchReader(_cfg(photos), sources.open_source(_cfg(photos), 'train'),
+                                 train=True)
+  np.testing.assert_array_equal(reader.draws(0, 32, slice(0, 32))[1], mirrored)
+
+
 def test_prepare_gives_the_same_batches_and_resumes(tmp_path, photos):
   out = str(tmp_path / 'prepared')
   summary = prepare.prepare(_cfg(photos), out, workers=2, shard_size=100, progress=False)

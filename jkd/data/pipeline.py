@@ -131,9 +131,13 @@ class _BatchReader:
         not self.size or source.get_batch(np.zeros(1, np.int64))[0].shape[1:3] ==
         (self.size, self.size))
 
-  def _image(self, image, rng, path: str | None = None) -> np.ndarray:
+  def _image(self, image, rng, path: str | None = None, flip: bool = False) -> np.ndarray:
     if isinstance(image, (bytes, np.bytes_)) and self.size:
-      return self._crop_file(bytes(image), rng, path)
+      return self._crop_file(bytes(image), rng, path, flip)
+    image = self._array_image(image, rng)
+    return image[:, ::-1] if flip else image
+
+  def _array_image(self, image, rng) -> np.ndarray:
     image = augment.decode(image)
     if self.inception:
       return augment.random_resized_crop(image, rng, self.size, self.crop_scale, self.crop_ratio)
@@ -143,20 +147,31 @@ class _BatchReader:
       return augment.resize(image, self.size, self.size)
     return image
 
-  def _crop_file(self, data: bytes, rng, path: str | None) -> np.ndarray:
+  def _crop_file(self, data: bytes, rng, path: str | None, flip: bool) -> np.ndarray:
     """Encoded bytes straight to the crop: `jkd.data.jpeg` decodes only the size it needs."""
     try:
       if self.inception:
-        return jpeg.train_crop(data, rng, self.size, self.mode, self.crop_scale, self.crop_ratio)
+        return jpeg.train_crop(data, rng, self.size, self.mode, self.crop_scale, self.crop_ratio,
+                               flip)
       if self.variable:
-        return jpeg.eval_crop(data, self.size, self.mode, self.crop_fraction)
-      width, height, _ = jpeg.header(data)
-      return jpeg.decode_crop(data, (0, 0, width, height), (self.size, self.size), self.mode)
+        image = jpeg.eval_crop(data, self.size, self.mode, self.crop_fraction)
+      else:
+        width, height, _ = jpeg.header(data)
+        image = jpeg.decode_crop(data, (0, 0, width, height), (self.size, self.size), self.mode)
+      return image[:, ::-1] if flip else image
     except jpeg.ImageReadError as e:
       raise UserError(folder.unreadable_message(path or '(in the dataset)', e)) from None
 
-  def read(self, rows: np.ndarray, step: int, local: slice) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (uint8 [R, H, W, C], int32 [R]) for `rows`, the slice `local` of global batch `step`.
+  @property
+  def flips_each_image(self) -> bool:
+    """Whether `read` takes the flips: images read one at a time are mirrored as they are
+    cropped (cheaper than flipping the batch); not with pad-crops, which come first."""
+    return self.flip and not self.padding and not self.gather
+
+  def read(self, rows: np.ndarray, step: int, local: slice,
+           flips: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (uint8 [R, H, W, C], int32 [R]) for `rows`, the slice `local` of global batch `step`,
+    each row mirrored where `flips` [R] says.
 
     Random draws are made for every row of the global batch and then sliced, so a row's
     augmentation depends on (seed, step, row) only, not on which process reads it.
@@ -166,22 +181,30 @@ class _BatchReader:
     else:
       row_ids = range(local.start, local.start + len(rows))
       examples = [self.source[int(r)] for r in rows]
+      flips = np.zeros(len(rows), bool) if flips is None else flips
       images = np.stack([
           self._image(ex['image'], np.random.default_rng([self.seed, 2, step, i]),
-                      ex.get('path'))
-          for ex, i in zip(examples, row_ids)])
+                      ex.get('path'), bool(f))
+          for ex, i, f in zip(examples, row_ids, flips)])
       labels = np.array([ex['label'] for ex in examples])
     return images, labels.astype(np.int32)
 
-  def augment(self, images: np.ndarray, step: int, global_size: int,
-              local: slice) -> np.ndarray:
-    """Random pad-crop and flip of uint8 [R, H, W, C], drawn per row of the global batch."""
-    if not (self.padding or self.flip):
-      return images
+  def draws(self, step: int, global_size: int, local: slice) -> tuple[np.ndarray, np.ndarray]:
+    """(shifts [R, 2], flips [R]) of this process's rows of global batch `step`."""
     rng = np.random.default_rng([self.seed, 1, step])
     shifts = rng.integers(-self.padding, self.padding + 1, size=(global_size, 2))[local]
     flips = (rng.random(global_size) < 0.5)[local] & self.flip
-    return augment.flip_batch(augment.crop_batch(images, shifts, self.padding), flips)
+    return shifts, flips
+
+  def augment(self, images: np.ndarray, step: int, global_size: int,
+              local: slice, flipped: bool = False) -> np.ndarray:
+    """Random pad-crop and flip of uint8 [R, H, W, C], drawn per row of the global batch
+    (`flipped`: `read` has applied the flips already)."""
+    if not (self.padding or self.flip):
+      return images
+    shifts, flips = self.draws(step, global_size, local)
+    images = augment.crop_batch(images, shifts, self.padding)
+    return images if flipped else augment.flip_batch(images, flips)
 
 
 class TrainIterator:
@@ -258,8 +281,10 @@ class _TrainBatches:
     start *= self.global_batch_size  # the tail of each epoch's permutation is dropped
     rows = _permutation(self.seed, epoch, self.num_examples)[start + self.local.start:
                                                               start + self.local.stop]
-    images, labels = self.reader.read(rows, step, self.local)
-    return {'image': self.reader.augment(images, step, self.global_batch_size, self.local),
+    reader, size = self.reader, self.global_batch_size
+    flips = reader.draws(step, size, self.local)[1] if reader.flips_each_image else None
+    images, labels = reader.read(rows, step, self.local, flips)
+    return {'image': reader.augment(images, step, size, self.local, flipped=flips is not None),
             'label': labels}
 
 
