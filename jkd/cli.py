@@ -10,6 +10,7 @@
   jkd demo     --workdir DIR [--config configs/demo.py[:fast|full]]
   jkd pipeline --config FILE.py[:ARG] --workdir DIR [...]   (stages in WORKDIR/<stage>)
   jkd import   --checkpoint FILE --workdir DIR [--model NAME] [--config FILE.py] [...]
+  jkd data prepare (--dir DIR | --config FILE.py [...]) --out OUT [--workers N] [--strict]
 
 Bad input ends with exit code 2 and one paragraph naming the problem and the fix; a run that
 diverged (a non-finite loss) with exit code 3; SIGTERM / SIGINT with 143 / 130 after saving a
@@ -39,6 +40,8 @@ DESCRIPTIONS = {
                 '(pipeline.json)',
     'import': 'a public checkpoint (timm, Hugging Face, official MAE / SimMIM / DeiT, '
               'torchvision, big_vision) as a jkd workdir (import.json)',
+    'data': 'your own images: `jkd data prepare` packs a folder into ArrayRecord shards, every '
+            'file checked (prepare.json)',
 }
 
 
@@ -101,6 +104,21 @@ def _parser() -> argparse.ArgumentParser:
                  help='optional run config whose data (and optimizer) the workdir records, '
                       'e.g. configs/fashion_mnist/supervised.py; default synthetic data of the '
                       "checkpoint's size")
+  p = sub.add_parser('data', help=DESCRIPTIONS['data'])
+  p.add_argument('action', choices=['prepare'],
+                 help='prepare: pack config.data.dir (class folders, split folders or a '
+                      'CSV/JSONL list) into ArrayRecord shards in --out')
+  p.add_argument('--dir', default=None, help='the image folder or list (sets config.data.dir)')
+  p.add_argument('--config', default=None,
+                 help="a run config whose data settings apply (dir, holdout, split_seed, mode); "
+                      "default a 'folder' data config")
+  p.add_argument('--out', required=True, help='output folder (train with --config.data.dir=OUT)')
+  p.add_argument('--workers', type=int, default=None,
+                 help='processes that read and check the files (default: the cores here)')
+  p.add_argument('--strict', action='store_true',
+                 help='fail (exit 2) if any file cannot be decoded, instead of leaving it out')
+  p.add_argument('--shard-size', type=int, default=1000, help='images per shard, at most')
+  p.add_argument('--workdir', default=None, help=argparse.SUPPRESS)
   p = sub.add_parser('eval', help=DESCRIPTIONS['eval'])
   p.add_argument('--workdir', required=True)
   p.add_argument('--config', default=None,
@@ -182,6 +200,34 @@ def _run_import(args, overrides: list[str]) -> dict:
                               config_spec=args.config, overrides=overrides)
 
 
+def _run_data(args, overrides: list[str]) -> dict:
+  import ml_collections
+  from jkd.config import apply_override, load_config
+  from jkd.data import default_data_config, prepare
+  if args.config:
+    config = load_config(args.config, overrides)
+  else:
+    config = ml_collections.ConfigDict({'data': default_data_config('folder')})
+    for o in overrides:
+      apply_override(config, o)
+  if config.data.get('name') != 'folder':
+    raise UserError(f"jkd data prepare packs folder datasets; the config's data.name is "
+                    f"{config.data.get('name')!r}. Use a config with data.name='folder' (e.g. "
+                    'configs/folder/supervised.py) or pass --dir DIR.')
+  if args.dir:
+    config.data.dir = args.dir
+  workers = len(os.sched_getaffinity(0)) if args.workers is None else args.workers
+  summary = prepare.prepare(config.data, args.out, workers=workers, strict=args.strict,
+                            shard_size=args.shard_size)
+  counts = ', '.join(f'{k} {v}' for k, v in summary['num_examples'].items())
+  print(f'prepared {args.out}: {counts} images, {len(summary["classes"])} classes, mode '
+        f'{summary["mode"]}, {len(summary["bad_files"])} unreadable files left out '
+        f'({summary["wall_s"]}s). Train on it with --config.data.dir={args.out}')
+  for path, error in summary['bad_files'][:20]:
+    print(f'  unreadable: {path}: {error}')
+  return summary
+
+
 def _run_eval(args, overrides: list[str]) -> dict:
   from jkd.evaluate import evaluate_workdir
   result = evaluate_workdir(args.workdir, config_spec=args.config, overrides=overrides,
@@ -234,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
       _run_pipeline(args, overrides)
     elif args.command == 'import':
       _run_import(args, overrides)
+    elif args.command == 'data':
+      _run_data(args, overrides)
     else:
       _run_training(args.command, args, overrides)
     return 0

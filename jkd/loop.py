@@ -176,8 +176,12 @@ def jit_train_step(task: Task, mesh, state_shardings) -> tuple[Callable, tuple]:
 
 
 def evaluate(eval_fn, state, batches: Iterable, mesh, extra_args=(),
-             should_stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+             should_stop: Callable[[], bool] | None = None, *,
+             keep_arrays: bool = False) -> dict[str, Any] | None:
   """Sums the per-batch sums of `eval_fn` over one pass and derives accuracy / mean loss.
+
+  Scalar sums become means over the examples; array sums (the [K, K] `confusion` counts) are
+  returned as numpy totals with `keep_arrays=True` (`jkd eval`), else dropped (metrics lines).
   Returns None if `should_stop()` turned true between batches (a signal: the run stops)."""
   totals: dict[str, Any] = {}
   for local in batches:
@@ -185,12 +189,16 @@ def evaluate(eval_fn, state, batches: Iterable, mesh, extra_args=(),
       return None
     sums = eval_fn(state, parallel.global_batch(local, mesh), *extra_args)
     totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
-  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+  totals = jax.device_get(totals)
+  arrays = {k: np.asarray(v) for k, v in totals.items() if np.ndim(v)}
+  totals = {k: float(v) for k, v in totals.items() if not np.ndim(v)}
   count = max(totals.get('count', 0.0), 1.0)
   out = {k: v / count for k, v in totals.items() if k != 'count'}
   if 'correct' in out:
     out['accuracy'] = out.pop('correct')
   out['examples'] = int(totals.get('count', 0))
+  if keep_arrays:
+    out.update(arrays)
   return out
 
 
@@ -228,6 +236,9 @@ def run(task: Task, config, workdir: str, *, label: str | None = None) -> dict:
   finally:
     ckpt.close()
     writer.close()
+    close = getattr(task.train_iterator, 'close', None)
+    if close is not None:  # stops reader workers; frees the batches they buffered ahead
+      close()
 
 
 def _check_same_model(ckpt: RunCheckpointer, task: Task, step: int) -> None:

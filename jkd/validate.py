@@ -163,6 +163,13 @@ RUN_RULES: dict[str, tuple[Rule, str]] = {
     'data.crop_padding': (integer(0), 'random-crop padding in pixels; 0 = no crop'),
     'data.flip': (boolean, 'random horizontal flips'),
     'data.num_workers': (integer(0), 'reader threads; 0 = in the calling thread'),
+    'data.worker_processes': (integer(-1), 'Grain decoding processes; 0 = none, -1 = one per '
+                              'core'),
+    'data.dir': (text, 'the image folder, split folders or CSV/JSONL list (folder)'),
+    'data.holdout': (number(0, hi=1, below=True), 'the fraction of each class held out as '
+                     "'val' when the folder has no split folders, e.g. 0.1"),
+    'data.split_seed': (integer(0), 'the seed of the held-out split'),
+    'data.mode': (one_of('auto', 'RGB', 'L'), 'how images are decoded: colour, grey, or auto'),
     'data.prefetch': (integer(0), 'batches buffered ahead'),
     'data.crop_fraction': (number(0, above=True, hi=1), 'the eval center-crop fraction'),
     'data.inception_crop': (boolean, 'random-resized crops of variable-size images'),

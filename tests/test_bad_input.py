@@ -37,6 +37,7 @@ PIPELINE = f'{FM}/pipeline.py:tiny'
 BENCH = os.path.join(REPO, 'configs', 'bench', 'vit_s16.py') + ':tiny'
 PLAN = os.path.join(REPO, 'configs', 'bench', 'vit_s16.py')
 VIT = ('--config.model.name=vit_nano_p4',)
+FOLDER = os.path.join(REPO, 'configs', 'folder', 'supervised.py') + ':tiny'
 MAE_PTH = os.path.join(REPO, 'tests', 'fixtures', 'import', 'mae_pretrain.pth')
 
 
@@ -403,6 +404,22 @@ CASES = [
       '--config.model.num_heads=3', '--config.model.posemb=spiral', words=['posemb', 'spiral']),
     C('import_into_existing_run', 'import', '--checkpoint', MAE_PTH, '--workdir', '{good}',
       words='{good}'),
+    # ---- a folder of the user's images
+    C('folder_dir_missing', 'train', '--config', FOLDER, '--workdir', '{new}',
+      '--config.data.dir={root}/no_photos', words='no_photos'),
+    C('folder_dir_is_a_file', 'train', '--config', FOLDER, '--workdir', '{new}',
+      '--config.data.dir={cfgs}/empty.py', words='empty.py'),
+    C('folder_holdout_out_of_range', 'train', '--config', FOLDER, '--workdir', '{new}',
+      '--config.data.dir={root}', '--config.data.holdout=1.5', words='data.holdout'),
+    C('folder_worker_processes_negative', 'train', '--config', FOLDER, '--workdir', '{new}',
+      '--config.data.dir={root}', '--config.data.worker_processes=-2',
+      words='data.worker_processes'),
+    C('folder_mode_unknown', 'train', '--config', FOLDER, '--workdir', '{new}',
+      '--config.data.dir={root}', '--config.data.mode=CMYK', words=['data.mode', 'CMYK']),
+    C('data_prepare_dir_missing', 'data', 'prepare', '--dir', '{root}/no_photos', '--out',
+      '{new}', words='no_photos'),
+    C('data_prepare_not_a_folder_config', 'data', 'prepare', '--config', SUP, '--out', '{new}',
+      words='folder'),
     # ---- pipelines and the demo
     C('pipeline_stage_command_unknown', 'pipeline', '--config', PIPELINE, '--workdir', '{new}',
       '--config.stages.teacher.command=fly', words=['teacher', 'fly']),
@@ -623,7 +640,7 @@ def test_at_least_100_cases_over_every_command():
   assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
   commands = {c.argv[0] for c in CASES if c.argv}
   assert {'train', 'pretrain', 'distill', 'compress', 'eval', 'bench', 'plan', 'pipeline',
-          'demo', 'import'} <= commands
+          'demo', 'import', 'data'} <= commands
 
 
 FRESH_PROCESS = ('config_raises', 'lr_inf', 'resume_truncated_checkpoint',

@@ -1,8 +1,11 @@
-"""Input pipeline: datasets (Fashion-MNIST IDX, TFDS, synthetic) through Grain, and augmentation.
+"""Input pipeline: datasets (Fashion-MNIST IDX, TFDS, synthetic, the user's image folders) through
+Grain, and augmentation.
 
 Host side (numpy, in Grain): `make_train_iterator` (infinite, shuffled, augmented,
 checkpointable), `make_eval_iterator` (one padded pass with a mask), `synthetic_batches`.
 Device side (jax, in the step): `normalize`, `mixup`, `cutmix`.
+Folders of image files: `jkd.data.folder` (layouts), `jkd.data.jpeg` (decoding straight to the
+crop), `jkd.data.prepare` (`jkd data prepare`: ArrayRecord shards).
 """
 from jkd.data.augment import cutmix
 from jkd.data.augment import mixup

@@ -1,7 +1,8 @@
 """Grain pipelines: a checkpointable infinite train iterator and a padded one-pass eval iterable.
 
 Both are a `grain.MapDataset` over batch indices whose elements are whole local batches, read
-by Grain's threads and checkpointed by Grain's iterator state. Each batch is a pure function of
+by Grain's threads or worker processes (`jkd.data.workers`); the train iterator's state is the
+number of batches it has yielded. Each batch is a pure function of
 (seed, step, process): the order is a fresh permutation of the split per epoch, each process
 reads a disjoint slice of every global batch, and augmentation draws come from (seed, step, row
 of the global batch). So batches do not depend on the number of reader threads or processes,
@@ -11,14 +12,17 @@ on small images.
 """
 import functools
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import ml_collections
 import numpy as np
 
 from jkd.data import augment
+from jkd.data import folder
+from jkd.data import jpeg
 from jkd.data import sources
+from jkd.data import workers
 from jkd.errors import UserError
 
 cfg_get = sources.cfg_get
@@ -33,6 +37,7 @@ _DEFAULTS = {
     'cifar100': ('train', 'test', None, 4, True),
     'imagenet2012': ('train', 'validation', 224, 0, True),
     'synthetic': ('train', 'test', 32, 0, False),
+    'folder': ('train', 'val', 224, 0, True),
 }
 
 
@@ -44,7 +49,8 @@ def default_data_config(name: str = 'fashion_mnist') -> ml_collections.ConfigDic
   (0 = no random crop), flip, num_workers (reader threads; 0 = in the calling thread),
   prefetch (batches buffered ahead), crop_fraction (eval center crop of variable-size images),
   inception_crop (random-resized-crop for variable-size train images), and for 'synthetic':
-  num_classes, channels, num_examples, num_eval_examples.
+  num_classes, channels, num_examples, num_eval_examples; for 'folder' (the user's images,
+  `jkd.data.folder`): dir, holdout, split_seed, mode, mean, std, worker_processes.
   """
   train_split, eval_split, image_size, padding, flip = _DEFAULTS.get(
       name, ('train', 'test', None, 0, True))
@@ -68,6 +74,8 @@ def default_data_config(name: str = 'fashion_mnist') -> ml_collections.ConfigDic
     cfg.channels = 3
     cfg.num_examples = 50000
     cfg.num_eval_examples = 10000
+  if name == 'folder':
+    folder.add_config_fields(cfg)
   return cfg
 
 
@@ -128,12 +136,19 @@ class _BatchReader:
     self.crop_fraction = float(cfg_get(cfg, 'crop_fraction', 0.875))
     self.crop_scale, self.crop_ratio = check_crop(cfg_get(cfg, 'crop_scale', (0.08, 1.0)),
                                                   cfg_get(cfg, 'crop_ratio', (3 / 4, 4 / 3)))
+    self.mode = getattr(source, 'mode', 'RGB')  # how encoded images are read: 'RGB' or 'L'
     # In-memory arrays at the wanted size need no per-example work: one fancy-index gather.
     self.gather = hasattr(source, 'get_batch') and (
         not self.size or source.get_batch(np.zeros(1, np.int64))[0].shape[1:3] ==
         (self.size, self.size))
 
-  def _image(self, image, rng) -> np.ndarray:
+  def _image(self, image, rng, path: str | None = None, flip: bool = False) -> np.ndarray:
+    if isinstance(image, (bytes, np.bytes_)) and self.size:
+      return self._crop_file(bytes(image), rng, path, flip)
+    image = self._array_image(image, rng)
+    return image[:, ::-1] if flip else image
+
+  def _array_image(self, image, rng) -> np.ndarray:
     image = augment.decode(image)
     if self.inception:
       return augment.random_resized_crop(image, rng, self.size, self.crop_scale, self.crop_ratio)
@@ -143,8 +158,31 @@ class _BatchReader:
       return augment.resize(image, self.size, self.size)
     return image
 
-  def read(self, rows: np.ndarray, step: int, local: slice) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (uint8 [R, H, W, C], int32 [R]) for `rows`, the slice `local` of global batch `step`.
+  def _crop_file(self, data: bytes, rng, path: str | None, flip: bool) -> np.ndarray:
+    """Encoded bytes straight to the crop: `jkd.data.jpeg` decodes only the size it needs."""
+    try:
+      if self.inception:
+        return jpeg.train_crop(data, rng, self.size, self.mode, self.crop_scale, self.crop_ratio,
+                               flip)
+      if self.variable:
+        image = jpeg.eval_crop(data, self.size, self.mode, self.crop_fraction)
+      else:
+        width, height, _ = jpeg.header(data)
+        image = jpeg.decode_crop(data, (0, 0, width, height), (self.size, self.size), self.mode)
+      return image[:, ::-1] if flip else image
+    except jpeg.ImageReadError as e:
+      raise UserError(folder.unreadable_message(path or '(in the dataset)', e)) from None
+
+  @property
+  def flips_each_image(self) -> bool:
+    """Whether `read` takes the flips: images read one at a time are mirrored as they are
+    cropped (cheaper than flipping the batch); not with pad-crops, which come first."""
+    return self.flip and not self.padding and not self.gather
+
+  def read(self, rows: np.ndarray, step: int, local: slice,
+           flips: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (uint8 [R, H, W, C], int32 [R]) for `rows`, the slice `local` of global batch `step`,
+    each row mirrored where `flips` [R] says.
 
     Random draws are made for every row of the global batch and then sliced, so a row's
     augmentation depends on (seed, step, row) only, not on which process reads it.
@@ -154,21 +192,30 @@ class _BatchReader:
     else:
       row_ids = range(local.start, local.start + len(rows))
       examples = [self.source[int(r)] for r in rows]
+      flips = np.zeros(len(rows), bool) if flips is None else flips
       images = np.stack([
-          self._image(ex['image'], np.random.default_rng([self.seed, 2, step, i]))
-          for ex, i in zip(examples, row_ids)])
+          self._image(ex['image'], np.random.default_rng([self.seed, 2, step, i]),
+                      ex.get('path'), bool(f))
+          for ex, i, f in zip(examples, row_ids, flips)])
       labels = np.array([ex['label'] for ex in examples])
     return images, labels.astype(np.int32)
 
-  def augment(self, images: np.ndarray, step: int, global_size: int,
-              local: slice) -> np.ndarray:
-    """Random pad-crop and flip of uint8 [R, H, W, C], drawn per row of the global batch."""
-    if not (self.padding or self.flip):
-      return images
+  def draws(self, step: int, global_size: int, local: slice) -> tuple[np.ndarray, np.ndarray]:
+    """(shifts [R, 2], flips [R]) of this process's rows of global batch `step`."""
     rng = np.random.default_rng([self.seed, 1, step])
     shifts = rng.integers(-self.padding, self.padding + 1, size=(global_size, 2))[local]
     flips = (rng.random(global_size) < 0.5)[local] & self.flip
-    return augment.flip_batch(augment.crop_batch(images, shifts, self.padding), flips)
+    return shifts, flips
+
+  def augment(self, images: np.ndarray, step: int, global_size: int,
+              local: slice, flipped: bool = False) -> np.ndarray:
+    """Random pad-crop and flip of uint8 [R, H, W, C], drawn per row of the global batch
+    (`flipped`: `read` has applied the flips already)."""
+    if not (self.padding or self.flip):
+      return images
+    shifts, flips = self.draws(step, global_size, local)
+    images = augment.crop_batch(images, shifts, self.padding)
+    return images if flipped else augment.flip_batch(images, flips)
 
 
 class TrainIterator:
@@ -178,21 +225,32 @@ class TrainIterator:
   order (dataset, split, seed, global batch size). It holds no process count: batch k of a run
   is the same global batch whatever the number of processes, so a run may resume on another
   number of hosts.
+
+  Batches are read by `make(first)`, a Grain iterator starting at batch `first`, created at the
+  first `next` (so a `set_state` before it starts no worker twice); resuming makes a new one.
+  The count of batches yielded is the state, whatever Grain's own state looks like (that of
+  worker processes depends on their number).
   """
 
-  def __init__(self, iterator: grain.DatasetIterator, identity: dict[str, Any]):
-    self._iterator = iterator
+  def __init__(self, make: Callable[[int], Iterator], identity: dict[str, Any]):
+    self._make = make
     self._identity = identity
+    self._next = 0
+    self._iterator = None
 
   def __iter__(self) -> 'TrainIterator':
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator)
+    if self._iterator is None:
+      self._iterator = self._make(self._next)
+    batch = next(self._iterator)
+    self._next += 1
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     """Returns {'next_batch': int, 'dataset', 'split', 'seed', 'global_batch_size'}."""
-    return {'next_batch': int(self._iterator.get_state()['next_index']), **self._identity}
+    return {'next_batch': self._next, **self._identity}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Resumes so that the next batch is batch `state['next_batch']` of this run."""
@@ -202,12 +260,43 @@ class TrainIterator:
       raise UserError(f'The checkpointed data iterator was made with other settings ({detail}); '
                       f'resuming would not continue the same sequence of batches. Restore the '
                       f'original settings, or start a new workdir.')
-    self._iterator.set_state({'next_index': int(state['next_batch'])})
+    self.close()
+    self._next = int(state['next_batch'])
 
   def close(self) -> None:
     close = getattr(self._iterator, 'close', None)
     if close is not None:
       close()
+    self._iterator = None
+
+
+@functools.lru_cache(maxsize=4)  # reader threads straddle at most two epochs
+def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  return np.random.default_rng([seed, 0, epoch]).permutation(num_examples)
+
+
+class _TrainBatches:
+  """`batches(step, _)`: this process's rows of global batch `step`, read and augmented.
+
+  A module-level class rather than a closure so that Grain's worker processes can unpickle it.
+  """
+
+  def __init__(self, reader: _BatchReader, *, num_examples: int, steps_per_epoch: int,
+               global_batch_size: int, local: slice, seed: int):
+    self.reader, self.num_examples, self.seed = reader, num_examples, seed
+    self.steps_per_epoch, self.global_batch_size, self.local = (steps_per_epoch,
+                                                                global_batch_size, local)
+
+  def __call__(self, step: int, _) -> dict[str, np.ndarray]:
+    epoch, start = divmod(step, self.steps_per_epoch)
+    start *= self.global_batch_size  # the tail of each epoch's permutation is dropped
+    rows = _permutation(self.seed, epoch, self.num_examples)[start + self.local.start:
+                                                              start + self.local.stop]
+    reader, size = self.reader, self.global_batch_size
+    flips = reader.draws(step, size, self.local)[1] if reader.flips_each_image else None
+    images, labels = reader.read(rows, step, self.local, flips)
+    return {'image': reader.augment(images, step, size, self.local, flipped=flips is not None),
+            'label': labels}
 
 
 def make_train_iterator(cfg, *, global_batch_size: int, seed: int, process_index: int | None = None,
@@ -218,7 +307,7 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int, process_index
   `len // global_batch_size` global batches (the remainder is dropped). Process p yields rows
   [p * B_local, (p + 1) * B_local) of every global batch. Crop/flip (per `cfg.crop_padding`,
   `cfg.flip`) run on the host with randomness from (seed, epoch, index), so batches do not
-  depend on `cfg.num_workers`.
+  depend on `cfg.num_workers` (threads) or `cfg.worker_processes`.
 
   Args:
     cfg: data config (see `default_data_config`).
@@ -242,24 +331,16 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int, process_index
                     f'of {global_batch_size}: lower the batch size or use a larger split.')
   if seed < 0:
     raise ValueError(f'seed must be non-negative, got {seed}.')
-  reader = _BatchReader(cfg, source, train=True, seed=seed)
-
-  @functools.lru_cache(maxsize=2)  # reader threads straddle at most two epochs
-  def permutation(epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, 0, epoch]).permutation(num_examples)
-
-  def batch(step: int, _) -> dict[str, np.ndarray]:
-    epoch, start = divmod(step, steps_per_epoch)
-    start *= global_batch_size  # the tail of each epoch's permutation is dropped
-    rows = permutation(epoch)[start + local.start:start + local.stop]
-    images, labels = reader.read(rows, step, local)
-    return {'image': reader.augment(images, step, global_batch_size, local), 'label': labels}
-
-  ds = grain.MapDataset.range(steps_per_epoch).repeat().map_with_index(batch)
-  iterator = ds.to_iter_dataset(_read_options(cfg)).__iter__()
+  batches = _TrainBatches(_BatchReader(cfg, source, train=True, seed=seed),
+                          num_examples=num_examples, steps_per_epoch=steps_per_epoch,
+                          global_batch_size=global_batch_size, local=local, seed=seed)
+  ds = grain.MapDataset.range(steps_per_epoch).repeat().map_with_index(batches)
   identity = {'dataset': cfg_get(cfg, 'name'), 'split': split, 'seed': int(seed),
               'global_batch_size': int(global_batch_size)}
-  return TrainIterator(iterator, identity)
+  # Element k of `ds` is batch k whatever the slice: resuming at batch `first` reads ds[first:].
+  read_options, processes = _read_options(cfg), workers.worker_processes(cfg)
+  return TrainIterator(lambda first: workers.iterate(ds[first:], read_options, processes),
+                       identity)
 
 
 class EvalIterable:
@@ -270,15 +351,41 @@ class EvalIterable:
   """
 
   def __init__(self, dataset: grain.MapDataset, read_options: grain.ReadOptions,
-               num_examples: int):
+               num_examples: int, processes: int = 0):
     self._dataset, self._read_options = dataset, read_options
-    self.num_examples = num_examples
+    self.num_examples, self._processes = num_examples, processes
 
   def __len__(self) -> int:
     return len(self._dataset)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self._dataset.to_iter_dataset(self._read_options).__iter__()
+    return workers.iterate(self._dataset, self._read_options, self._processes)
+
+
+class _EvalBatches:
+  """`batches(step, _)`: this process's rows of eval batch `step`, zero-padded past the end of
+  the split (mask 0). A class rather than a closure so that worker processes can unpickle it."""
+
+  def __init__(self, reader: _BatchReader, *, num_examples: int, global_batch_size: int,
+               local: slice):
+    self.reader, self.num_examples = reader, num_examples
+    self.global_batch_size, self.local = global_batch_size, local
+    self.blank_shape = (reader.read(np.zeros(1, np.int64), 0, slice(0, 1))[0][0].shape
+                        if num_examples else None)
+
+  def __call__(self, step: int, _) -> dict[str, np.ndarray]:
+    positions = np.arange(self.local.start, self.local.stop) + step * self.global_batch_size
+    valid = positions < self.num_examples
+    blank = self.blank_shape
+    if valid.any():
+      images, labels = self.reader.read(positions[valid], step, self.local)
+    else:  # a process past the end of the split in the last batch
+      images, labels = np.zeros((0, *blank), np.uint8), np.zeros(0, np.int32)
+    if not valid.all():  # the last batch: pad with zeros, masked out
+      pad = int((~valid).sum())
+      images = np.concatenate([images, np.zeros((pad, *blank), np.uint8)])
+      labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+    return {'image': images, 'label': labels, 'mask': valid.astype(np.float32)}
 
 
 def make_eval_iterator(cfg, split: str | None = None, *, global_batch_size: int,
@@ -306,24 +413,11 @@ def make_eval_iterator(cfg, split: str | None = None, *, global_batch_size: int,
   split = split or cfg_get(cfg, 'eval_split', 'test')
   source = sources.open_source(cfg, split)
   num_examples = len(source)
-  reader = _BatchReader(cfg, source, train=False)
-  blank = reader.read(np.zeros(1, np.int64), 0, slice(0, 1))[0][0] if num_examples else None
-
-  def batch(step: int, _) -> dict[str, np.ndarray]:
-    positions = np.arange(local.start, local.stop) + step * global_batch_size
-    valid = positions < num_examples
-    if valid.any():
-      images, labels = reader.read(positions[valid], step, local)
-    else:  # a process past the end of the split in the last batch
-      images, labels = np.zeros((0, *blank.shape), np.uint8), np.zeros(0, np.int32)
-    if not valid.all():  # the last batch: pad with zeros, masked out
-      pad = int((~valid).sum())
-      images = np.concatenate([images, np.zeros((pad, *blank.shape), np.uint8)])
-      labels = np.concatenate([labels, np.zeros(pad, np.int32)])
-    return {'image': images, 'label': labels, 'mask': valid.astype(np.float32)}
-
-  ds = grain.MapDataset.range(math.ceil(num_examples / global_batch_size)).map_with_index(batch)
-  return EvalIterable(ds, _read_options(cfg), num_examples)
+  batches = _EvalBatches(_BatchReader(cfg, source, train=False), num_examples=num_examples,
+                         global_batch_size=global_batch_size, local=local)
+  ds = grain.MapDataset.range(math.ceil(num_examples / global_batch_size)).map_with_index(
+      batches)
+  return EvalIterable(ds, _read_options(cfg), num_examples, workers.worker_processes(cfg))
 
 
 class SyntheticIterator:

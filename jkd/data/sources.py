@@ -25,6 +25,8 @@ _FMNIST_FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
 }
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
+                         'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 
 # Per-channel pixel mean and std in units of pixel/255 (0..1), as `normalize` expects.
 _STATS = {
@@ -51,6 +53,7 @@ class DatasetInfo:
     image_shape: (H, W, C) of the images the pipeline yields (after resizing).
     mean: per-channel mean of pixel/255, length C.
     std: per-channel std of pixel/255, length C.
+    class_names: the name of each label where the dataset has them (else empty).
   """
   name: str
   num_examples: dict[str, int]
@@ -58,6 +61,7 @@ class DatasetInfo:
   image_shape: tuple[int, int, int]
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  class_names: tuple[str, ...] = ()
 
 
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -292,6 +296,7 @@ class TfdsSource:
                       f"classification datasets with 'image' and 'label' features.")
     self.native_shape = tuple(features['image'].shape)
     self.num_classes = int(features['label'].num_classes)
+    self.class_names = tuple(getattr(features['label'], 'names', None) or ())
 
   def __len__(self) -> int:
     return len(self._source)
@@ -355,6 +360,8 @@ def open_source(cfg, split: str):
   """
   name = cfg_get(cfg, 'name')
   data_dir = cfg_get(cfg, 'data_dir')
+  if name == 'folder':
+    return _open_folder(cfg, split)
   if name == 'synthetic':
     image_shape, num_classes = _synthetic_spec(cfg)
     base, sl = parse_split(split, {'train': int(cfg_get(cfg, 'num_examples', 50000)),
@@ -374,6 +381,16 @@ def open_source(cfg, split: str):
   return TfdsSource(name, split, data_dir)
 
 
+def _open_folder(cfg, split: str):
+  """The user's images (`jkd.data.folder`), or the shards `jkd data prepare` made of them."""
+  from jkd.data import folder  # pylint: disable=g-import-not-at-top
+  from jkd.data import prepare  # pylint: disable=g-import-not-at-top
+  root = folder.data_dir(cfg)
+  if prepare.is_prepared(root):
+    return prepare.PreparedSource(root, split, parse_split)
+  return folder.open_split(cfg, split, parse_split)
+
+
 def get_info(cfg) -> DatasetInfo:
   """Returns the `DatasetInfo` of the dataset named by `cfg.name` (opens both splits).
 
@@ -384,10 +401,11 @@ def get_info(cfg) -> DatasetInfo:
   splits = [cfg_get(cfg, 'train_split', 'train'), cfg_get(cfg, 'eval_split', 'test')]
   sources = {split: open_source(cfg, split) for split in dict.fromkeys(splits)}
   source = sources[splits[0]]
+  class_names = tuple(getattr(source, 'class_names', ()))
   if isinstance(source, SyntheticSource):
     native, num_classes = source.image_shape, source.num_classes
   elif isinstance(source, ArraySource):
-    native, num_classes = source.images.shape[1:], 10
+    native, num_classes, class_names = source.images.shape[1:], 10, FASHION_MNIST_CLASSES
   else:
     native, num_classes = source.native_shape, source.num_classes
   size = cfg_get(cfg, 'image_size')
@@ -396,7 +414,11 @@ def get_info(cfg) -> DatasetInfo:
                     f'--config.data.image_size (e.g. 224).')
   height, width = (size, size) if size else native[:2]
   channels = native[2] if len(native) > 2 and native[2] else 3
-  mean, std = dataset_stats(name, channels)
+  if name == 'folder':
+    from jkd.data import folder  # pylint: disable=g-import-not-at-top
+    mean, std = folder.stats(cfg, channels)
+  else:
+    mean, std = dataset_stats(name, channels)
   return DatasetInfo(name=name, num_examples={k: len(v) for k, v in sources.items()},
                      num_classes=num_classes, image_shape=(int(height), int(width), channels),
-                     mean=tuple(mean), std=tuple(std))
+                     mean=tuple(mean), std=tuple(std), class_names=class_names)

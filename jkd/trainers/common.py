@@ -169,7 +169,7 @@ def make_task(config, kind: str, run: RunData, *, meta: dict, **fields) -> loop.
       total_steps=run.steps)
   return loop.Task(kind=kind, **{**defaults, **fields}, meta={
       'model': config.model.name, 'dataset': config.data.name, 'image_shape': list(run.shape),
-      **meta})
+      'class_names': list(run.info.class_names), **meta})
 
 
 def step_inputs(batch, key, step, info, mixup_alpha: float):
@@ -185,9 +185,17 @@ def step_inputs(batch, key, step, info, mixup_alpha: float):
   return images, targets, dropout_key
 
 
+def confusion_counts(labels, predictions, mask, num_classes: int):
+  """[K, K] float32 counts: entry (i, j) sums `mask` over the rows of true class i predicted
+  as j. A scatter-add (O(batch)), not a [B, K] x [B, K] product, so 1000 classes cost nothing."""
+  return jnp.zeros((num_classes, num_classes), jnp.float32).at[labels, predictions].add(
+      mask.astype(jnp.float32))
+
+
 def classification_eval_step(model: nn.Module, mean, std, dtype, num_classes: int):
   """(state, batch, *frozen) -> sums of `correct`, `loss` (cross-entropy) and `count` over valid
-  rows. Extra arguments (a frozen teacher's variables) are ignored."""
+  rows, and the [K, K] `confusion` counts (`jkd eval` reports them per class). Extra arguments
+  (a frozen teacher's variables) are ignored."""
   def eval_step(state, batch, *frozen):
     del frozen
     images = data.normalize(batch['image'], mean, std, dtype)
@@ -195,10 +203,11 @@ def classification_eval_step(model: nn.Module, mean, std, dtype, num_classes: in
     mask = batch['mask']
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                            batch['label'])
-    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+    predictions = jnp.argmax(logits, -1)
+    correct = (predictions == batch['label']).astype(jnp.float32)
     return {'correct': jnp.sum(correct * mask), 'loss': jnp.sum(loss * mask),
-            'count': jnp.sum(mask)}
-  del num_classes
+            'count': jnp.sum(mask),
+            'confusion': confusion_counts(batch['label'], predictions, mask, num_classes)}
   return eval_step
 
 

@@ -196,7 +196,8 @@ def distill_eval_step(d: Distillation):
     s_pred = jnp.argmax(out, -1)
     ce = optax.softmax_cross_entropy_with_integer_labels(out.astype(jnp.float32), labels)
     sums = {'correct': jnp.sum((s_pred == labels) * mask), 'loss': jnp.sum(ce * mask),
-            'count': jnp.sum(mask)}
+            'count': jnp.sum(mask),
+            'confusion': common.confusion_counts(labels, s_pred, mask, d.info.num_classes)}
     if s_dist is not None:  # Each DeiT head alone, beside their mean.
       sums['cls_head_accuracy'] = jnp.sum((jnp.argmax(s_logits, -1) == labels) * mask)
       sums['dist_head_accuracy'] = jnp.sum((jnp.argmax(s_dist, -1) == labels) * mask)

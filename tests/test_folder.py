@@ -1,0 +1,391 @@
+"""The user's own images (`config.data.name='folder'`): real Fashion-MNIST images written as JPEG
+and PNG files into class folders, read in worker processes, trained and distilled from (per-class
+eval, confusion matrix), packed by `jkd data prepare` (same batches both ways), resumed
+bit-identically after a kill, and every bad-input case as a clear exit-2 error."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jkd import data
+from jkd.checkpoint import load_arrays
+from jkd.data import folder, jpeg, prepare, sources
+from jkd.errors import UserError
+
+from conftest import REPO, run_jkd
+
+CONFIGS = os.path.join(REPO, 'configs', 'folder')
+PER_CLASS = 30  # 10 classes x 30 = 300 images: 270 train, 30 held out
+
+
+def _write_fmnist_folder(root, per_class=PER_CLASS, split_dirs=False):
+  """Fashion-MNIST's first images as files: odd ones JPEG, even ones PNG, one folder a class."""
+  images, labels = data.load_fashion_mnist('train[:1000]')
+  count = np.zeros(10, int)
+  for i, (image, label) in enumerate(zip(images, labels)):
+    if count[label] >= per_class:
+      continue
+    count[label] += 1
+    name = sources.FASHION_MNIST_CLASSES[label].replace('/', '-')
+    split = ('val' if count[label] > per_class * 0.8 else 'train') if split_dirs else ''
+    directory = os.path.join(root, split, name)
+    os.makedirs(directory, exist_ok=True)
+    Image.fromarray(image[..., 0]).save(
+        os.path.join(directory, f'{i:05d}.' + ('jpg' if i % 2 else 'png')))
+  return str(root)
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory):
+  return _write_fmnist_folder(tmp_path_factory.mktemp('photos'))
+
+
+def _cfg(root, **overrides):
+  cfg = data.default_data_config('folder')
+  cfg.update(dir=str(root), image_size=28, num_workers=0)
+  cfg.update(overrides)
+  return cfg
+
+
+def _train(cfg, n, **kwargs):
+  iterator = data.make_train_iterator(cfg, global_batch_size=kwargs.pop('batch', 32), seed=0,
+                                      process_index=kwargs.pop('process_index', 0),
+                                      process_count=kwargs.pop('process_count', 1))
+  batches = [next(iterator) for _ in range(n)]
+  iterator.close()
+  return batches
+
+
+def _equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def _eval(cfg, split=None, **kwargs):
+  return list(data.make_eval_iterator(cfg, split, global_batch_size=kwargs.get('batch', 16),
+                                      process_index=0, process_count=1))
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def test_class_folders_hold_out_a_stratified_seeded_fraction(photos):
+  info = data.get_info(_cfg(photos))
+  assert info.num_examples == {'train': 270, 'val': 30} and info.num_classes == 10
+  assert info.image_shape == (28, 28, 1) and info.mean == (0.5,)  # grayscale: mode 'L'
+  assert info.class_names[0] == 'Ankle boot' and 'T-shirt-top' in info.class_names
+  idx = folder.index(_cfg(photos))
+  assert np.bincount(idx.splits['val'][1]).tolist() == [3] * 10  # every class held out alike
+  assert not set(idx.splits['val'][0]) & set(idx.splits['train'][0])
+  other = folder.index(_cfg(photos, split_seed=1))
+  assert set(other.splits['val'][0]) != set(idx.splits['val'][0])
+  # Slices sample every class: a split's files are in a fixed seeded order, not by class.
+  head = sources.open_source(_cfg(photos), 'train[:20%]')
+  assert len(head) == 54 and len(set(head.labels.tolist())) >= 8  # sorted: 2 classes
+
+
+def test_split_folders_and_list_files(tmp_path, photos):
+  split_root = _write_fmnist_folder(tmp_path / 'splits', split_dirs=True)
+  info = data.get_info(_cfg(split_root))
+  assert info.num_examples == {'train': 240, 'val': 60}
+  # 'test' as the eval split name finds 'val' (and 'val' finds 'validation' or 'test').
+  assert len(sources.open_source(_cfg(split_root), 'test')) == 60
+  # The same files as a CSV list (with a split column) and as JSONL (held-out split drawn).
+  idx = folder.index(_cfg(photos))
+  rows = [(p, idx.classes[l], s) for s in ('train', 'val') for p, l in zip(*idx.splits[s])]
+  csv_path = tmp_path / 'list.csv'
+  csv_path.write_text('path,label,split\n' + ''.join(
+      f'{os.path.relpath(p, tmp_path)},{c},{s}\n' for p, c, s in rows))
+  listed = folder.index(_cfg(csv_path))
+  assert listed.layout == 'list' and listed.classes == idx.classes
+  assert set(listed.splits['val'][0]) == set(idx.splits['val'][0])
+  jsonl = tmp_path / 'list.jsonl'
+  jsonl.write_text(''.join(json.dumps({'path': p, 'label': c}) + '\n' for p, c, _ in rows))
+  assert data.get_info(_cfg(jsonl)).num_examples == {'train': 270, 'val': 30}
+  ints = tmp_path / 'ints.csv'  # integer labels without a header: classes '0'..'9'
+  ints.write_text(''.join(f'{p},{idx.classes.index(c)}\n' for p, c, _ in rows))
+  assert folder.index(_cfg(ints)).classes == tuple(str(i) for i in range(10))
+
+
+def _bad(tmp_path, case):
+  root = tmp_path / case
+  if case == 'missing':
+    return _cfg(root), 'does not exist'
+  root.mkdir()
+  if case == 'empty':
+    return _cfg(root), 'no class folders'
+  image = Image.fromarray(np.zeros((8, 8), np.uint8))
+  (root / 'cat').mkdir()
+  image.save(root / 'cat' / 'a.png')
+  (root / 'dog').mkdir()
+  if case == 'class_without_images':
+    (root / 'dog' / 'notes.txt').write_text('no image here')
+    return _cfg(root), r"dog' holds no images"
+  if case == 'mixed_modes':
+    image.convert('RGB').save(root / 'dog' / 'b.jpg')
+    return _cfg(root), 'mixes image modes.*--config.data.mode=RGB'
+  if case == 'list_missing_files':
+    (root / 'list.csv').write_text('cat/a.png,cat\ndog/gone.jpg,dog\n')
+    return _cfg(root / 'list.csv'), r"names 1 files that do not exist.*dog/gone.jpg"
+  if case == 'unset':
+    return _cfg(''), 'needs config.data.dir'
+  raise AssertionError(case)
+
+
+@pytest.mark.parametrize('case', ['missing', 'empty', 'class_without_images', 'mixed_modes',
+                                  'list_missing_files', 'unset'])
+def test_bad_folders_are_user_errors(tmp_path, case):
+  cfg, words = _bad(tmp_path, case)
+  with pytest.raises(UserError, match=words) as error:
+    data.get_info(cfg)
+  assert '\n' not in str(error.value)
+  if case == 'mixed_modes':  # saying how to read them is the fix
+    assert data.get_info(_cfg(cfg.dir, mode='RGB', eval_split='train')).image_shape == (28, 28, 3)
+
+
+def test_bad_folder_exits_2_with_one_paragraph(tmp_path):
+  out = run_jkd('train', '--config', os.path.join(CONFIGS, 'supervised.py:tiny'),
+                '--workdir', str(tmp_path / 'w'), f'--config.data.dir={tmp_path / "nothing"}')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert 'does not exist' in ' '.join(out.stderr.split())
+
+
+def test_unreadable_image_is_reported_with_its_path(tmp_path):
+  root = _write_fmnist_folder(tmp_path / 'p', per_class=4)
+  broken = os.path.join(root, 'Bag', 'broken.jpg')
+  with open(broken, 'wb') as f:
+    f.write(b'\xff\xd8\xff\xe0 not really a jpeg')
+  cfg = _cfg(root, mode='L', holdout=0.0)
+  with pytest.raises(UserError, match='broken.jpg.*jkd data prepare'):
+    _train(cfg, 2, batch=40)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _jpeg(array, quality=90):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, 'JPEG', quality=quality)
+  return buffer.getvalue()
+
+
+def test_decode_and_crop_match_pillow_and_torchvision_semantics():
+  rng = np.random.default_rng(0)
+  pixels = np.clip(rng.normal(128, 40, (375, 500, 3)).cumsum(0) % 256, 0, 255).astype(np.uint8)
+  encoded = _jpeg(pixels)
+  full = np.asarray(Image.open(io.BytesIO(encoded)).convert('RGB'))
+  np.testing.assert_array_equal(jpeg.decode(encoded), full)
+  assert jpeg.header(encoded) == (500, 375, False)
+  # A crop smaller than twice the output decodes at full size: exactly crop-then-resize
+  # (torchvision's RandomResizedCrop on a PIL image), with the same draws as the array path.
+  crop = jpeg.train_crop(encoded, np.random.default_rng(3), 224, scale=(0.3, 0.5))
+  left, top, w, h = jpeg.random_crop_box(500, 375, np.random.default_rng(3), (0.3, 0.5))
+  assert max(w, h) < 448
+  expected = np.asarray(Image.fromarray(full[top:top + h, left:left + w]).resize(
+      (224, 224), Image.BILINEAR))
+  np.testing.assert_array_equal(crop, expected)
+  # The eval crop: resize the short side to 256, center 224 (within 1 of resize-then-crop).
+  from jkd.data import augment
+  diff = jpeg.eval_crop(encoded, 224).astype(int) - augment.center_crop(full, 224)
+  assert np.abs(diff).max() <= 1
+  # A big photo decodes at 1/8 for a 64x64 eval crop: close to the full decode, not equal.
+  big = np.asarray(Image.fromarray(full).resize((2000, 1500), Image.BILINEAR))
+  small = jpeg.eval_crop(_jpeg(big), 64)
+  assert np.abs(small.astype(int) - augment.center_crop(big, 64)).mean() < 3
+  gray = jpeg.decode(_jpeg(full[..., 0]), 'RGB')  # grayscale files read as RGB repeat
+  assert gray.shape == (375, 500, 3) and (gray[..., 0] == gray[..., 2]).all()
+  with pytest.raises(jpeg.ImageReadError):
+    jpeg.decode(encoded[:len(encoded) // 2])
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def test_batches_do_not_depend_on_workers_or_hosts_and_resume(photos):
+  cfg = _cfg(photos)
+  reference = _train(cfg, 9)  # 8 batches an epoch: crosses into the second epoch
+  assert reference[0]['image'].shape == (32, 28, 28, 1) and reference[0]['image'].dtype == np.uint8
+  _equal(reference, _train(_cfg(photos, num_workers=3), 9))
+  _equal(reference, _train(_cfg(photos, worker_processes=2), 9))  # Grain worker processes
+  halves = [_train(cfg, 9, process_index=p, process_count=2) for p in range(2)]
+  for step, whole in enumerate(reference):
+    for key in whole:
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][step][key], halves[1][step][key]]), whole[key])
+  iterator = data.make_train_iterator(_cfg(photos, worker_processes=2), global_batch_size=32,
+                                      seed=0, process_index=0, process_count=1)
+  iterator.set_state({**iterator.get_state(), 'next_batch': 5})
+  _equal(reference[5:], [next(iterator) for _ in range(4)])
+  assert iterator.get_state()['next_batch'] == 9
+  iterator.close()
+  evals = _eval(cfg)
+  assert sum(b['mask'].sum() for b in evals) == 30
+  _equal(evals, _eval(_cfg(photos, worker_processes=2)))
+
+
+def test_flips_applied_while_cropping_are_the_batch_flips(photos):
+  flipped, plain = _train(_cfg(photos), 1)[0], _train(_cfg(photos, flip=False), 1)[0]
+  mirrored = (flipped['image'] != plain['image']).any(axis=(1, 2, 3))
+  assert 0.2 < mirrored.mean() < 0.8
+  np.testing.assert_array_equal(flipped['image'][mirrored], plain['image'][mirrored][:, :, ::-1])
+  # The flips are those of the batch flip (`_BatchReader.draws`), as for every other dataset.
+  from jkd.data import pipeline  # pylint: disable=g-import-not-at-top
+  reader = pipeline._BatchReader(_cfg(photos), sources.open_source(_cfg(photos), 'train'),
+                                 train=True)
+  np.testing.assert_array_equal(reader.draws(0, 32, slice(0, 32))[1], mirrored)
+
+
+def test_prepare_gives_the_same_batches_and_resumes(tmp_path, photos):
+  out = str(tmp_path / 'prepared')
+  summary = prepare.prepare(_cfg(photos), out, workers=2, shard_size=100, progress=False)
+  assert summary['num_examples'] == {'train': 270, 'val': 30} and summary['mode'] == 'L'
+  assert summary['bad_files'] == []
+  shards = sorted(f for f in os.listdir(out) if '.array_record-' in f)
+  assert len(shards) == 4  # train: 3 shards of 90, val: 1
+  packed = _cfg(out)
+  assert data.get_info(packed) == data.get_info(_cfg(photos))
+  _equal(_train(packed, 3), _train(_cfg(photos), 3))
+  _equal(_eval(packed), _eval(_cfg(photos)))
+  # Random access through TFDS without TensorFlow, the original bytes in each record.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.builder_from_directory(out).as_data_source(
+      split='val', decoders={'image': tfds.decode.SkipDecoding()})
+  first = folder.index(_cfg(photos)).splits['val'][0][0]
+  assert source[0]['image'] == open(first, 'rb').read()
+  # Killed after a shard: the next run writes only the missing ones, the same bytes.
+  state = json.load(open(os.path.join(out, prepare.STATE_FILE)))
+  last = state['shards']['train'].pop('2')
+  os.remove(os.path.join(out, last['file']))
+  kept = os.path.getmtime(os.path.join(out, shards[0]))
+  json.dump(state, open(os.path.join(out, prepare.STATE_FILE), 'w'))
+  prepare.prepare(_cfg(photos), out, workers=0, shard_size=100, progress=False)
+  assert os.path.getmtime(os.path.join(out, shards[0])) == kept
+  _equal(_train(packed, 3), _train(_cfg(photos), 3))
+
+
+def test_prepare_lists_unreadable_files_and_strict_fails(tmp_path):
+  root = _write_fmnist_folder(tmp_path / 'p', per_class=3)
+  bad = os.path.join(root, 'Coat', 'zz.png')
+  open(bad, 'wb').write(b'\x89PNG truncated')
+  out = run_jkd('data', 'prepare', '--dir', root, '--out', str(tmp_path / 'o'), '--workers', '0',
+                '--strict')
+  assert out.returncode == 2 and 'zz.png' in out.stderr and 'Traceback' not in out.stderr
+  out = run_jkd('data', 'prepare', '--dir', root, '--out', str(tmp_path / 'o'), '--workers', '0')
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'unreadable: ' + bad in out.stdout
+  summary = json.load(open(tmp_path / 'o' / 'prepare.json'))
+  assert [p for p, _ in summary['bad_files']] == [bad]
+  assert sum(summary['num_examples'].values()) == 30  # 31 files, one unreadable
+
+
+# ---------------------------------------------------------------- commands
+
+
+def test_train_eval_distill_and_compress_a_folder(tmp_path, photos):
+  teacher, student = str(tmp_path / 'teacher'), str(tmp_path / 'student')
+  out = run_jkd('train', '--config', os.path.join(CONFIGS, 'supervised.py:tiny'),
+                '--workdir', teacher, f'--config.data.dir={photos}')
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.load(open(os.path.join(teacher, 'summary.json')))
+  out = run_jkd('eval', '--workdir', teacher)
+  assert out.returncode == 0, out.stderr[-3000:]
+  ev = json.load(open(os.path.join(teacher, 'eval.json')))
+  assert abs(ev['accuracy'] - summary['test_accuracy']) < 1e-6 and ev['examples'] == 30
+  assert ev['class_names'][0] == 'Ankle boot' and len(ev['per_class_accuracy']) == 10
+  assert np.array(ev['confusion']).sum() == 30 and np.trace(ev['confusion']) == round(
+      30 * ev['accuracy'])
+  assert os.path.isfile(os.path.join(teacher, 'confusion.png'))
+  out = run_jkd('distill', '--config', os.path.join(CONFIGS, 'distill.py:tiny'),
+                '--workdir', student, f'--config.data.dir={photos}',
+                f'--config.teacher.workdir={teacher}', '--config.total_steps=4')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.load(open(os.path.join(student, 'summary.json')))['steps'] == 4
+  # Compressed too: int8 post-training quantization of the student (one step) and its export.
+  int8 = str(tmp_path / 'int8')
+  out = run_jkd('compress', '--config', os.path.join(CONFIGS, 'compress.py:tiny-ptq'),
+                '--workdir', int8, f'--config.data.dir={photos}', f'--config.init_from={student}')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert os.path.isfile(os.path.join(int8, 'export', 'manifest.json'))
+
+
+def test_folder_configs():
+  from jkd.config import load_config  # pylint: disable=g-import-not-at-top
+  for spec in ('supervised.py', 'supervised.py:vit_s16', 'distill.py', 'distill.py:dkd',
+               'distill.py:deit', 'compress.py:qat_kd', 'compress.py:prune50'):
+    config = load_config(os.path.join(CONFIGS, spec))
+    assert config.data.name == 'folder' and config.data.image_size == 224, spec
+    assert config.data.worker_processes == -1 and config.data.eval_split == 'val'
+
+
+def test_killed_run_resumes_bit_identically(tmp_path, photos):
+  ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+  args = ['train', '--config', os.path.join(CONFIGS, 'supervised.py:tiny'),
+          f'--config.data.dir={photos}', '--config.total_steps=20', '--config.checkpoint_every=2',
+          '--config.log_every=2']
+  assert run_jkd(*args, '--workdir', ref).returncode == 0
+  # The killed run decodes in two Grain worker processes, the reference in its own process.
+  proc = subprocess.Popen([sys.executable, '-m', 'jkd.cli', *args, '--workdir', killed,
+                           '--config.data.worker_processes=2'], cwd=REPO,
+                          env=dict(os.environ, PYTHONUNBUFFERED='1'), start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(killed, 'checkpoints', '6')):
+      assert proc.poll() is None, 'run ended before it could be killed'
+      assert time.time() < deadline
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # the main process only: its workers must notice
+    proc.wait()
+    deadline = time.time() + 20
+    while _session_alive(proc.pid) and time.time() < deadline:
+      time.sleep(0.2)
+    assert not _session_alive(proc.pid), 'worker processes outlived the killed run'
+  finally:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  assert not os.path.exists(os.path.join(killed, 'summary.json')), 'was not interrupted'
+  out = run_jkd(*args, '--workdir', killed)
+  assert out.returncode == 0 and 'resumed' in out.stdout, out.stderr[-3000:]
+  a, _ = load_arrays(ref)
+  b, _ = load_arrays(killed)
+  for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params'])):
+    np.testing.assert_array_equal(x, y)
+
+
+def _session_alive(sid: int) -> bool:
+  """Whether any process of session `sid` is still running (zombies excluded)."""
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      stat = open(f'/proc/{pid}/stat').read()
+    except OSError:
+      continue
+    fields = stat.rsplit(')', 1)[1].split()
+    if fields[0] != 'Z' and int(fields[3]) == sid:  # state, ppid, pgrp, session
+      return True
+  return False
+
+
+def test_per_class_report_for_any_dataset(tmp_path):
+  from jkd import evaluate, figures  # pylint: disable=g-import-not-at-top
+  confusion = np.array([[3, 1, 0], [0, 0, 0], [2, 0, 4]], np.float32)
+  report = evaluate.per_class(confusion, ['cat', 'dog', 'fox'])
+  assert report['per_class_accuracy'] == {'cat': 0.75, 'dog': None, 'fox': round(4 / 6, 6)}
+  assert report['confusion'][2] == [2, 0, 4]
+  # A run saved before class names were recorded: the labels' numbers.
+  assert evaluate.per_class(confusion)['class_names'] == ['0', '1', '2']
+  many = np.random.default_rng(0).integers(0, 5, (120, 120))  # colours only, no tick labels
+  assert os.path.getsize(figures.save_confusion_matrix(
+      str(tmp_path / 'c.png'), many, [str(i) for i in range(120)])) > 1000
