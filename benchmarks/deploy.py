@@ -76,14 +76,19 @@ def ort_quantize(src: str, dst: str, workdir: str, like: str) -> None:
     shutil.copy(like + '.json', path + '.json')  # Same input, classes and data config.
 
 
-def measure(path: str, threads: int) -> dict:
+def measure(path: str, threads: int, b32_path: str | None = None) -> dict:
+  """Accuracy in the runtime, size, and latency at batch 1 and 32 (batch 32 from `b32_path`,
+  a LiteRT file exported with --batch 32, when given)."""
   ev = _eval(path)
-  _jkd('bench', '--export', path, '--threads', str(threads), '--batch-sizes', '1', '32')
-  with open(path + '.bench.json') as f:
-    bench = json.load(f)
-  return {'accuracy': ev['accuracy'], 'bytes': os.path.getsize(path), 'runtime': bench['runtime'],
-          'ms_b1': bench['batches']['1']['ms'], 'ms_b32': bench['batches']['32']['ms'],
-          'load': [bench['loadavg_before'], bench['loadavg_after']]}
+  bench = {}
+  for b, p in (('1', path), ('32', b32_path or path)):
+    _jkd('bench', '--export', p, '--threads', str(threads), '--batch-sizes', b)
+    with open(p + '.bench.json') as f:
+      bench[b] = json.load(f)
+  return {'accuracy': ev['accuracy'], 'bytes': os.path.getsize(path),
+          'runtime': bench['1']['runtime'], 'ms_b1': bench['1']['batches']['1']['ms'],
+          'ms_b32': bench['32']['batches']['32']['ms'],
+          'load': [bench['1']['loadavg_before'], bench['32']['loadavg_after']]}
 
 
 def _eval(path: str) -> dict:
@@ -121,7 +126,12 @@ def main():
             results.append({'model': name, 'variant': variant, 'format': fmt, 'int8': int8,
                             'error': str(e).strip().splitlines()[-1][:300]})
             continue
-          r = measure(path, args.threads)
+          b32 = None
+          if fmt == 'tflite':  # LiteRT files keep their exported batch (see jkd/deploy/litert.py)
+            b32 = path.replace(ext, f'_b32{ext}')
+            _jkd('export', '--workdir', workdir, '--format', fmt, '--out', b32, '--batch', '32',
+                 *(['--int8'] if int8 else []))
+          r = measure(path, args.threads, b32)
           results.append({'model': name, 'variant': variant, 'format': fmt, 'int8': int8,
                           'params': ref['params'],
                           'jax_accuracy': ref['fake_quant' if int8 else 'float'], **r})

@@ -131,6 +131,8 @@ def _add_export_args(p) -> None:
                  help='minmax or percentile (onnx)')
   p.add_argument('--percentile', type=float, default=d['percentile'])
   p.add_argument('--calibration-seed', type=int, default=d['calibration_seed'])
+  p.add_argument('--batch', type=int, default=1,
+                 help="tflite: the signature's batch (a ViT's LiteRT file keeps it)")
 
 
 def _add_export_bench_args(p) -> None:
@@ -180,7 +182,7 @@ def _run_export(args, overrides: list[str]) -> dict:
                 calibration_batches=args.calibration_batches,
                 calibration_batch_size=args.calibration_batch_size,
                 calibration_method=args.calibration_method, percentile=args.percentile,
-                calibration_seed=args.calibration_seed)
+                calibration_seed=args.calibration_seed, batch=args.batch)
   print(f'{info["file"]}: {info["format"]}, {info["quantization"]["kind"]}, {info["bytes"]:,} '
         f'bytes, {info["params"]:,} params ({info["model"]})')
   return info

@@ -72,7 +72,8 @@ def export(workdir: str, fmt: str, out: str, *, int8: bool = False, clf=None,
     if s['calibration_method'] != 'minmax' and int8:
       raise UserError('The TFLite converter calibrates with min/max ranges only: drop '
                       '--calibration-method percentile for --format tflite.')
-    size = fmt_lib.save(fmt_lib.convert(clf, int8=int8, pixels=pixels), out)
+    size = fmt_lib.save(fmt_lib.convert(clf, int8=int8, pixels=pixels,
+                                        batch=int(s.get('batch') or 1)), out)
   else:
     from jkd.deploy import stablehlo
     size = stablehlo.save(stablehlo.serialize(clf, int8=int8), out)
@@ -88,6 +89,10 @@ def export(workdir: str, fmt: str, out: str, *, int8: bool = False, clf=None,
               else dict(clf.data_config),
       'export_s': round(time.perf_counter() - t0, 2),
   }
+  if fmt == 'tflite':
+    info['batch'] = int(s.get('batch') or 1)
+  if fmt == 'tflite' and fmt_lib.approximations(clf)[1]:
+    info['approximations'] = fmt_lib.approximations(clf)[1]
   with open(runtime.sidecar(out), 'w') as f:
     json.dump(info, f, indent=1, default=str)
   return info

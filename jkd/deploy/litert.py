@@ -9,8 +9,15 @@ tensor's int8 scale and zero point (per-channel int8 weights, per-tensor int8 ac
 keeps only `TFLITE_BUILTINS_INT8` kernels: a full-integer model (float in and out, one QUANTIZE
 and one DEQUANTIZE at the ends), run by XNNPACK's QS8 kernels.
 
-The signature has batch 1 (jax2tf's shape-polymorphic modules carry a shape-assertion custom
-call that TF 2.21 cannot read); the LiteRT interpreter resizes the batch at run time.
+A ViT's exact (erf) GELU reaches the converter as a `chlo.erf` composite that TensorFlow 2.21's
+StableHLO reader (v1.13) does not know; the export therefore uses the tanh form, which the
+converter turns into TFLite's builtin GELU (|difference| < 3.6e-4 per activation; FILE.json
+records it under `approximations`, and the file's accuracy is measured in its runtime).
+
+The signature has a fixed batch (`batch`, default 1): jax2tf's shape-polymorphic modules carry
+a shape-assertion custom call that TF 2.21 cannot read. The LiteRT interpreter resizes a ResNet
+to any batch at run time; a ViT's reshapes keep the exported batch (its file runs other batch
+sizes in chunks of it: export with --batch 32 to time batch 32).
 """
 from __future__ import annotations
 
@@ -43,9 +50,20 @@ def _unsupported(error: Exception) -> UserError:
       '(e.g. model.gelu_approximate=True for a ViT).')
 
 
-def convert(clf, *, int8: bool = False, pixels: np.ndarray | None = None) -> bytes:
+def approximations(clf) -> tuple[object, list[str]]:
+  """(the classifier LiteRT converts, what it changes): exact GELU -> tanh GELU."""
+  import dataclasses
+  if getattr(clf.module, 'gelu_approximate', None) is False:
+    return (dataclasses.replace(clf, module=clf.module.clone(gelu_approximate=True)),
+            ['GELU: tanh approximation (TFLite builtin GELU) for the exact erf form'])
+  return clf, []
+
+
+def convert(clf, *, int8: bool = False, pixels: np.ndarray | None = None,
+            batch: int = 1) -> bytes:
   """The .tflite flatbuffer of `clf.apply` (float, or full-integer int8 from `pixels`)."""
   require()
+  clf, _ = approximations(clf)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import jax
   import jax.numpy as jnp
@@ -55,7 +73,7 @@ def convert(clf, *, int8: bool = False, pixels: np.ndarray | None = None) -> byt
     raise UserError('Full-integer LiteRT export needs calibration data and none was given: '
                     'pass --calibration-batches N (N >= 1).')
   variables = jax.tree.map(jnp.asarray, clf.variables)
-  shape = [1, *clf.image_shape]
+  shape = [int(batch), *clf.image_shape]
   fn = tf.function(jax2tf.convert(lambda x: clf.apply(x, variables), with_gradient=False),
                    autograph=False, input_signature=[tf.TensorSpec(shape, tf.float32,
                                                                    name='pixels')])
@@ -63,7 +81,9 @@ def convert(clf, *, int8: bool = False, pixels: np.ndarray | None = None) -> byt
   if int8:
     images = pixels.astype(np.float32)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([images[i:i + 1]] for i in range(len(images)))
+    b = int(batch)
+    converter.representative_dataset = lambda: (
+        [images[i:i + b]] for i in range(0, len(images) - b + 1, b))
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
   try:
     return converter.convert()

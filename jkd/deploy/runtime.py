@@ -80,6 +80,7 @@ class Runner:
     self._in = self._interpreter.get_input_details()[0]['index']
     self._out = self._interpreter.get_output_details()[0]['index']
     self._batch = None
+    self.fixed_batch = None  # Set when the graph cannot be resized (then it runs in chunks).
     self.name = f'ai-edge-litert {version} interpreter (XNNPACK)'.replace('  ', ' ')
 
   def _open_stablehlo(self):
@@ -94,15 +95,31 @@ class Runner:
     if self.format == 'onnx':
       return self._session.run(None, {self._input: pixels})[0]
     if self.format == 'tflite':
-      it = self._interpreter
-      if self._batch != len(pixels):
+      return self._run_tflite(pixels)
+    return np.asarray(self._call(pixels))
+
+
+  def _run_tflite(self, pixels: np.ndarray) -> np.ndarray:
+    it = self._interpreter
+    if self._batch != len(pixels) and self.fixed_batch is None:
+      try:
         it.resize_tensor_input(self._in, list(pixels.shape))
         it.allocate_tensors()
         self._batch = len(pixels)
-      it.set_tensor(self._in, pixels)
-      it.invoke()
-      return it.get_tensor(self._out).copy()
-    return np.asarray(self._call(pixels))
+      except RuntimeError:
+        # The graph keeps its exported batch (a ViT's reshapes): a fresh interpreter (the
+        # failed resize leaves this one unusable) runs in chunks of it.
+        self._open_tflite()
+        it = self._interpreter
+        it.allocate_tensors()
+        self.fixed_batch = self._batch = int(it.get_input_details()[0]['shape'][0])
+    if self.fixed_batch is not None and len(pixels) != self.fixed_batch:
+      b, n = self.fixed_batch, len(pixels)
+      padded = np.concatenate([pixels, np.zeros(((-n) % b, *pixels.shape[1:]), np.float32)])
+      return np.concatenate([self._run_tflite(padded[i:i + b]) for i in range(0, n, b)])[:n]
+    it.set_tensor(self._in, pixels)
+    it.invoke()
+    return it.get_tensor(self._out).copy()
 
 
 def open_file(path: str, threads: int = 1) -> Runner:
@@ -146,6 +163,9 @@ def latency(runner: Runner, image_shape, *, batch_sizes=(1, 32), repeats: int = 
     ms = statistics.median(times)
     out['batches'][str(b)] = {'ms': round(ms, 4), 'ms_all': [round(t, 4) for t in times],
                               'images_per_s': round(b / ms * 1e3, 1)}
+    if getattr(runner, 'fixed_batch', None) not in (None, b):
+      out['batches'][str(b)]['note'] = (f'the file keeps batch {runner.fixed_batch}: '
+                                        f'{-(-b // runner.fixed_batch)} calls')
   out['loadavg_after'] = [round(x, 2) for x in os.getloadavg()]
   return out
 
