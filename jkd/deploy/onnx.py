@@ -52,8 +52,11 @@ def float_model(clf):
   variables = jax.tree.map(jnp.asarray, clf.variables)
   fn = lambda pixels: clf.apply(pixels, variables)  # noqa: E731
   try:
+    # Native LayerNormalization (one fused ORT kernel instead of ~8 elementwise ops): 20% faster
+    # on vit_micro_p7, outputs within 3e-6 of jax's.
     proto = to_onnx(fn, [('B', *clf.image_shape)], model_name=clf.description['model'],
-                    input_names=[INPUT], output_names=[OUTPUT])
+                    input_names=[INPUT], output_names=[OUTPUT],
+                    normalization_mode='prefer_native')
   except (NotImplementedError, ValueError, TypeError, KeyError) as e:
     raise _unsupported(e) from None
   # jax2onnx annotates some NCHW intermediates with their NHWC jax shapes; ORT warns about each
