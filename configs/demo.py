@@ -14,6 +14,8 @@ Writes report.json, report.md and PNG figures (reconstructions, training curves,
 size). Any stage's config can be changed with --config.stages.NAME.overrides="(...)". The
 stages run through `jkd.pipeline` (see `jkd pipeline` for pipelines of your own).
 """
+import importlib.util
+
 import ml_collections
 
 from jkd import cpu_budget
@@ -31,6 +33,11 @@ def get_config(arg=None):
   c.seed = 0
   # ConfigDict does not keep key order: the stages run in this order.
   c.order = ('pretrain', 'teacher', 'student_scratch', 'student_kd', 'student_compressed')
+  # The compressed student ends as a deployable file: static int8 ONNX, evaluated and timed in
+  # ONNX Runtime (report.md), when the deploy extra is installed (pip install 'jkd[deploy]').
+  deploy = (("deploy.formats=('onnx',)", 'deploy.float32=false', 'deploy.calibration_batches=4')
+            if importlib.util.find_spec('onnxruntime') and importlib.util.find_spec('jax2onnx')
+            else ())
   if scale == 'fast':
     student_steps = ('total_steps=8',)
     c.stages = ml_collections.ConfigDict(dict(
@@ -41,7 +48,7 @@ def get_config(arg=None):
         student_kd=stage('distill', 'fashion_mnist/distill.py:tiny', student_steps,
                          teacher='teacher'),
         student_compressed=stage('compress', 'fashion_mnist/compress.py:tiny-qat_kd',
-                                 ('total_steps=6', 'prune.enabled=true'),
+                                 ('total_steps=6', 'prune.enabled=true') + deploy,
                                  init_from='student_kd', teacher='teacher'),
     ))
     return c
@@ -69,8 +76,8 @@ def get_config(arg=None):
                        teacher='teacher'),
       student_compressed=stage('compress', 'fashion_mnist/compress.py:qat_kd',
                                cpu_budget.NO_AUG + ('num_epochs=0.3', 'prune.enabled=true',
-                                                    'log_every=20') if cpu
-                               else ('prune.enabled=true',),
+                                                    'log_every=20') + deploy if cpu
+                               else ('prune.enabled=true',) + deploy,
                                init_from='student_kd', teacher='teacher'),
   ))
   return c

@@ -5,7 +5,10 @@
   jkd distill  --config FILE.py[:ARG] --workdir DIR [...]
   jkd compress --config FILE.py[:ARG] --workdir DIR --config.init_from=TRAINED [...]
   jkd eval     --workdir DIR [--split test] [--export]
+  jkd eval     --export FILE.onnx|.tflite|.stablehlo [--workdir DIR] [--split test]
+  jkd export   --workdir DIR --format onnx|tflite|stablehlo [--int8] --out FILE
   jkd bench    --config FILE.py[:ARG] --workdir DIR [...]
+  jkd bench    --export FILE [--threads 1] [--batch-sizes 1 32]
   jkd plan     --config FILE.py[:ARG] [--workdir DIR] [--device-memory 80GB] [--teacher M]
   jkd demo     --workdir DIR [--config configs/demo.py[:fast|full]]
   jkd pipeline --config FILE.py[:ARG] --workdir DIR [...]   (stages in WORKDIR/<stage>)
@@ -38,6 +41,8 @@ DESCRIPTIONS = {
     'plan': 'per-device memory of a config\'s step, whether it fits, and a mesh that does',
     'pipeline': 'several commands in order, e.g. teacher -> assistant -> student '
                 '(pipeline.json)',
+    'export': "a workdir's classifier as an ONNX / LiteRT / StableHLO file, float or static "
+              'int8 (FILE and FILE.json)',
     'import': 'a public checkpoint (timm, Hugging Face, official MAE / SimMIM / DeiT, '
               'torchvision, big_vision) as a jkd workdir (import.json)',
     'data': 'your own images: `jkd data prepare` packs a folder into ArrayRecord shards, every '
@@ -74,8 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--config', required=True, help='config file, FILE.py or FILE.py:ARG')
     p.add_argument('--workdir', required=True, help='output and checkpoint directory')
   p = sub.add_parser('bench', help=DESCRIPTIONS['bench'])
-  p.add_argument('--config', required=True, help='config file, e.g. configs/bench/vit_b16.py')
-  p.add_argument('--workdir', required=True, help='where bench.json is written')
+  p.add_argument('--config', default=None, help='config file, e.g. configs/bench/vit_b16.py')
+  p.add_argument('--workdir', default=None, help='where bench.json is written')
+  _add_export_bench_args(p)
   p = sub.add_parser('demo', help=DESCRIPTIONS['demo'])
   p.add_argument('--workdir', required=True, help='where every stage and the report go')
   p.add_argument('--config', default=None,
@@ -119,14 +125,44 @@ def _parser() -> argparse.ArgumentParser:
                  help='fail (exit 2) if any file cannot be decoded, instead of leaving it out')
   p.add_argument('--shard-size', type=int, default=1000, help='images per shard, at most')
   p.add_argument('--workdir', default=None, help=argparse.SUPPRESS)
+  p = sub.add_parser('export', help=DESCRIPTIONS['export'])
+  _add_export_args(p)
   p = sub.add_parser('eval', help=DESCRIPTIONS['eval'])
-  p.add_argument('--workdir', required=True)
+  p.add_argument('--workdir', default=None)
   p.add_argument('--config', default=None,
                  help='config file (default: the config stored with the checkpoint)')
   p.add_argument('--split', default=None, help="TFDS-style split, e.g. test or 'train[:1000]'")
-  p.add_argument('--export', action='store_true',
-                 help='evaluate the exported integer model in WORKDIR/export/ (jkd compress)')
+  p.add_argument('--export', nargs='?', const=True, default=False, metavar='FILE',
+                 help='alone: the integer model in WORKDIR/export/ (jkd compress); with FILE '
+                      '(.onnx, .tflite, .stablehlo): that file in its own runtime')
+  p.add_argument('--threads', type=int, default=1, help='runtime threads for --export FILE')
   return parser
+
+
+def _add_export_args(p) -> None:
+  from jkd.deploy.export import FORMATS, default_settings
+  d = default_settings()
+  p.add_argument('--workdir', required=True, help='the trained classifier to export')
+  p.add_argument('--format', required=True, choices=FORMATS)
+  p.add_argument('--out', required=True, help='the file to write (.onnx, .tflite, .stablehlo)')
+  p.add_argument('--int8', action='store_true',
+                 help='static full-integer int8 (onnx, tflite) calibrated on training images')
+  p.add_argument('--calibration-batches', type=int, default=d['calibration_batches'])
+  p.add_argument('--calibration-batch-size', type=int, default=d['calibration_batch_size'])
+  p.add_argument('--calibration-method', default=d['calibration_method'],
+                 help='minmax or percentile (onnx)')
+  p.add_argument('--percentile', type=float, default=d['percentile'])
+  p.add_argument('--calibration-seed', type=int, default=d['calibration_seed'])
+  p.add_argument('--batch', type=int, default=1,
+                 help="tflite: the signature's batch (a ViT's LiteRT file keeps it)")
+
+
+def _add_export_bench_args(p) -> None:
+  p.add_argument('--export', default=None, metavar='FILE',
+                 help='time an exported file (.onnx, .tflite, .stablehlo) in its runtime')
+  p.add_argument('--threads', type=int, default=1, help='runtime intra-op threads')
+  p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 32])
+  p.add_argument('--repeats', type=int, default=7, help='timed repeats; the median is reported')
 
 
 def _load(args, overrides: list[str], command: str):
@@ -150,9 +186,42 @@ def _run_training(command: str, args, overrides: list[str]) -> dict:
 
 def _run_bench(args, overrides: list[str]) -> dict:
   from jkd import bench, storage
+  if args.export:
+    return _bench_export(args)
+  if not (args.config and args.workdir):
+    raise UserError('jkd bench needs --config FILE.py and --workdir DIR (a train step), or '
+                    '--export FILE (an exported model in its runtime).')
   config = _load(args, overrides, 'bench')
   storage.ensure_dir(args.workdir)
   return bench.run(config, args.workdir)
+
+
+def _bench_export(args) -> dict:
+  from jkd import storage
+  from jkd.deploy.export import bench_file
+  result = bench_file(args.export, threads=args.threads, batch_sizes=args.batch_sizes,
+                      repeats=args.repeats)
+  out = storage.join(args.workdir, 'bench.json') if args.workdir else args.export + '.bench.json'
+  storage.write_json(out, result)
+  for b, r in result['batches'].items():
+    print(f'{result["runtime"]}, {result["threads"]} thread(s): batch {b}: {r["ms"]:.3f} ms '
+          f'({r["images_per_s"]:.0f} images/s); file {result["file_bytes"]:,} bytes')
+  return result
+
+
+def _run_export(args, overrides: list[str]) -> dict:
+  from jkd.deploy.export import export
+  if overrides:
+    raise UserError('jkd export takes no --config overrides: it exports the model the workdir '
+                    'holds.')
+  info = export(args.workdir, args.format, args.out, int8=args.int8,
+                calibration_batches=args.calibration_batches,
+                calibration_batch_size=args.calibration_batch_size,
+                calibration_method=args.calibration_method, percentile=args.percentile,
+                calibration_seed=args.calibration_seed, batch=args.batch)
+  print(f'{info["file"]}: {info["format"]}, {info["quantization"]["kind"]}, {info["bytes"]:,} '
+        f'bytes, {info["params"]:,} params ({info["model"]})')
+  return info
 
 
 def _run_demo(args, overrides: list[str]) -> dict:
@@ -230,6 +299,21 @@ def _run_data(args, overrides: list[str]) -> dict:
 
 def _run_eval(args, overrides: list[str]) -> dict:
   from jkd.evaluate import evaluate_workdir
+  if isinstance(args.export, str):
+    from jkd import storage
+    from jkd.deploy.export import evaluate_file
+    data_config = None
+    if args.config:
+      from jkd.config import load_config
+      data_config = load_config(args.config, overrides).data
+    result = evaluate_file(args.export, workdir=args.workdir, data_config=data_config,
+                           split=args.split, threads=args.threads)
+    if args.workdir:
+      storage.write_json(storage.join(args.workdir, 'eval.json'), result)
+    print(json.dumps(result, indent=2))
+    return result
+  if not args.workdir:
+    raise UserError('jkd eval needs --workdir DIR (a checkpoint), or --export FILE.')
   result = evaluate_workdir(args.workdir, config_spec=args.config, overrides=overrides,
                             split=args.split, export=args.export)
   print(json.dumps(result, indent=2))
@@ -262,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
     from jkd import storage
-    if args.workdir:  # Local paths made absolute; a bucket URL checked for its package.
+    if getattr(args, 'workdir', None):  # Local paths made absolute; a bucket URL checked.
       args.workdir = storage.resolve(args.workdir)
     # Before anything touches a device: join the multi-process run the environment names.
     from jkd import distributed
@@ -282,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
       _run_import(args, overrides)
     elif args.command == 'data':
       _run_data(args, overrides)
+    elif args.command == 'export':
+      _run_export(args, overrides)
     else:
       _run_training(args.command, args, overrides)
     return 0

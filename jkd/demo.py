@@ -43,6 +43,10 @@ def run(config, workdir: str) -> dict:
   if 'pretrain' in summaries:
     report['pretrain'] = {'eval_loss': summaries['pretrain'].get('eval_loss'),
                           'wall_s': times['pretrain']}
+  deployed = _deployed(stage_dirs.get('student_compressed'),
+                       summaries.get('student_compressed', {}))
+  if deployed:
+    report['deployed'] = deployed
   report['scale'] = config.scale
   report['wall_s'] = round(time.time() - t0, 1)
   if jax.process_index() != 0:  # Every process ran the stages; one writes the report.
@@ -63,6 +67,21 @@ def run(config, workdir: str) -> dict:
   return report
 
 
+def _deployed(workdir: str | None, summary: dict) -> dict | None:
+  """The compressed student's deployable file (config.deploy): accuracy in its runtime, size
+  and latency (batch 1 and 32, 1 thread, median of 5 repeats), or None without one."""
+  files = summary.get('deploy') or {}
+  if not workdir or not files:
+    return None
+  from jkd.deploy.export import bench_file
+  name, info = next((n, f) for n, f in files.items() if f['int8'] or len(files) == 1)
+  path = storage.join(workdir, 'export', name)
+  bench = bench_file(path, threads=1, batch_sizes=(1, 32), repeats=5, calls=10)
+  return {'file': path, 'format': info['format'], 'int8': info['int8'], 'bytes': info['bytes'],
+          'test_accuracy': info['accuracy'], 'runtime': bench['runtime'], 'threads': 1,
+          'ms_batch1': bench['batches']['1']['ms'], 'ms_batch32': bench['batches']['32']['ms']}
+
+
 def _markdown(report: dict, config, workdir: str) -> str:
   rows = ['| stage | test accuracy | params | stored bytes | time |', '|---|---|---|---|---|']
   for name in REPORTED:
@@ -76,8 +95,19 @@ def _markdown(report: dict, config, workdir: str) -> str:
            f'Whole pipeline in {format_duration(report["wall_s"])}. MAE pretraining took '
            f'{format_duration(pre.get("wall_s", 0))} (eval loss {pre.get("eval_loss") or 0:.4f}).', '',
            *rows, '',
+           *_deployed_lines(report.get('deployed')),
            '![reconstructions](reconstructions.png)', '',
            '![training curves](training_curves.png)', '',
            '![accuracy vs size](accuracy_vs_size.png)', '',
            f'Each stage\'s workdir is under `{workdir}`; rerun `jkd demo` to resume.', '']
   return '\n'.join(lines)
+
+
+def _deployed_lines(d: dict | None) -> list[str]:
+  if not d:
+    return []
+  kind = 'static int8' if d['int8'] else 'float32'
+  return [f'Deployable file: `{d["file"]}` ({d["format"]}, {kind}, {d["bytes"]:,} bytes): '
+          f'{100 * d["test_accuracy"]:.2f}% test accuracy in {d["runtime"]}; latency '
+          f'{d["ms_batch1"]:.3f} ms at batch 1 and {d["ms_batch32"]:.3f} ms at batch 32 '
+          f'({d["threads"]} thread, median of 5 repeats; `jkd bench --export FILE`).', '']

@@ -420,6 +420,19 @@ CASES = [
       '{new}', words='no_photos'),
     C('data_prepare_not_a_folder_config', 'data', 'prepare', '--config', SUP, '--out', '{new}',
       words='folder'),
+    # ---- jkd export and the exported file
+    C('export_workdir_missing', 'export', '--workdir', '{root}/no_run', '--format', 'onnx',
+      '--out', '{new}.onnx', words='no_run'),
+    C('export_format_unknown', 'export', '--workdir', '{good}', '--format', 'caffe', '--out',
+      '{new}.caffe', words='caffe'),
+    C('export_overrides_refused', 'export', '--workdir', '{good}', '--format', 'onnx', '--out',
+      '{new}.onnx', '--config.batch_size=3', words='overrides'),
+    C('export_of_a_mim_run', 'export', '--workdir', '{mae}', '--format', 'onnx', '--out',
+      '{new}.onnx', words='{mae}'),
+    C('eval_export_file_missing', 'eval', '--export', '{root}/nope.onnx', words='nope.onnx'),
+    C('eval_export_not_a_model', 'eval', '--export', '{cfgs}/raises.py', words='raises.py'),
+    C('bench_export_file_missing', 'bench', '--export', '{root}/nope.tflite',
+      words='nope.tflite'),
     # ---- pipelines and the demo
     C('pipeline_stage_command_unknown', 'pipeline', '--config', PIPELINE, '--workdir', '{new}',
       '--config.stages.teacher.command=fly', words=['teacher', 'fly']),
@@ -640,7 +653,7 @@ def test_at_least_100_cases_over_every_command():
   assert len(CASES) >= 100 and len({c.id for c in CASES}) == len(CASES)
   commands = {c.argv[0] for c in CASES if c.argv}
   assert {'train', 'pretrain', 'distill', 'compress', 'eval', 'bench', 'plan', 'pipeline',
-          'demo', 'import', 'data'} <= commands
+          'demo', 'import', 'data', 'export'} <= commands
 
 
 FRESH_PROCESS = ('config_raises', 'lr_inf', 'resume_truncated_checkpoint',

@@ -25,6 +25,11 @@ def test_demo_fast_end_to_end_and_resume(tmp_path):
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   md = open(os.path.join(w, 'report.md')).read()
   assert '| student_compressed |' in md
+  # It ends with the deployable file (static int8 ONNX) and its latency in ONNX Runtime.
+  deployed = report['deployed']
+  assert deployed['format'] == 'onnx' and deployed['int8'] and os.path.isfile(deployed['file'])
+  assert deployed['ms_batch1'] > 0 and deployed['ms_batch32'] > 0
+  assert 'Deployable file:' in md
   # Running it again resumes: every stage is skipped.
   out = run_jkd('demo', '--workdir', w, '--config', 'configs/demo.py:fast')
   assert out.returncode == 0 and out.stdout.count('already done') == 5, out.stdout[-2000:]

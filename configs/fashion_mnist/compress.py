@@ -7,7 +7,9 @@ r"""Compression of a trained Fashion-MNIST classifier: pruning and/or int8 QAT, 
 
 Variants after the colon: `qat` (default: int8 weights per channel + int8 activations, QAT with
 Qwix, 1 epoch), `ptq` (the same quantization, no training), `prune50` (50% global magnitude
-pruning, cubic schedule, float export), `prune24` (2:4 semi-structured), `qat_kd` (int8 QAT
+pruning, cubic schedule, float export), `prune24` (2:4 semi-structured), `channel50` (structured: half the channels of every
+group, BN-scale ranked, gradual, KD from `--config.teacher.workdir`; `jkd export` writes the
+physically narrower model), `qat_kd` (int8 QAT
 distilled from `--config.teacher.workdir`: 0.1 CE + 0.9 KD at T=4), `tiny` / `tiny-NAME` (test
 size). The loss is `config.losses`, the logit terms of `jkd distill` (ce, kd, dkd, dist,
 kd_logit_std), e.g. `--config.losses.kd.temperature=2`; `--config.kd_weight=W` (and
@@ -20,8 +22,9 @@ import ml_collections
 
 from jkd.data import default_data_config
 from jkd.defaults import base_config, parse_variant, shrink_for_tests
+from jkd.deploy.export import default_deploy_config
 
-VARIANTS = ('qat', 'ptq', 'prune50', 'prune24', 'qat_kd')
+VARIANTS = ('qat', 'ptq', 'prune50', 'prune24', 'qat_kd', 'channel50')
 
 
 def get_config(arg=None):
@@ -38,9 +41,12 @@ def get_config(arg=None):
   c.log_every = 100
   c.prune = ml_collections.ConfigDict(dict(
       enabled=False, target_sparsity=0.5, schedule='cubic', scope='global', n_m=None,
-      begin_step=0, end_step=0, update_every=10))  # end_step 0 = half of the run.
+      begin_step=0, end_step=0, update_every=10,  # end_step 0 = half of the run.
+      method='magnitude', criterion='bn'))  # method 'channel': structured, see below.
   c.quant = ml_collections.ConfigDict(dict(
       enabled=False, mode='qat', weight_bits=8, act_bits=8, module_path='.*'))
+  # Deployable files written by on_finish (docs/deploy.md): e.g. --config.deploy.formats="('onnx',)".
+  c.deploy = default_deploy_config()
   c.teacher = ml_collections.ConfigDict({'workdir': '', 'dtype': 'float32'})
   c.losses = ml_collections.ConfigDict({'ce': dict(weight=1.0)})
   c.kd_weight = None          # Shorthand: W sets losses to (1 - W) CE + W KD.
@@ -60,6 +66,13 @@ def get_config(arg=None):
     c.num_epochs = 2.0
   if variant == 'prune50':
     c.prune.enabled = True
+  if variant == 'channel50':
+    # Half the channels of every group removed (BN-scale ranked, cubic schedule over the first
+    # half), distilled from the unpruned parent: --config.teacher.workdir=PARENT.
+    c.prune.update(enabled=True, method='channel', criterion='bn', target_sparsity=0.5)
+    c.losses = ml_collections.ConfigDict({'ce': dict(weight=0.1),
+                                          'kd': dict(weight=0.9, temperature=4.0)})
+    c.num_epochs = 2.0
   if tiny:
     shrink_for_tests(c, total_steps=1 if variant == 'ptq' else 6, log_every=2,
                      checkpoint_every=0, warmup_steps=1)

@@ -21,7 +21,7 @@ import optax
 
 from jkd import data, loop, storage
 from jkd.compress import export as export_lib
-from jkd.compress import pruning, quant
+from jkd.compress import channel_pruning, pruning, quant
 from jkd.errors import UserError
 from jkd.optim import make_optimizer
 from jkd.teacher import Teacher
@@ -64,10 +64,19 @@ def teacher_for(config, terms: list[dict], run: common.RunData) -> Teacher | Non
   return Teacher.from_config(config, run.info.num_classes, run.shape)
 
 
-def _make_tx(config, steps):
+def _make_tx(config, steps, params_shape=None):
   tx, schedule = make_optimizer(config.optim, config.batch_size, steps)
   p = config.prune
-  if p.get('enabled', False):
+  method = p.get('method', 'magnitude')
+  if method not in ('magnitude', 'channel'):
+    raise UserError(f'config.prune.method={method!r}: use magnitude (unstructured or N:M) or '
+                    'channel (structured: whole channels, physically removed at export).')
+  if p.get('enabled', False) and method == 'channel':
+    tx = channel_pruning.channel_pruning(
+        tx, params_shape, ratio=p.target_sparsity, criterion=p.get('criterion', 'bn'),
+        begin_step=p.get('begin_step', 0), end_step=p.get('end_step', 0) or steps // 2,
+        update_every=p.get('update_every', 10))
+  elif p.get('enabled', False):
     n_m = tuple(p.n_m) if p.get('n_m') else None
     tx = pruning.magnitude_pruning(
         tx, target_sparsity=p.target_sparsity, schedule=p.get('schedule', 'cubic'),
@@ -133,7 +142,9 @@ def build_task(config, workdir: str, *, teacher: Teacher | None = None) -> loop.
   model = quant.qat_model(float_model, qcfg) if mode else float_model
   terms = loss_terms(config)
   teacher = teacher_for(config, terms, run) if teacher is None else teacher
-  tx, schedule = _make_tx(config, run.steps)
+  params_shape = jax.eval_shape(
+      lambda: common.init_variables(float_model, jax.random.key(0), run.shape)[0])
+  tx, schedule = _make_tx(config, run.steps, params_shape)
   return common.make_task(
       config, 'compress', run, meta={'num_classes': info.num_classes},
       init_state=functools.partial(common.init_state, float_model, tx, run.shape),
@@ -162,12 +173,18 @@ def export_and_report(config, workdir: str, float_model, run: common.RunData,
   fp32_bytes = 4 * (report['params'] + n_state)
   exported = export_lib.evaluate_export(export_dir, common.eval_batches(config)())
   size = export_lib.export_size_bytes(export_dir)
+  # Deployable files (config.deploy.formats: ONNX / LiteRT / StableHLO), each evaluated in its
+  # own runtime; a channel-pruned model is written physically narrower.
+  from jkd.deploy.export import export_run
+  files = export_run(config, workdir, state.params, state.model_state,
+                     num_classes=run.info.num_classes)
   return {'nonzero_params': report['nonzero_params'], 'sparsity': report['global'],
           'sparsity_layers': report['layers'], 'export_bytes': size,
           'export_bytes_zlib': manifest['weights_bytes_zlib'], 'fp32_bytes': fp32_bytes,
           'compression_ratio': round(fp32_bytes / size, 3),
           'export_accuracy': exported['accuracy'],
           'quant': {k: v for k, v in qcfg.to_dict().items()},
+          **({'deploy': files} if files else {}),
           **({'teacher': teacher_description} if teacher_description else {})}
 
 

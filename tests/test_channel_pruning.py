@@ -1,0 +1,75 @@
+"""Structured channel pruning: groups, exact physical removal, the optax wrapper, the trainer."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jkd import models
+from jkd.compress import channel_pruning as cp
+from jkd.compress.pruning import apply_masks
+
+
+def _variables(name, key=0, **overrides):
+  m = models.create(name, num_classes=10, **overrides)
+  v = nn.meta.unbox(m.init(jax.random.key(key), jnp.zeros((1, 28, 28, 1)), train=False))
+  rng = np.random.default_rng(key)
+  # Non-trivial BatchNorm statistics and scales, so that removal is tested on real numbers.
+  v = jax.tree_util.tree_map_with_path(
+      lambda p, x: (np.abs(rng.normal(1, .3, x.shape)) if 'var' in str(p[-1])
+                    else rng.normal(0, .5, x.shape)).astype(np.float32)
+      if x.ndim == 1 else np.asarray(x), v)
+  return m, v
+
+
+@pytest.mark.parametrize('name,field,after,param_fraction', [
+    ('resnet8_s', 'width', 8, 0.3), ('resnet20_s', 'width', 8, 0.3),
+    ('vit_micro_p7', 'mlp_dim', 128, 0.7)])
+def test_shrink_removes_channels_and_keeps_outputs(name, field, after, param_fraction):
+  model, v = _variables(name)
+  groups = cp.groups_for(v['params'])
+  masks = cp._param_masks(v['params'], groups, cp.channel_masks(v['params'], groups, 0.5, 'bn'))
+  pruned = {**v, 'params': jax.tree.map(np.asarray, apply_masks(v['params'], masks))}
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 28, 28, 1)), jnp.float32)
+  ref = model.apply(pruned, x, train=False)
+  cfg, small = cp.shrink({'name': name}, pruned)
+  assert cfg[field] == after
+  small_model = models.create(name, num_classes=10, **{field: after})
+  out = small_model.apply(small, x, train=False)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
+  count = lambda t: sum(np.size(a) for a in jax.tree.leaves(t['params']))  # noqa: E731
+  assert count(small) < param_fraction * count(v)  # Half the width: ~1/4 of a conv.
+  shapes = jax.tree.map(np.shape, small['params'])
+  expected = jax.tree.map(np.shape, nn.meta.unbox(jax.eval_shape(
+      lambda: small_model.init(jax.random.key(0), x, train=False)))['params'])
+  assert shapes == expected
+
+
+def test_resnet_groups_couple_the_residual_stream():
+  _, v = _variables('resnet8_s')
+  groups = {g.name: g for g in cp.resnet_groups(v['params'])}
+  # stem + stage1 (identity shortcut) share one stream; stages 2 and 3 start their own.
+  assert set(groups) == {'stream0', 'stream1', 'stream2', 'stage1_block0/inner1',
+                         'stage2_block0/inner1', 'stage3_block0/inner1'}
+  outs = {p for p, _ in groups['stream0'].outputs}
+  assert {'stem_conv/kernel', 'stage1_block0/conv2/kernel'} <= outs
+  assert ('head/kernel', 0) in groups['stream2'].inputs
+
+
+def test_channel_pruning_wrapper_prunes_gradually_to_whole_zero_channels():
+  model, v = _variables('resnet8_s')
+  params = v['params']
+  tx = cp.channel_pruning(optax.sgd(1e-3), params, ratio=0.5, begin_step=0, end_step=4,
+                          update_every=1)
+  state = tx.init(params)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  removed = []
+  for _ in range(6):
+    updates, state = tx.update(zero_grads, state, params)
+    params = optax.apply_updates(params, updates)
+    kept = cp.kept_channels(params, cp.groups_for(params))
+    removed.append(16 - len(kept['stream0']))
+  assert removed[0] == 0 and removed[-1] == 8          # 0 -> half, cubic in between
+  assert all(a <= b for a, b in zip(removed, removed[1:]))
+  assert 0 < removed[1] < 8
