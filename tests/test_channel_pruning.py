@@ -73,3 +73,25 @@ def test_channel_pruning_wrapper_prunes_gradually_to_whole_zero_channels():
   assert removed[0] == 0 and removed[-1] == 8          # 0 -> half, cubic in between
   assert all(a <= b for a, b in zip(removed, removed[1:]))
   assert 0 < removed[1] < 8
+
+
+def test_compress_channel50_trains_and_exports_the_narrower_model(tmp_path):
+  """`jkd compress :channel50` (KD from the parent) ends with masked channels, and its ONNX
+  file is the width-8 network with the same accuracy as the run's own evaluation."""
+  pytest.importorskip('onnxruntime')
+  pytest.importorskip('jax2onnx')
+  import os
+  from conftest import SUPERVISED
+  from jkd.config import load_config
+  from jkd.trainers import compress, supervised
+  sup, w = str(tmp_path / 'sup'), str(tmp_path / 'c50')
+  supervised.train(load_config(SUPERVISED + ':tiny'), sup)
+  compress_cfg = os.path.join(os.path.dirname(SUPERVISED), 'compress.py')
+  config = load_config(compress_cfg + ':tiny-channel50', [
+      f'init_from={sup}', f'teacher.workdir={sup}', "deploy.formats=('onnx',)",
+      'deploy.int8=false'])
+  summary = compress.train(config, w)
+  exported = summary['deploy']['model.onnx']
+  assert exported['params'] == 19_810 and summary['params'] == 77_754
+  assert exported['accuracy'] == pytest.approx(summary['test_accuracy'], abs=2e-3)
+  assert os.path.isfile(os.path.join(w, 'export', 'model.onnx.json'))

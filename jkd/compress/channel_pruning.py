@@ -206,8 +206,10 @@ def channel_pruning(inner: optax.GradientTransformation, params, *, ratio: float
     if p is None:
       raise ValueError('channel_pruning needs params in update(grads, state, params).')
     count = state.count
+    # Every `update_every` steps, and at `end_step` itself: otherwise a schedule whose length
+    # is not a multiple of `update_every` would stop short of `ratio` (e.g. 17 of 32 kept).
     due = ((count >= begin_step) & (count <= end_step)
-           & ((count - begin_step) % max(update_every, 1) == 0))
+           & (((count - begin_step) % max(update_every, 1) == 0) | (count == end_step)))
     frac = cubic_sparsity(count, target_sparsity=ratio, begin_step=begin_step,
                           end_step=end_step)
     masks = jax.lax.cond(
