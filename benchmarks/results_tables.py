@@ -107,7 +107,7 @@ class Table:
 
 
 DISTILL_RECIPES = ('kd', 'dkd', 'dist', 'kd_logit_std', 'fitnet', 'at', 'rkd')
-COMPRESS_VARIANTS = ('ptq', 'qat', 'qat_kd', 'prune50', 'prune24')
+COMPRESS_VARIANTS = ('ptq', 'qat', 'qat_kd', 'prune50', 'prune24', 'channel50')
 # The scratch students copy distill.py's data, optimiser and schedule (crop + flip, 6 epochs,
 # batch 128) so that only the loss differs; tests/test_results_tables.py checks the match.
 _STUDENT = ('optim.lr=3e-3', 'optim.weight_decay=1e-4', 'data.crop_padding=2', 'data.flip=true',
@@ -122,11 +122,15 @@ _FINETUNE_CPU = cpu_budget.FINETUNE + ('num_epochs=3',)
 
 def _compress_cpu(variant: str) -> tuple[str, ...]:
   """compress.py:VARIANT at --scale cpu: QAT 0.3 epoch, pruning 0.5, PTQ its one step."""
-  epochs = {'ptq': (), 'prune50': ('num_epochs=0.5',), 'prune24': ('num_epochs=0.5',)}
+  epochs = {'ptq': (), 'prune50': ('num_epochs=0.5',), 'prune24': ('num_epochs=0.5',),
+            'channel50': ('num_epochs=0.5',)}
   return cpu_budget.NO_AUG + epochs.get(variant, ('num_epochs=0.3',))
 
 
 _TEACHER = (('teacher.workdir', 'teacher'),)
+# QAT + KD learns from the distill table's teacher; the channel-pruned student from its own
+# unpruned parent (compress.py:channel50).
+_COMPRESS_TEACHER = {'qat_kd': _TEACHER, 'channel50': (('teacher.workdir', 'student_scratch'),)}
 
 JOBS: dict[str, Job] = {
     # At --scale cpu: supervised.py's default (resnet8_s, >= 91% in 10 minutes on 2 cores).
@@ -154,7 +158,7 @@ JOBS: dict[str, Job] = {
     'ft_simmim': Job('train', 'finetune.py', needs=(('init_from', 'simmim'),),
                      cpu_overrides=_FINETUNE_CPU),
     **{v: Job('compress', 'compress.py', gpu_arg=v, tiny_arg=f'tiny-{v}',
-              needs=(('init_from', 'student_scratch'),) + (_TEACHER if v == 'qat_kd' else ()),
+              needs=(('init_from', 'student_scratch'),) + _COMPRESS_TEACHER.get(v, ()),
               cpu_overrides=_compress_cpu(v))
        for v in COMPRESS_VARIANTS},
     # The pipeline users run (and `jkd demo`): the KD student, then int8 QAT with the same teacher.
@@ -209,11 +213,12 @@ TABLES: dict[str, Table] = {t.name: t for t in (
            Row('qat_kd', 'int8 QAT + KD', 'qat_kd', 'fp32'),
            Row('prune50', '50% unstructured pruning', 'prune50', 'fp32'),
            Row('prune24', '2:4 semi-structured pruning', 'prune24', 'fp32'),
+           Row('channel50', '50% of the channels removed (+ KD from fp32)', 'channel50', 'fp32'),
            Row('kd_fp32', 'KD student (fp32, the distill table\'s `kd` row)', 'kd'),
            Row('kd_qat_kd', 'int8 QAT + KD of the KD student', 'kd_qat_kd', 'kd_fp32')),
           sizes=True,
           about_cpu=('the student is the distill table\'s 0.7-epoch one; QAT runs 0.3 epoch, '
-                     'pruning 0.5 epoch, without augmentation.')),
+                     'pruning (channel pruning too) 0.5 epoch, without augmentation.')),
 )}
 
 

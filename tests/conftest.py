@@ -11,6 +11,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(os.path.expanduser('~'), '.cache', 'jkd-test-xla'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# gs:// paths through gcsfs (the local GCS emulator of test_bucket_workdir.py) even where the
+# slow tier's TensorFlow is installed: etils.epath would otherwise pick tf.io.gfile, which talks
+# to the real Google Cloud Storage, and caches that choice for the process.
+os.environ.setdefault('EPATH_USE_TF', 'false')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUPERVISED = os.path.join(REPO, 'configs', 'fashion_mnist', 'supervised.py')
 

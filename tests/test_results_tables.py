@@ -88,6 +88,7 @@ def test_dry_run_compress(capsys):
                        f'--config.seed={s}', f'--config.init_from={student}')
       assert len(hits) == 1, (v, s)
       assert ('--config.teacher.workdir=R/gpu/teacher/seed0' in hits[0]) == (v == 'qat_kd')
+      assert (f'--config.teacher.workdir={student}' in hits[0]) == (v == 'channel50')
       assert lines.index(hits[0]) > lines.index(_matching(lines, f'--workdir {student} ')[0])
     # QAT + KD of the KD student of the same seed, after it, from the one teacher.
     kd = f'R/gpu/kd/seed{s}'
@@ -236,8 +237,8 @@ def test_runner_tables_skip_and_sections(tmp_path):
   out = str(tmp_path / 'doc.md')
   p = _run_fake(tmp_path, '--table', 'compress', '--seeds', '0', '1', '--out', out)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-  # Teacher once; per seed the scratch student, its 5 variants, the KD student and its QAT+KD.
-  assert p.stdout.count('fake jkd') == 1 + 2 * 8
+  # Teacher once; per seed the scratch student, its 6 variants, the KD student and its QAT+KD.
+  assert p.stdout.count('fake jkd') == 1 + 2 * (1 + len(rt.COMPRESS_VARIANTS) + 2)
   results = json.load(open(tmp_path / 'root' / 'tiny' / 'tables' / 'compress' / 'results.json'))
   for row in results['rows']:
     assert len(row['test_accuracy']['values']) == 2, row
@@ -253,7 +254,7 @@ def test_runner_tables_skip_and_sections(tmp_path):
   # Again: every run is skipped; a second table goes into its own section of the same file.
   p = _run_fake(tmp_path, '--table', 'compress', '--seeds', '0', '1', '--out', out)
   assert p.returncode == 0 and 'fake jkd' not in p.stdout
-  assert p.stdout.count('skipped') == 17
+  assert p.stdout.count('skipped') == 1 + 2 * (1 + len(rt.COMPRESS_VARIANTS) + 2)
   p = _run_fake(tmp_path, '--table', 'supervised', '--seeds', '0', '--out', out)
   assert p.returncode == 0
   doc = open(out).read()
