@@ -1,6 +1,7 @@
 """The PyTorch side of benchmarks/deploy.py: jkd's resnet8_s as a torch module, to ONNX.
 
-  python benchmarks/deploy_torch.py WEIGHTS.npz OUT.onnx     (a Python with torch + onnx)
+  python benchmarks/deploy_torch.py WEIGHTS.npz OUT.onnx     (a Python with torch, onnx and
+                                                             onnxscript: torch.onnx.export needs it)
 
 Builds the same network in torch (torchvision's BasicBlock layout, jkd's widths and strides),
 copies the trained jkd weights from WEIGHTS.npz (written by benchmarks/deploy.py), checks the

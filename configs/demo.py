@@ -66,7 +66,7 @@ def get_config(arg=None):
       pretrain=stage('pretrain', 'fashion_mnist/mae.py',
                      cpu_budget.MIM_PRETRAIN + cpu_budget.MAE_DECODER if cpu else ()),
       teacher=stage('train', 'fashion_mnist/finetune.py',
-                    cpu_budget.FINETUNE + ('num_epochs=7',) if cpu else (),
+                    cpu_budget.FINETUNE + ('num_epochs=8',) if cpu else (),
                     init_from='pretrain'),
       student_scratch=stage('train', 'fashion_mnist/supervised.py',
                             ('num_epochs=0.7',) if cpu else ('model.name=resnet8_s',)),

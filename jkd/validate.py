@@ -189,6 +189,10 @@ RUN_RULES: dict[str, tuple[Rule, str]] = {
     'prune.target_sparsity': (number(0, hi=1, below=True), 'the final fraction of zero '
                               'weights, e.g. 0.5'),
     'prune.schedule': (one_of('cubic', 'constant'), 'how sparsity grows'),
+    'prune.method': (one_of('magnitude', 'channel'), 'unstructured / N:M weights, or whole '
+                     'channels (removed at export)'),
+    'prune.criterion': (one_of('bn', 'l1'), "channel pruning's ranking: BatchNorm scale or "
+                        'filter L1 norm'),
     'prune.scope': (one_of('global', 'layer'), 'one threshold for all weights, or per layer'),
     'prune.begin_step': (integer(0), 'the step pruning starts'),
     'prune.end_step': (integer(0), 'the step the target is reached; 0 = half of the run'),

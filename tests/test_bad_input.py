@@ -420,6 +420,13 @@ CASES = [
       '{new}', words='no_photos'),
     C('data_prepare_not_a_folder_config', 'data', 'prepare', '--config', SUP, '--out', '{new}',
       words='folder'),
+    C('compress_prune_method_unknown', *compress('--config.prune.enabled=true',
+                                                 '--config.prune.method=random'),
+      words=['prune.method', 'random']),
+    C('compress_channel_criterion_unknown', *compress('--config.prune.enabled=true',
+                                                      '--config.prune.method=channel',
+                                                      '--config.prune.criterion=taylor'),
+      words=['prune.criterion', 'taylor']),
     # ---- jkd export and the exported file
     C('export_workdir_missing', 'export', '--workdir', '{root}/no_run', '--format', 'onnx',
       '--out', '{new}.onnx', words='no_run'),
