@@ -41,7 +41,9 @@ def get_config(arg=None):
       begin_step=0, end_step=0, update_every=10))  # end_step 0 = half of the run.
   c.quant = ml_collections.ConfigDict(dict(
       enabled=False, mode='qat', weight_bits=8, act_bits=8, module_path='.*'))
-  c.teacher = ml_collections.ConfigDict({'workdir': '', 'dtype': 'float32'})
+  c.teacher = ml_collections.ConfigDict({'workdir': '', 'dtype': 'float32', 'ema': False})
+  # Several teachers, averaged into one target (jkd/teachers.py), instead of teacher.workdir.
+  c.teachers = ml_collections.ConfigDict()
   c.losses = ml_collections.ConfigDict({'ce': dict(weight=1.0)})
   c.kd_weight = None          # Shorthand: W sets losses to (1 - W) CE + W KD.
   c.kd_temperature = None     # Shorthand: the KD temperature (default 4).
