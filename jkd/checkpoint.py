@@ -27,6 +27,10 @@ CHECKPOINT_DIR = 'checkpoints'
 # Where `discard_after` moves the steps newer than the one a run resumes from.
 DISCARDED_DIR = 'discarded_checkpoints'
 FORMAT_VERSION = 1
+# Entries of a run's `model_state` that belong to its trainer, not to the model's variables: the
+# EMA of the weights (`jkd.ema`) and the state of stateful loss terms (CRD's memory banks).
+# They are checkpointed and resumed with the run; `load_model` sets them apart.
+RUN_STATE_KEYS = ('ema', 'distill')
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -224,11 +228,14 @@ class SavedModel:
     model_state: its other collections (BatchNorm statistics), possibly empty.
     meta: the run metadata saved with the checkpoint (kind, model, config, ...).
     step: the checkpoint's step.
+    ema: the exponential moving average of the model's variables ({'params': ..., other
+      collections}) when the run kept one (`config.ema.decay` > 0), else None.
   """
   params: Any
   model_state: dict
   meta: dict
   step: int
+  ema: dict | None = None
 
   @property
   def model_config(self) -> dict:
@@ -255,9 +262,10 @@ def load_model(workdir: str, *, prefix: Sequence[str] | None = None,
   """
   arrays, meta = load_arrays(workdir, step)
   prefix = tuple(prefix) if prefix else tuple(meta.get('params_prefix') or ())
-  return SavedModel(params=model_params(arrays['params'], prefix),
-                    model_state=dict(arrays.get('model_state') or {}), meta=meta,
-                    step=int(meta.get('step', step or 0)))
+  model_state = dict(arrays.get('model_state') or {})
+  run_state = {k: model_state.pop(k) for k in RUN_STATE_KEYS if k in model_state}
+  return SavedModel(params=model_params(arrays['params'], prefix), model_state=model_state,
+                    meta=meta, step=int(meta.get('step', step or 0)), ema=run_state.get('ema'))
 
 
 def read_latest_meta(workdir: str) -> tuple[int, dict]:

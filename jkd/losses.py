@@ -45,6 +45,13 @@ __all__ = [
     "mae_mse",
     "masked_feature_distill",
     "tinymim_relation",
+    "crd",
+    "crd_scores",
+    "crd_normalizer",
+    "crd_memory_update",
+    "hcl",
+    "ofa",
+    "tf_kd_reg",
 ]
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -741,3 +748,227 @@ def tinymim_relation(student_qkv, teacher_qkv, temperature=1.0):
   vv = _kl(_log_relation(v_t, v_t, temperature),
            _log_relation(v_s, v_s, temperature))
   return jnp.mean(qk) + jnp.mean(vv)
+
+
+# ----------------------------------------------------------------------------
+# Contrastive representation distillation (CRD)
+# ----------------------------------------------------------------------------
+_CRD_EPS = 1e-7
+
+
+def crd_scores(anchor_emb, bank, indices, temperature=0.07):
+  """CRD's unnormalised scores of anchors against rows of a memory bank.
+
+  `scores[b, k] = exp(<bank[indices[b, k]], anchor[b]> / T)`.
+
+  Args:
+    anchor_emb: `(B, D)` L2-normalised embeddings.
+    bank: `(N, D)` memory bank (no gradient).
+    indices: `(B, K+1)` integer rows, the positive first.
+    temperature: `T` (RepDistiller's `nce_t`, 0.07).
+
+  Returns:
+    `(B, K+1)`.
+
+  References: RepDistiller `crd/memory.py` `ContrastMemory.forward`.
+  """
+  rows = lax.stop_gradient(_as_float(bank))[indices]
+  dots = jnp.einsum("bkd,bd->bk", rows, _as_float(anchor_emb), precision=_HIGHEST)
+  return jnp.exp(dots / temperature)
+
+
+def crd_normalizer(scores, num_data):
+  """CRD's normalisation constant `Z = mean(scores) * N`, fixed at the first step.
+
+  RepDistiller sets Z once, from the first batch's scores, and keeps it (a
+  buffer); the trainer stores it with its state. Returned without gradient.
+  """
+  return lax.stop_gradient(jnp.mean(_as_float(scores)) * num_data)
+
+
+def _contrast_loss(x, num_data):
+  """RepDistiller's `ContrastLoss` (their Eq. 18): NCE with K noise samples.
+
+  `P_n = 1 / N`; `loss = -(sum_b log(x_b0 / (x_b0 + K P_n + eps))
+  + sum_{b, k>0} log(K P_n / (x_bk + K P_n + eps))) / B`.
+  """
+  k = x.shape[1] - 1
+  noise = k / float(num_data)
+  log_d1 = jnp.log(x[:, 0] / (x[:, 0] + noise + _CRD_EPS))
+  log_d0 = jnp.log(noise / (x[:, 1:] + noise + _CRD_EPS))
+  return -(jnp.sum(log_d1) + jnp.sum(log_d0)) / x.shape[0]
+
+
+def crd(student_emb, teacher_emb, student_bank, teacher_bank, indices,
+        z_student, z_teacher, num_data, temperature=0.07):
+  """Contrastive representation distillation: NCE against memory banks.
+
+  Both directions of Tian et al.'s objective. With `s = crd_scores(
+  student_emb, teacher_bank, indices, T) / z_student` (the student as anchor,
+  positives and negatives from the teacher's bank) and `t = crd_scores(
+  teacher_emb, student_bank, indices, T) / z_teacher`,
+  `loss = nce(s) + nce(t)`, `nce` the NCE loss with `K = indices.shape[1] - 1`
+  noise samples of probability `1 / num_data` (`_contrast_loss`).
+
+  The teacher embedding is the output of a trainable head on the frozen
+  teacher's feature, so it does get a gradient here (unlike other `teacher_*`
+  inputs); the banks and the Z constants are constants.
+
+  Args:
+    student_emb: `(B, D)` L2-normalised student embeddings.
+    teacher_emb: `(B, D)` L2-normalised teacher embeddings.
+    student_bank, teacher_bank: `(N, D)` momentum memory banks (constants).
+    indices: `(B, K+1)` rows of the banks, `indices[:, 0]` the batch's own
+      dataset indices (the positives).
+    z_student, z_teacher: normalisation constants (`crd_normalizer` of the
+      first step's scores), scalars.
+    num_data: `N`, the number of training examples.
+    temperature: `T` (0.07).
+
+  Returns:
+    Scalar.
+
+  References: Tian et al., "Contrastive Representation Distillation", ICLR
+  2020; RepDistiller `crd/criterion.py` (`CRDLoss`, `ContrastLoss`),
+  `crd/memory.py` (`ContrastMemory`), commit b84f547c.
+  """
+  s = crd_scores(student_emb, teacher_bank, indices, temperature)
+  t = crd_scores(teacher_emb, student_bank, indices, temperature)
+  s = s / lax.stop_gradient(_as_float(z_student))
+  t = t / lax.stop_gradient(_as_float(z_teacher))
+  return _contrast_loss(s, num_data) + _contrast_loss(t, num_data)
+
+
+def crd_memory_update(bank, indices, emb, momentum=0.5):
+  """CRD's momentum update of the memory rows of the batch.
+
+  `bank[i] <- normalize(momentum * bank[i] + (1 - momentum) * emb)` for the
+  batch's dataset indices `i`, L2-normalised, other rows unchanged. A row
+  that appears twice in `indices` (repeated augmentation) keeps one of its
+  writes, which one unspecified (as torch's `index_copy_`), but the same one
+  on every run of the same program.
+
+  Args:
+    bank: `(N, D)`.
+    indices: `(B,)` integer rows.
+    emb: `(B, D)` embeddings (no gradient).
+    momentum: `nce_m` (0.5).
+
+  Returns:
+    The new `(N, D)` bank.
+
+  References: RepDistiller `crd/memory.py` `ContrastMemory.forward`.
+  """
+  bank = _as_float(bank)
+  pos = bank[indices] * momentum + lax.stop_gradient(_as_float(emb)) * (1 - momentum)
+  pos = pos / jnp.sqrt(jnp.sum(pos * pos, axis=1, keepdims=True))
+  return bank.at[indices].set(pos.astype(bank.dtype))
+
+
+# ----------------------------------------------------------------------------
+# Review KD, OFA-KD, teacher-free KD
+# ----------------------------------------------------------------------------
+def hcl(student_feats, teacher_feats):
+  """ReviewKD's hierarchical context loss between fused student maps and teacher maps.
+
+  For each pair of NHWC maps of the same shape (`H` the student's height):
+  `l = mse(s, t) + sum_k 2^-k mse(pool_l(s), pool_l(t))` over the pyramid
+  levels `l` in (4, 2, 1) with `l < H` (`pool` is adaptive average pooling to
+  `l x l`, `k` counts the levels used), divided by `1 + sum_k 2^-k`; the
+  loss is the sum over pairs.
+
+  Args:
+    student_feats: a sequence of `(B, H, W, C)` maps (the ABF outputs).
+    teacher_feats: the teacher's maps, same shapes (no gradient).
+
+  Returns:
+    Scalar.
+
+  References: Chen et al., "Distilling Knowledge via Knowledge Review",
+  CVPR 2021; mdistiller `distillers/ReviewKD.py` `hcl_loss`, commit a08d46f1.
+  """
+  if len(student_feats) != len(teacher_feats):
+    raise ValueError("student_feats and teacher_feats differ in length: "
+                     f"{len(student_feats)} vs {len(teacher_feats)}")
+  total = 0.0
+  for fs, ft in zip(student_feats, teacher_feats):
+    fs, ft = _as_float(fs), _teacher(ft)
+    if fs.shape != ft.shape:
+      raise ValueError(f"hcl pairs need equal shapes, got {fs.shape} and {ft.shape}")
+    h = fs.shape[1]
+    loss = jnp.mean((fs - ft)**2)
+    cnt, tot = 1.0, 1.0
+    for level in (4, 2, 1):
+      if level >= h:
+        continue
+      cnt /= 2.0
+      diff = _adaptive_avg_pool(fs, level, level) - _adaptive_avg_pool(ft, level, level)
+      loss = loss + jnp.mean(diff**2) * cnt
+      tot += cnt
+    total = total + loss / tot
+  return total
+
+
+def ofa(student_logits, teacher_logits, labels, eps=1.0, temperature=1.0):
+  """OFA-KD's loss with adaptive target enhancement.
+
+  With `p = softmax(z / T)` and `m` the one-hot label:
+  `loss = mean_b sum_c -((p_t + m)^eps - m) log p_s`. At `eps = 1` it is the
+  cross-entropy to the teacher's distribution; `eps > 1` raises the weight
+  of the target class when the teacher is confident in it.
+
+  Args:
+    student_logits: `(B, C)` logits (the student's, or a stage projector's).
+    teacher_logits: `(B, C)` teacher logits (no gradient).
+    labels: `(B,)` integer classes.
+    eps: the enhancement exponent (`--ofa-eps`).
+    temperature: `T` (`--ofa-temperature`, 1).
+
+  Returns:
+    Scalar. `log p_s` is a log-softmax (the reference takes the log of the
+    softmax: equal, without its underflow).
+
+  References: Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous
+  Architectures in Knowledge Distillation", NeurIPS 2023; Hao840/OFAKD
+  `distillers/ofa.py` `ofa_loss`, commit f7bb896c.
+  """
+  log_ps = jax.nn.log_softmax(_as_float(student_logits) / temperature, -1)
+  p_t = jax.nn.softmax(_teacher(teacher_logits) / temperature, -1)
+  mask = jax.nn.one_hot(labels, log_ps.shape[-1], dtype=log_ps.dtype)
+  weight = lax.stop_gradient((p_t + mask)**eps - mask)
+  return jnp.mean(jnp.sum(-weight * log_ps, axis=-1))
+
+
+def tf_kd_reg(student_logits, labels, correct_prob=0.99, temperature=20.0):
+  """Teacher-free KD with a manually designed teacher (Tf-KD_reg).
+
+  The virtual teacher puts `a = correct_prob` on the label and
+  `(1 - a) / (C - 1)` on every other class; its distribution is
+  `q = softmax(u / T)` of those probabilities `u` (as the authors' code does).
+  `loss = sum_{b,c} q (log q - log softmax(s)) / (B C)`: KL(q || p_s) with
+  `nn.KLDivLoss`'s default mean over all elements. The paper's
+  `(1 - alpha) CE + alpha * multiplier * loss` is a `ce` term plus this one
+  with weight `alpha * multiplier`.
+
+  Args:
+    student_logits: `(B, C)` logits (no temperature on the student, as in the
+      reference).
+    labels: `(B,)` integer classes.
+    correct_prob: `a` (0.99 in the reference).
+    temperature: `T` (`reg_temperature`: 20 for ResNet-18, 40 for
+      MobileNetV2 on CIFAR-100).
+
+  Returns:
+    Scalar.
+
+  References: Yuan et al., "Revisiting Knowledge Distillation via Label
+  Smoothing Regularization", CVPR 2020; yuanli2333/Teacher-free-Knowledge-
+  Distillation `my_loss_function.py` `loss_kd_regularization`, commit
+  d000ab37.
+  """
+  s = _as_float(student_logits)
+  num_classes = s.shape[-1]
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=s.dtype)
+  virtual = onehot * correct_prob + (1 - onehot) * (1 - correct_prob) / (num_classes - 1)
+  log_q = jax.nn.log_softmax(virtual / temperature, -1)
+  return jnp.sum(_kl(log_q, jax.nn.log_softmax(s, -1))) / s.size

@@ -68,15 +68,18 @@ class Teacher:
     tcfg = config.get('teacher') or {}
     if not tcfg.get('workdir'):
       raise UserError(_NO_TEACHER)
-    return cls.from_workdir(tcfg.workdir, num_classes, image_shape, dtype=tcfg.get('dtype'))
+    return cls.from_workdir(tcfg.workdir, num_classes, image_shape, dtype=tcfg.get('dtype'),
+                            ema=bool(tcfg.get('ema', False)))
 
   @classmethod
   def from_workdir(cls, workdir: str, num_classes: int, image_shape,
-                   dtype: str | None = None) -> 'Teacher':
+                   dtype: str | None = None, ema: bool = False) -> 'Teacher':
     """The classifier a jkd workdir holds (the model its checkpoint metadata names).
 
     Args:
       dtype: compute dtype ('bfloat16', ...); None keeps the saved model's and feeds it fp32.
+      ema: the exponential moving average of its weights instead of the weights (a run trained
+        with `config.ema.decay` > 0): the EMA teacher of self-distillation.
     """
     saved = load_model(workdir)
     model_cfg = ml_collections.ConfigDict(saved.model_config)
@@ -97,10 +100,16 @@ class Teacher:
           f'config.teacher.workdir={workdir!r} holds a {saved_classes}-class model, but the '
           f'student has {num_classes} classes (the dataset\'s): the teacher\'s logits cannot '
           'teach those labels. Use a teacher trained on this dataset\'s classes.')
+    if ema and saved.ema is None:
+      raise UserError(f'{workdir} holds no EMA of its weights (it was trained without '
+                      '--config.ema.decay): drop --config.teacher.ema, or train the teacher with '
+                      'an EMA, e.g. --config.ema.decay=0.999.')
     if dtype:
       model_cfg.dtype = dtype
-    return cls(module=common.create_model(model_cfg, num_classes), variables=saved.variables,
-               description={'workdir': workdir, 'model': model_cfg.name},
+    description = {'workdir': workdir, 'model': model_cfg.name, **({'ema': True} if ema else {})}
+    return cls(module=common.create_model(model_cfg, num_classes),
+               variables=saved.ema if ema else saved.variables,
+               description=description,
                image_shape=tuple(image_shape),
                input_dtype=common.compute_dtype(dtype or 'float32'))
 

@@ -34,3 +34,35 @@ def read_jsonl(path):
 @pytest.fixture
 def repo():
   return REPO
+
+
+def assert_resume_is_bit_exact(train, config, workdir, steps=8):
+  """Trains `steps` steps with a checkpoint halfway, removes the final checkpoint and summary (an
+  interruption after the halfway save), trains again (resuming from the halfway checkpoint) and
+  checks that every saved array (params, model_state incl. EMA and loss-term state, optimizer
+  state) equals the uninterrupted run's. `train(config, workdir)` is a trainer's `train`."""
+  import shutil
+  import numpy as np
+  from jkd.checkpoint import load_arrays
+  config = config.copy_and_resolve_references()
+  config.total_steps, config.checkpoint_every, config.log_every = steps, steps // 2, 1
+  train(config, workdir)
+  straight, _ = load_arrays(workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(steps)))
+  os.remove(os.path.join(workdir, 'summary.json'))
+  train(config, workdir)
+  resumed, meta = load_arrays(workdir)
+  assert meta['step'] == steps
+  flat_a = jax_flatten(straight)
+  flat_b = jax_flatten(resumed)
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
+  return straight
+
+
+def jax_flatten(tree):
+  """{'a/b/c': leaf} of a nested tree of arrays."""
+  import jax
+  return {'/'.join(str(getattr(p, 'key', getattr(p, 'idx', p))) for p in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -281,3 +281,92 @@ def tinymim(student_qkv, teacher_qkv):
   qk_loss = kl_div(np.log(qk_s), qk_t).sum(-1).mean()
   vv_loss = kl_div(np.log(vv_s), vv_t).sum(-1).mean()
   return qk_loss + vv_loss
+
+
+# --- RepDistiller crd/memory.py ContrastMemory.forward + crd/criterion.py ContrastLoss ---
+# HobbitLong/RepDistiller b84f547c5db6a35318d4671d7d5c4de74c822403 (mdistiller CRD.py copies
+# them). v1 = student embedding, v2 = teacher embedding, memory_v1 the student bank,
+# memory_v2 the teacher bank, idx (B, K+1) with the positive first.
+def crd_scores(memory, idx, v, temperature):
+  """exp(bmm(memory[idx], v) / T): (B, K+1)."""
+  weight = _f64(memory)[np.asarray(idx).reshape(-1)].reshape(*np.shape(idx), -1)
+  return np.exp(np.einsum('bkd,bd->bk', weight, _f64(v)) / temperature)
+
+
+def crd_normalizer(out, n_data):
+  """Z set on the first call: out.mean() * outputSize."""
+  return out.mean() * n_data
+
+
+def contrast_loss(x, n_data, eps=1e-7):
+  bsz, m = x.shape[0], x.shape[1] - 1
+  pn = 1.0 / float(n_data)
+  p_pos = x[:, 0]
+  log_d1 = np.log(p_pos / (p_pos + m * pn + eps))
+  p_neg = x[:, 1:]
+  log_d0 = np.log(np.full_like(p_neg, m * pn) / (p_neg + m * pn + eps))
+  return -(log_d1.sum(0) + log_d0.reshape(-1, 1).sum(0)[0]) / bsz
+
+
+def crd(f_s, f_t, memory_s, memory_t, idx, temperature, n_data, z_s=-1.0, z_t=-1.0):
+  """CRDLoss.forward after the embeddings: (loss, Z_v1, Z_v2)."""
+  out_v2 = crd_scores(memory_s, idx, f_t, temperature)   # teacher anchor, student bank
+  out_v1 = crd_scores(memory_t, idx, f_s, temperature)   # student anchor, teacher bank
+  z_v1 = crd_normalizer(out_v1, n_data) if z_s < 0 else z_s
+  z_v2 = crd_normalizer(out_v2, n_data) if z_t < 0 else z_t
+  loss = contrast_loss(out_v1 / z_v1, n_data) + contrast_loss(out_v2 / z_v2, n_data)
+  return loss, z_v1, z_v2
+
+
+def crd_memory_update(memory, y, v, momentum):
+  """The `with torch.no_grad()` block: momentum update of rows y, L2-normalised, written back."""
+  memory = _f64(memory).copy()
+  pos = memory[y] * momentum + _f64(v) * (1 - momentum)
+  memory[y] = pos / np.sqrt((pos**2).sum(1, keepdims=True))
+  return memory
+
+
+# --- mdistiller distillers/ReviewKD.py hcl_loss (NCHW) ---
+# megvii-research/mdistiller a08d46f10d6102bd6e3f258ca5ac880b020ea259
+def hcl(fstudent, fteacher):
+  loss_all = 0.0
+  for fs, ft in zip(fstudent, fteacher):
+    fs, ft = _f64(fs), _f64(ft)
+    _, _, h, _ = fs.shape
+    loss = ((fs - ft)**2).mean()
+    cnt, tot = 1.0, 1.0
+    for l in (4, 2, 1):
+      if l >= h:
+        continue
+      tmpfs = adaptive_avg_pool2d(fs, (l, l))
+      tmpft = adaptive_avg_pool2d(ft, (l, l))
+      cnt /= 2.0
+      loss += ((tmpfs - tmpft)**2).mean() * cnt
+      tot += cnt
+    loss_all = loss_all + loss / tot
+  return loss_all
+
+
+# --- OFA-KD distillers/ofa.py ofa_loss ---
+# Hao840/OFAKD f7bb896cac9879040800bde08a8cc2057a904c52
+def ofa(ls, lt, target, eps, temperature=1.0):
+  ls, lt = _f64(ls), _f64(lt)
+  n, c = ls.shape
+  mask = np.zeros((n, c))
+  mask[np.arange(n), target] = 1.0
+  pred_s = softmax(ls / temperature)
+  pred_t = softmax(lt / temperature)
+  prod = (pred_t + mask)**eps
+  return np.sum(-(prod - mask) * np.log(pred_s), axis=-1).mean()
+
+
+# --- Teacher-free KD my_loss_function.py loss_kd_regularization (the soft term) ---
+# yuanli2333/Teacher-free-Knowledge-Distillation d000ab378a409535a5f5f645b473e05e27529a02
+def tf_kd_reg(ls, target, correct_prob, temperature):
+  """nn.KLDivLoss()(log_softmax(outputs), softmax(teacher_soft / T)): the mean over all B x K
+  elements (KLDivLoss's default reduction); `multiplier` and `alpha` are weights."""
+  ls = _f64(ls)
+  n, k = ls.shape
+  teacher_soft = np.full((n, k), (1 - correct_prob) / (k - 1))
+  teacher_soft[np.arange(n), target] = correct_prob
+  return kl_div(log_softmax(ls), softmax(teacher_soft / temperature)).mean()

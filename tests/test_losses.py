@@ -161,6 +161,23 @@ def _tinymim(s_shape, t_shape):
   return losses.tinymim_relation, make
 
 
+def _hcl(shapes):
+  def make(rng):
+    s = [_normal(rng, sh) for sh in shapes]
+    t = [_normal(rng, sh) for sh in shapes]
+    return (s, t), {}, ref.hcl([_nchw(x) for x in s], [_nchw(x) for x in t])
+  return losses.hcl, make
+
+
+def _ofa(shape, eps, temperature=1.0):
+  def make(rng):
+    s, t = _logits(rng, shape), _logits(rng, shape)
+    y = rng.integers(0, shape[1], size=shape[0])
+    kw = dict(eps=eps, temperature=temperature)
+    return (s, t, y), kw, ref.ofa(s, t, y, eps, temperature)
+  return losses.ofa, make
+
+
 CASES = {
     "kd_small": _kd((8, 10), 4.0),
     "kd_imagenet": _kd((6, 1000), 1.0),
@@ -189,13 +206,17 @@ CASES = {
     "mfd_cosine": _mfd((4, 16, 32), "cosine"),
     "mfd_raw_target": _mfd((2, 8, 16), "smooth_l1", normalize_target=False),
     "tinymim": _tinymim((2, 3, 10, 8), (2, 3, 10, 16)),
+    # ReviewKD: 8x8 (levels 4, 2, 1), 4x4 (2, 1), 1x1 (none: the pooled feature), 7x7 (odd).
+    "hcl": _hcl([(3, 8, 8, 16), (3, 4, 4, 8), (3, 1, 1, 32), (3, 7, 7, 4)]),
+    "ofa_eps1": _ofa((8, 10), 1.0),
+    "ofa_eps1.5_t2": _ofa((6, 100), 1.5, temperature=2.0),
 }
 NAMES = sorted(CASES)
 # One case per public function, for the checks that do not depend on shapes.
 PRIMARY = ["kd_small", "dkd_small", "dist_t4", "kd_logit_std", "deit_hard",
            "deit_soft", "fitnet", "at_code", "at_paper", "rkd", "pkt", "sp",
            "simmim_patch_mask", "mae_norm_pix", "mfd_smooth_l1", "mfd_cosine",
-           "tinymim"]
+           "tinymim", "hcl", "ofa_eps1.5_t2"]
 
 
 def _case(name, seed=0):
@@ -247,7 +268,8 @@ def test_bf16_inputs_finite_and_close_to_fp32(name):
 
 # Numerical gradient checks (float64, reverse mode, first order).
 GRAD_CASES = ["kd_small", "dkd_small", "dist_t4", "kd_logit_std", "at_paper",
-              "rkd", "pkt", "sp", "mae_norm_pix", "mfd_cosine", "tinymim"]
+              "rkd", "pkt", "sp", "mae_norm_pix", "mfd_cosine", "tinymim", "hcl",
+              "ofa_eps1.5_t2"]
 
 
 @pytest.mark.parametrize("name", PRIMARY)
@@ -269,7 +291,7 @@ def test_parity_fp64_and_check_grads(name):
 # Transformations
 # ---------------------------------------------------------------------------
 VMAP_CASES = ["kd_small", "dkd_small", "dist_t1", "at_code", "rkd", "pkt", "sp",
-              "simmim_patch_mask", "mae_norm_pix", "mfd_cosine", "tinymim"]
+              "simmim_patch_mask", "mae_norm_pix", "mfd_cosine", "tinymim", "hcl", "ofa_eps1"]
 
 
 @pytest.mark.parametrize("name", VMAP_CASES)
@@ -289,7 +311,7 @@ def test_vmap_over_stacked_batches(name):
 # ---------------------------------------------------------------------------
 ZERO_WHEN_EQUAL = ["kd_small", "dkd_small", "dist_t4", "kd_logit_std",
                    "deit_soft", "fitnet", "at_code_odd_pool", "at_paper", "rkd",
-                   "pkt", "sp", "mfd_raw_target", "mfd_cosine", "tinymim"]
+                   "pkt", "sp", "mfd_raw_target", "mfd_cosine", "tinymim", "hcl"]
 
 
 @pytest.mark.parametrize("name", ZERO_WHEN_EQUAL)
@@ -370,6 +392,78 @@ def test_paper_and_code_at_on_different_spatial_sizes_pool_the_larger():
         float(losses.attention_transfer(pooled, t, mode=mode)), rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------
+# CRD (memory banks) and teacher-free KD: inputs that the generic cases do not fit
+# ---------------------------------------------------------------------------
+def _crd_inputs(rng, b=6, d=16, n=40, k=9):
+  def unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+  stdv = 1.0 / np.sqrt(d / 3)
+  banks = [rng.uniform(-stdv, stdv, size=(n, d)).astype(np.float32) for _ in range(2)]
+  y = rng.permutation(n)[:b]
+  idx = np.concatenate([y[:, None], rng.integers(0, n, size=(b, k))], 1)
+  return unit(rng.normal(size=(b, d))), unit(rng.normal(size=(b, d))), *banks, idx, y, n
+
+
+@pytest.mark.parametrize("z_given", [False, True])
+def test_crd_matches_repdistiller_and_banks_are_constants(z_given):
+  rng = np.random.default_rng(21)
+  f_s, f_t, bank_s, bank_t, idx, _, n = _crd_inputs(rng)
+  z = (3.5, 2.5) if z_given else (-1.0, -1.0)
+  want, z_s, z_t = ref.crd(f_s, f_t, bank_s, bank_t, idx, 0.07, n, *z)
+  if not z_given:  # The first step: Z from this batch's scores (crd_normalizer).
+    got_zs = losses.crd_normalizer(losses.crd_scores(f_s, bank_t, idx), n)
+    got_zt = losses.crd_normalizer(losses.crd_scores(f_t, bank_s, idx), n)
+    np.testing.assert_allclose([float(got_zs), float(got_zt)], [z_s, z_t], rtol=1e-5)
+  fn = jax.jit(jax.value_and_grad(functools.partial(losses.crd, num_data=n),
+                                  argnums=(0, 1, 2, 3)))
+  got, grads = fn(f_s, f_t, bank_s, bank_t, idx, z_s, z_t)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  assert np.any(np.asarray(grads[0])) and np.any(np.asarray(grads[1]))  # both heads learn
+  assert not np.any(np.asarray(grads[2])) and not np.any(np.asarray(grads[3]))
+  with jax.enable_x64(True):
+    args = _to_jnp((f_s, f_t, bank_s, bank_t), jnp.float64)
+    got64 = losses.crd(*args, idx, z_s, z_t, num_data=n)
+    assert got64.dtype == jnp.float64
+    np.testing.assert_allclose(float(got64), want, rtol=1e-10)
+    check_grads(lambda a: losses.crd(a, *args[1:], idx, z_s, z_t, num_data=n), (args[0],),
+                order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_crd_memory_update_matches_repdistiller():
+  rng = np.random.default_rng(22)
+  f_s, _, bank, _, _, y, _ = _crd_inputs(rng)
+  want = ref.crd_memory_update(bank, y, f_s, 0.5)
+  got = jax.jit(losses.crd_memory_update)(bank, y, f_s, 0.5)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
+  untouched = np.setdiff1d(np.arange(len(bank)), y)
+  np.testing.assert_array_equal(np.asarray(got)[untouched], bank[untouched])
+
+
+@pytest.mark.parametrize("correct_prob, temperature", [(0.99, 20.0), (0.9, 40.0), (0.5, 1.0)])
+def test_tf_kd_reg_matches_the_authors_code(correct_prob, temperature):
+  rng = np.random.default_rng(23)
+  s, y = _logits(rng, (8, 100)), rng.integers(0, 100, size=8)
+  want = ref.tf_kd_reg(s, y, correct_prob, temperature)
+  fn = jax.jit(functools.partial(losses.tf_kd_reg, correct_prob=correct_prob,
+                                 temperature=temperature))
+  np.testing.assert_allclose(float(fn(s, y)), want, rtol=1e-5)
+  with jax.enable_x64(True):
+    s64 = jnp.asarray(s, jnp.float64)
+    np.testing.assert_allclose(float(fn(s64, y)), want, rtol=1e-10)
+    check_grads(lambda a: losses.tf_kd_reg(a, y, correct_prob, temperature), (s64,),
+                order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_ofa_at_eps_1_is_cross_entropy_to_the_teacher():
+  rng = np.random.default_rng(24)
+  s, t = _logits(rng, (5, 10)), _logits(rng, (5, 10))
+  y = rng.integers(0, 10, size=5)
+  p_t = jax.nn.softmax(t)
+  want = -jnp.mean(jnp.sum(p_t * jax.nn.log_softmax(s), -1))
+  np.testing.assert_allclose(float(losses.ofa(s, t, y, eps=1.0)), float(want), rtol=1e-6)
+
+
 def test_bad_arguments_raise():
   x = jnp.zeros((2, 4, 4, 3))
   with pytest.raises(ValueError, match="mode"):
@@ -378,6 +472,8 @@ def test_bad_arguments_raise():
     losses.masked_feature_distill(x[:, 0], x[:, 0], jnp.ones((2, 4)), kind="l2")
   with pytest.raises(ValueError, match="batch, classes"):
     losses.dist(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)))
+  with pytest.raises(ValueError, match="equal shapes"):
+    losses.hcl([x], [jnp.zeros((2, 2, 2, 3))])
 
 
 # ---------------------------------------------------------------------------

@@ -47,7 +47,9 @@ def get_config(arg=None):
       enabled=False, mode='qat', weight_bits=8, act_bits=8, module_path='.*'))
   # Deployable files written by on_finish (docs/deploy.md): e.g. --config.deploy.formats="('onnx',)".
   c.deploy = default_deploy_config()
-  c.teacher = ml_collections.ConfigDict({'workdir': '', 'dtype': 'float32'})
+  c.teacher = ml_collections.ConfigDict({'workdir': '', 'dtype': 'float32', 'ema': False})
+  # Several teachers, averaged into one target (jkd/teachers.py), instead of teacher.workdir.
+  c.teachers = ml_collections.ConfigDict()
   c.losses = ml_collections.ConfigDict({'ce': dict(weight=1.0)})
   c.kd_weight = None          # Shorthand: W sets losses to (1 - W) CE + W KD.
   c.kd_temperature = None     # Shorthand: the KD temperature (default 4).

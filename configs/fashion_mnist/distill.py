@@ -7,9 +7,16 @@ r"""Knowledge distillation on Fashion-MNIST: a small ResNet student from a train
 
 The loss is a weighted sum of named terms (`config.losses`); the default is mdistiller's KD
 recipe (0.1 x CE + 0.9 x KD at T=4). Other recipes by name after the colon:
-`:dkd`, `:dist`, `:fitnet`, `:at`, `:rkd`, `:kd_logit_std` (each keeps a CE term), `:deit`, and
+`:dkd`, `:dist`, `:fitnet`, `:at`, `:rkd`, `:kd_logit_std` (each keeps a CE term), `:deit`,
+`:multi`, and
 `:tiny` / `:tiny-NAME` for the test suite. Terms can be changed from the command line, e.g.
 `--config.losses.kd.temperature=2`.
+
+`:multi` distils from two teachers at once (a CNN and a ViT; jkd/teachers.py): their logits
+averaged with equal weights into the KD recipe's target.
+
+  jkd distill --config configs/fashion_mnist/distill.py:multi --workdir /tmp/multi \
+              --config.teachers.resnet.workdir=/tmp/teacher --config.teachers.vit.workdir=/tmp/vit
 
 `:deit` is DeiT's hard distillation (Touvron et al. 2021): the student is a small ViT with a
 distillation token (`vit_nano_p4`, pool='token', `model.distill_token=True`); 0.5 x CE on the
@@ -42,7 +49,13 @@ RECIPES = {
                                               teacher=('stage2', 'stage3'))},
     'rkd': {'ce': dict(weight=1.0), 'rkd': dict(weight=1.0)},
     'deit': {'ce': dict(weight=0.5), 'deit_hard': dict(weight=0.5)},
+    # Two teachers (config.teachers below), their logits averaged: the KD recipe otherwise.
+    'multi': {'ce': dict(weight=0.1), 'kd': dict(weight=0.9, temperature=4.0)},
 }
+# `:multi`'s teachers: a CNN and a ViT, equal weights; set both workdirs.
+MULTI_TEACHERS = {
+    name: {'workdir': '', 'weight': 1.0, 'dtype': 'float32', 'taps': {}, 'ema': False}
+    for name in ('resnet', 'vit')}
 # A DeiT student: a ViT with the class token and the distillation token.
 DEIT_MODEL = {'name': 'vit_nano_p4', 'dtype': 'float32', 'pool': 'token', 'distill_token': True}
 
@@ -56,9 +69,16 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(DEIT_MODEL)
   c.teacher = ml_collections.ConfigDict({
       'workdir': '', 'dtype': 'float32',
+      # ema=True: the teacher's EMA weights (a run trained with --config.ema.decay > 0).
+      'ema': False,
+      # How the teachers of config.teachers meet the terms: 'average' or 'separate'.
+      'combine': 'average',
       # dir='' distils from the online teacher; see jkd/trainers/teacher_cache.py.
       'cache': {'dir': '', 'topk': 10, 'dtype': 'float16', 'rest': 'smooth', 'shard_steps': 100},
   })
+  # Several teachers instead of teacher.workdir (jkd/teachers.py): {name: {workdir, weight,
+  # dtype, taps, ema}}, e.g. --config.teachers="{'a': {'workdir': 'runs/a'}, 'b': {...}}".
+  c.teachers = ml_collections.ConfigDict(MULTI_TEACHERS if recipe == 'multi' else {})
   c.losses = ml_collections.ConfigDict(RECIPES[recipe])
   c.batch_size = 128
   c.num_epochs = 6.0

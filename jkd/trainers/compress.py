@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jkd import data, loop, storage
+from jkd import data, loop, storage, teachers
 from jkd.compress import export as export_lib
 from jkd.compress import channel_pruning, pruning, quant
 from jkd.errors import UserError
@@ -57,11 +57,12 @@ def teacher_for(config, terms: list[dict], run: common.RunData) -> Teacher | Non
   taught = [f"{t['name']} ({t['kind']})" for t in terms if t['kind'] != 'ce']
   if not taught:
     return None
-  if not (config.get('teacher') or {}).get('workdir'):
+  if not (config.get('teacher') or {}).get('workdir') and not teachers.configured(config):
     raise UserError(f'config.losses terms {", ".join(taught)} distil from a teacher, and none '
                     'is set: pass --config.teacher.workdir=DIR (a trained jkd workdir), or '
                     'train with cross-entropy alone (--config.kd_weight=0).')
-  return Teacher.from_config(config, run.info.num_classes, run.shape)
+  # Several teachers (config.teachers) are one averaged target here: `apply` combines them.
+  return teachers.from_config(config, run.info.num_classes, run.shape)
 
 
 def _make_tx(config, steps, params_shape=None):

@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jkd import data, loop
+from jkd import data, loop, teachers
 from jkd.optim import make_optimizer
 from jkd.teacher import Teacher
+from jkd.teachers import Ensemble
 from jkd.trainers import common, teacher_cache
 from jkd.trainers import distill_terms as T
 from jkd.trainers.distill_terms import PROJECTORS, STUDENT
@@ -64,25 +65,30 @@ class Distillation:
 
   Attributes:
     student: the student module (DeiT's two heads when it has a distillation token).
-    teacher: the frozen teacher, or None when its logits come from a cache.
+    teacher: the frozen teacher (a `jkd.teachers.Ensemble` of `config.teachers`), or None when
+      its logits come from a cache.
     terms: `config.losses` parsed (`distill_terms.parse_terms`).
     projectors: student feature -> teacher width maps, for the FitNet terms that need one.
     info: the dataset (classes, normalisation).
     dtype: the student's compute dtype.
     capture: whether any term reads intermediate features (taps).
     cache_rest: the cache's `rest` mode when the teacher is cached, else None.
+    expanded: the terms as computed: `terms` itself for one teacher; with an ensemble, a copy
+      per teacher of each term that reads them (`Ensemble.expand_terms`).
   """
   student: nn.Module
-  teacher: Teacher | None
+  teacher: Teacher | Ensemble | None
   terms: list[dict]
   projectors: T.Projectors
   info: data.DatasetInfo
   dtype: Any
   capture: bool
   cache_rest: str | None = None
+  expanded: list[dict] | None = None
 
   @classmethod
-  def from_config(cls, config, run: common.RunData, teacher: Teacher | None) -> 'Distillation':
+  def from_config(cls, config, run: common.RunData,
+                  teacher: Teacher | Ensemble | None) -> 'Distillation':
     """Student and terms from `config`; projector widths from both models' feature shapes."""
     student = common.create_model(config.model, run.info.num_classes)
     terms = T.parse_terms(config.losses)
@@ -94,12 +100,18 @@ class Distillation:
       # of the explicit path that sowing the maps needs.
       student = common.without_attention_maps(student)
       teacher = teacher and teacher.without_attention_maps()
+    expanded = (teacher.expand_terms(terms, T.LOGIT_TERMS) if isinstance(teacher, Ensemble)
+                else terms)
     d = cls(student, teacher, terms, T.Projectors({}), run.info,
             common.compute_dtype(config.model.get('dtype', 'float32')), capture,
-            teacher_cache.settings(config)['rest'] if teacher is None else None)
-    widths = T.projector_widths(terms, d.student_features(run.shape),
+            teacher_cache.settings(config)['rest'] if teacher is None else None, expanded)
+    widths = T.projector_widths(expanded, d.student_features(run.shape),
                                 d.teacher_features(run.shape))
     return dataclasses.replace(d, projectors=T.Projectors(widths))
+
+  @property
+  def ensemble(self) -> Ensemble | None:
+    return self.teacher if isinstance(self.teacher, Ensemble) else None
 
   def teacher_features(self, shape) -> dict:
     """term name -> the abstract teacher feature it reads (eval_shape: no compute)."""
@@ -109,7 +121,17 @@ class Distillation:
                               self.teacher.variables)
     _, t_inter = jax.eval_shape(lambda v, x: self.teacher.apply(v, x, capture=True),
                                 t_abstract, jax.ShapeDtypeStruct((2, *shape), jnp.float32))
-    return T.gather_taps(self.terms, t_inter, 'teacher')
+    return self.gather_teacher_taps(t_inter)
+
+  def gather_teacher_taps(self, t_inter) -> dict:
+    """term name -> the teacher feature it reads; with an ensemble, each copy its teacher's."""
+    if self.ensemble is None:
+      return T.gather_taps(self.terms, t_inter, 'teacher')
+    out = {}
+    for name in self.ensemble.names:
+      copies = [t for t in self.expanded if t.get('member') == name]
+      out.update(T.gather_taps(copies, t_inter[name], 'teacher'))
+    return out
 
   def student_features(self, shape) -> dict:
     """term name -> the abstract student feature it reads (eval_shape: no compute)."""
@@ -119,7 +141,7 @@ class Distillation:
         lambda p, ms, x: apply_student(self.student, p, ms, x, train=False,
                                        capture=self.capture),
         nn.meta.unbox(s_params), s_state, jax.ShapeDtypeStruct((2, *shape), jnp.float32))
-    return T.gather_taps(self.terms, s_inter, STUDENT)
+    return T.gather_taps(self.expanded, s_inter, STUDENT)
 
   def init_state(self, tx, shape, key) -> loop.TrainState:
     """params = {student, projectors}; the student's model_state (BatchNorm statistics)."""
@@ -133,15 +155,23 @@ class Distillation:
     return common.new_state(params, model_state, tx)
 
   def teacher_outputs(self, teacher_vars, batch, images):
-    """(teacher logits (B, C) fp32, tapped teacher features), constants for the student."""
+    """(teacher logits (B, C) fp32, tapped teacher features, each teacher's logits {name:
+    (B, C)} or None), constants for the student. An ensemble's logits are combined."""
     if self.teacher is None:
-      return teacher_cache.teacher_logits(batch, self.info.num_classes, self.cache_rest), {}
+      return (teacher_cache.teacher_logits(batch, self.info.num_classes, self.cache_rest), {},
+              None)
+    if self.ensemble is not None:
+      members, t_inter = self.ensemble.apply_members(teacher_vars[0], images,
+                                                     capture=self.capture)
+      members = jax.lax.stop_gradient(members)
+      return (self.ensemble.combined(members),
+              jax.lax.stop_gradient(self.gather_teacher_taps(t_inter)), members)
     t_logits, t_inter = self.teacher.apply(teacher_vars[0], images, capture=self.capture)
     return (jax.lax.stop_gradient(t_logits.astype(jnp.float32)),
-            jax.lax.stop_gradient(T.gather_taps(self.terms, t_inter, 'teacher')))
+            jax.lax.stop_gradient(T.gather_taps(self.terms, t_inter, 'teacher')), None)
 
   def loss(self, params, model_state, images, *, labels, targets, t_logits, t_feats, key,
-           step):
+           step, t_members=None):
     """The weighted sum of the terms; aux = (student prediction, model_state, term values).
 
     The prediction is DeiT's mean of both heads where the student has two.
@@ -150,13 +180,21 @@ class Distillation:
         self.student, params[STUDENT], model_state, images.astype(self.dtype), train=True,
         key=key, capture=self.capture)
     s_logits = s_logits.astype(jnp.float32)
-    s_feats = T.gather_taps(self.terms, s_inter, STUDENT)
+    s_feats = T.gather_taps(self.expanded, s_inter, STUDENT)
     widths = self.projectors.widths
     projected = (self.projectors.apply({'params': params[PROJECTORS]},
                                        {n: s_feats[n] for n in widths}) if widths else {})
-    values = T.term_values(self.terms, s_logits=s_logits, t_logits=t_logits, labels=labels,
-                           targets=targets, s_feats=s_feats, t_feats=t_feats,
-                           projected=projected, step=step, s_dist_logits=s_dist)
+    inputs = dict(s_logits=s_logits, labels=labels, targets=targets, s_feats=s_feats,
+                  t_feats=t_feats, projected=projected, step=step, s_dist_logits=s_dist)
+    if self.ensemble is None:
+      values = T.term_values(self.terms, t_logits=t_logits, **inputs)
+    else:  # Each copy of a term against its own teacher's logits; the rest the combined ones.
+      values = {}
+      for term in self.expanded:
+        member = term.get('member')
+        values[term['name']] = T.term_value(
+            term, t_logits=t_logits if member is None else t_members[member], **inputs)
+      values = self.ensemble.combine_values(self.terms, values)
     output = s_logits if s_dist is None else (s_logits + s_dist) / 2
     return T.total(self.terms, values), (output, model_state, values)
 
@@ -168,10 +206,11 @@ def distill_step(d: Distillation, tx, schedule, *, mixup_alpha: float):
     labels = batch['label']
     images, targets, dropout_key = common.step_inputs(batch, key, state.step, d.info,
                                                       mixup_alpha)
-    t_logits, t_feats = d.teacher_outputs(teacher_vars, batch, images)
+    t_logits, t_feats, t_members = d.teacher_outputs(teacher_vars, batch, images)
     loss_fn = functools.partial(d.loss, model_state=state.model_state, images=images,
                                 labels=labels, targets=targets, t_logits=t_logits,
-                                t_feats=t_feats, key=dropout_key, step=state.step)
+                                t_feats=t_feats, key=dropout_key, step=state.step,
+                                t_members=t_members)
     (loss, (s_logits, model_state, values)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads, tx, model_state=model_state)
@@ -201,7 +240,12 @@ def distill_eval_step(d: Distillation):
     if s_dist is not None:  # Each DeiT head alone, beside their mean.
       sums['cls_head_accuracy'] = jnp.sum((jnp.argmax(s_logits, -1) == labels) * mask)
       sums['dist_head_accuracy'] = jnp.sum((jnp.argmax(s_dist, -1) == labels) * mask)
-    if teacher_vars:
+    if d.ensemble is not None:  # The ensemble's accuracy, and each teacher's.
+      members, _ = d.ensemble.apply_members(teacher_vars[0], images)
+      for name, logits in members.items():
+        sums[f'teacher_accuracy_{name}'] = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+      t_pred = jnp.argmax(d.ensemble.combined(members), -1)
+    elif teacher_vars:
       t_pred = jnp.argmax(d.teacher.apply(teacher_vars[0], images)[0], -1)
     else:  # Cached teacher: its test predictions were stored with the cache (if at all).
       t_pred = batch.get('teacher_pred')
@@ -216,13 +260,14 @@ def build_task(config, workdir: str, *, teacher: Teacher | None = None) -> loop.
   """The distillation Task for `jkd.loop.run`.
 
   Args:
-    teacher: the frozen teacher; default `config.teacher.workdir`'s (none with a teacher cache).
+    teacher: the frozen teacher; default `config.teachers` (an ensemble) or
+      `config.teacher.workdir` (none with a teacher cache).
   """
   del workdir  # Everything is written by the loop.
   run = common.RunData.from_config(config)
   cached = teacher_cache.enabled(config)
   if not cached:
-    teacher = teacher or Teacher.from_config(config, run.info.num_classes, run.shape)
+    teacher = teacher or teachers.from_config(config, run.info.num_classes, run.shape)
   d = Distillation.from_config(config, run, None if cached else teacher)
   description = teacher_cache.describe(config) if cached else d.teacher.description
   tx, schedule = make_optimizer(config.optim, config.batch_size, run.steps)

@@ -40,11 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd import data, interrupt, loop, parallel, storage
+from jkd import data, interrupt, loop, parallel, storage, teachers
 from jkd.checkpoint import read_latest_meta
 from jkd.errors import UserError
 from jkd.metrics import format_duration
-from jkd.teacher import Teacher
 from jkd.trainers import common
 from jkd.trainers import distill_terms as T
 
@@ -134,9 +133,31 @@ def _write_json(path: str, obj: dict) -> None:
   storage.write_text(path, json.dumps(obj, indent=1))  # A reader never sees half a manifest.
 
 
+def _has_teacher(config) -> bool:
+  """Whether the run names a teacher that can build the cache (one, or `config.teachers`)."""
+  return bool(config.teacher.get('workdir')) or teachers.configured(config)
+
+
 def _teacher_ref(config) -> dict:
-  """Which teacher checkpoint (workdir + step) the cache comes from; reads metadata only."""
-  workdir = config.teacher.get('workdir')
+  """Which teacher checkpoint (workdir + step) the cache comes from; reads metadata only. For
+  `config.teachers` (averaged: the cache holds the ensemble's combined logits), every teacher's
+  reference, weight, dtype and EMA choice."""
+  if teachers.configured(config):
+    if teachers.combine(config) != 'average':
+      raise UserError("config.teacher.cache.dir with config.teacher.combine='separate': a cache "
+                      "holds one set of logits. Use combine='average' (the cache then holds the "
+                      "teachers' weighted mean) or the online teachers.")
+    entries = teachers.parse(config)
+    return {'model': '+'.join(_one_ref(e['workdir'])['model'] for e in entries),
+            'members': [{**_one_ref(e['workdir']), 'name': e['name'], 'weight': e['weight'],
+                         'dtype': e['dtype'], 'ema': bool(e['ema'])} for e in entries]}
+  ref = _one_ref(config.teacher.get('workdir'))
+  if config.teacher.get('ema'):
+    ref['ema'] = True
+  return ref
+
+
+def _one_ref(workdir: str) -> dict:
   step, meta = read_latest_meta(workdir)
   return {'workdir': storage.resolve(workdir), 'step': int(step),
           'model': (meta.get('config') or {}).get('model', {}).get('name') or meta.get('model')}
@@ -199,7 +220,7 @@ def ensure(config, *, log=print) -> dict:
   if jax.process_index() != 0:
     log = lambda *_: None  # noqa: E731  (one progress stream per run)
   manifest = _read_manifest(directory)
-  has_teacher = bool(config.teacher.get('workdir'))
+  has_teacher = _has_teacher(config)
   if manifest is None and not has_teacher:
     raise UserError(f'No teacher cache in {directory} and no teacher to build one: set '
                     '--config.teacher.workdir=DIR (a trained jkd workdir).')
@@ -232,7 +253,8 @@ def _build(config, directory, manifest, lengths, missing, eval_missing, log) -> 
   t0 = time.perf_counter()
   ident = manifest['identity']
   info = data.get_info(config.data)
-  teacher = Teacher.from_config(config, info.num_classes, common.input_shape(info, config.data))
+  teacher = teachers.from_config(config, info.num_classes,
+                                 common.input_shape(info, config.data))
   mesh = parallel.make_mesh(config.get('mesh'))
   t_vars, t_shardings = teacher.place(mesh)
   k, num_classes = ident['topk'], ident['num_classes']
@@ -372,7 +394,7 @@ class CachedTeacherIterator:
     if manifest is None:
       raise UserError(f'No teacher cache in {directory}: run `jkd distill` with this config, '
                       'which builds it first.')
-    teacher = (_teacher_ref(self._config) if self._config.teacher.get('workdir')
+    teacher = (_teacher_ref(self._config) if _has_teacher(self._config)
                else manifest['identity']['teacher'])
     want = identity(self._config, num_classes, teacher)
     if manifest['identity'] != want:
