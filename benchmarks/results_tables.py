@@ -128,6 +128,15 @@ def _compress_cpu(variant: str) -> tuple[str, ...]:
 
 
 _TEACHER = (('teacher.workdir', 'teacher'),)
+_VIT_TEACHER = (('teacher.workdir', 'vit_teacher'),)
+# The distill table's rows of issue 22 (distill.py recipes beyond DISTILL_RECIPES): each its
+# teachers. 'kd_vit' is the KD recipe from the ViT teacher alone, the single-teacher control of
+# 'multi' (the same student budget as 'kd' from the ResNet teacher).
+CANON_RECIPES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    'multi': ('multi', (('teachers.resnet.workdir', 'teacher'),
+                        ('teachers.vit.workdir', 'vit_teacher'))),
+    'kd_vit': ('kd', _VIT_TEACHER),
+}
 # QAT + KD learns from the distill table's teacher; the channel-pruned student from its own
 # unpruned parent (compress.py:channel50).
 _COMPRESS_TEACHER = {'qat_kd': _TEACHER, 'channel50': (('teacher.workdir', 'student_scratch'),)}
@@ -148,6 +157,12 @@ JOBS: dict[str, Job] = {
     **{r: Job('distill', 'distill.py', gpu_arg=r, tiny_arg=f'tiny-{r}', needs=_TEACHER,
               cpu_overrides=_VIT_CPU if r == 'deit' else cpu_budget.STUDENT)
        for r in DISTILL_RECIPES + ('deit',)},
+    # The ViT teacher of the multi-teacher rows: finetune.py's ViT from scratch, once.
+    'vit_teacher': Job('train', 'finetune.py', once=True,
+                       cpu_overrides=cpu_budget.FINETUNE + ('num_epochs=5',)),
+    **{name: Job('distill', 'distill.py', gpu_arg=recipe, tiny_arg=f'tiny-{recipe}',
+                 needs=needs, cpu_overrides=cpu_budget.STUDENT)
+       for name, (recipe, needs) in CANON_RECIPES.items()},
     'ft_scratch': Job('train', 'finetune.py', cpu_overrides=_FINETUNE_CPU),
     'mae': Job('pretrain', 'mae.py',
                cpu_overrides=cpu_budget.MIM_PRETRAIN + cpu_budget.MAE_DECODER),
@@ -169,7 +184,9 @@ JOBS: dict[str, Job] = {
 
 _RECIPE_LABELS = {'kd': 'KD (0.1 CE + 0.9 KD, T=4)', 'dkd': 'DKD', 'dist': 'DIST',
                   'kd_logit_std': 'KD with logit standardization', 'fitnet': 'FitNet (+ KD)',
-                  'at': 'AT', 'rkd': 'RKD'}
+                  'at': 'AT', 'rkd': 'RKD',
+                  'multi': 'KD from two teachers (ResNet + ViT, logits averaged; `:multi`)',
+                  'kd_vit': 'KD from the ViT teacher alone'}
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table('supervised', 'Supervised Fashion-MNIST', (
         '`jkd train --config configs/fashion_mnist/supervised.py:gpu` (ResNet-18 small stem, '
@@ -191,15 +208,22 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         'One teacher (`supervised.py` with resnet20_s, seed 0, as docs/distillation.md), '
         'students of `distill.py:RECIPE` (resnet8_s, 6 epochs) beside the same student trained '
         'from scratch with the same data and schedule; DeiT (`:deit`, vit_nano_p4 with a '
-        'distillation token) beside that ViT from scratch.'),
+        'distillation token) beside that ViT from scratch. Issue 22\'s rows: a second, ViT '
+        'teacher (`finetune.py` trained from scratch, seed 0), and KD from both teachers at once '
+        '(`:multi`) beside KD from each alone (`kd`, `kd_vit`: the same student budget).'),
           (Row('teacher', 'teacher (resnet20_s, seed 0 only)', 'teacher'),
            Row('scratch', 'student from scratch', 'student_scratch'),
            *(Row(r, _RECIPE_LABELS[r], r, 'scratch') for r in DISTILL_RECIPES),
            Row('vit_scratch', 'ViT student from scratch', 'vit_scratch'),
-           Row('deit', 'DeiT hard distillation (`:deit`)', 'deit', 'vit_scratch')),
+           Row('deit', 'DeiT hard distillation (`:deit`)', 'deit', 'vit_scratch'),
+           Row('vit_teacher', 'ViT teacher (`finetune.py` from scratch, seed 0 only)',
+               'vit_teacher'),
+           *(Row(r, _RECIPE_LABELS[r], r, 'scratch') for r in CANON_RECIPES)),
           about_cpu=('the teacher trains 2 epochs; the students train 0.7 epoch at batch 64 '
                      '(lr 2e-3, warmup 100) without augmentation, as `jkd demo`\'s; the ViTs are '
-                     '`vit_micro_p7` for 1 epoch at batch 128. The recipes keep their weights '
+                     '`vit_micro_p7` for 1 epoch at batch 128; the ViT teacher is '
+                     '`vit_micro_p7` trained 5 epochs (no augmentation, layer decay 0.85). The '
+                     'recipes keep their weights '
                      '(DKD\'s 500-step warmup is most of the 656 steps).')),
     Table('compress', 'Compression of the scratch student', (
         'The student from scratch of the distill table (resnet8_s) compressed by '

@@ -66,15 +66,25 @@ def test_dry_run_distill(capsys):
                      '--config.seed=0 --config.model.name=resnet20_s']
   assert lines[0] == teacher[0]  # before every student
   recipes = _distill_recipes()
-  assert set(rt.DISTILL_RECIPES) | {'deit'} == set(recipes)
+  canon = {recipe for recipe, _ in rt.CANON_RECIPES.values()}
+  assert set(rt.DISTILL_RECIPES) | {'deit'} | canon == set(recipes)
+  vit = '--config.teacher.workdir=R/gpu/vit_teacher/seed0'
+  assert lines.index(_matching(lines, '--workdir R/gpu/vit_teacher/seed0 ')[0]) < lines.index(
+      _matching(lines, '/multi/seed0 ')[0])
   for s in (0, 1, 2):
-    for recipe in recipes:
+    for recipe in rt.DISTILL_RECIPES + ('deit',):
       assert len(_matching(lines, f'jkd distill --config {CFG}/distill.py:{recipe} ',
                            f'--config.seed={s}',
                            '--config.teacher.workdir=R/gpu/teacher/seed0')) == 1, (recipe, s)
+    # KD from the ViT teacher alone, and from both teachers at once.
+    assert len(_matching(lines, f'distill.py:kd --workdir R/gpu/kd_vit/seed{s} ', vit)) == 1
+    assert len(_matching(lines, f'distill.py:multi --workdir R/gpu/multi/seed{s} ',
+                         '--config.teachers.resnet.workdir=R/gpu/teacher/seed0',
+                         '--config.teachers.vit.workdir=R/gpu/vit_teacher/seed0')) == 1
     assert len(_matching(lines, 'jkd train', f'/student_scratch/seed{s} ')) == 1
     assert len(_matching(lines, 'jkd train', f'/vit_scratch/seed{s} ')) == 1
-  assert len(lines) == 1 + 3 * (len(recipes) + 2)
+  # Two teachers; per seed every recipe (kd twice: from each teacher) and two scratch baselines.
+  assert len(lines) == 2 + 3 * (len(recipes) + 1 + 2)
 
 
 def test_dry_run_compress(capsys):
