@@ -4,7 +4,7 @@ checkpoint and export that existed before byte-identical.
 
 The cases run in this process through `jkd.cli.main(argv)`, the function the `jkd` command
 calls (`python -m jkd.cli` and the console script both return its value as the exit status), so
-150-odd cases share one jax start-up and one compile cache. `test_cases_in_fresh_processes`
+200-odd cases share one jax start-up and one compile cache. `test_cases_in_fresh_processes`
 runs a sample through `python -m jkd.cli` in child processes: the same exit statuses and
 messages there, and nothing printed at interpreter exit (where Orbax's abandoned reads used to
 print asyncio tracebacks).
