@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jkd.compress.pruning import PruningState, cubic_sparsity, path_name
+from jkd.compress.pruning import cubic_sparsity, masked_optimizer, path_name
 from jkd.errors import UserError
 
 CRITERIA = ('bn', 'l1')
@@ -198,30 +198,17 @@ def channel_pruning(inner: optax.GradientTransformation, params, *, ratio: float
                     'of channels removed must be in [0, 1).')
   groups = groups_for(params)
 
-  def init_fn(p):
-    return PruningState(jnp.zeros((), jnp.int32),
-                        jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), p), inner.init(p))
-
-  def update_fn(updates, state, p=None):
-    if p is None:
-      raise ValueError('channel_pruning needs params in update(grads, state, params).')
-    count = state.count
-    # Every `update_every` steps, and at `end_step` itself: otherwise a schedule whose length
-    # is not a multiple of `update_every` would stop short of `ratio` (e.g. 17 of 32 kept).
-    due = ((count >= begin_step) & (count <= end_step)
-           & (((count - begin_step) % max(update_every, 1) == 0) | (count == end_step)))
+  def compute_masks(p, old_masks, count):
+    del old_masks  # every group is ranked afresh
     frac = cubic_sparsity(count, target_sparsity=ratio, begin_step=begin_step,
                           end_step=end_step)
-    masks = jax.lax.cond(
-        due, lambda: _param_masks(p, groups, channel_masks(p, groups, frac, criterion)),
-        lambda: state.masks)
-    masked = jax.tree.map(lambda g, k: g * k.astype(g.dtype), updates, masks)
-    inner_updates, inner_state = inner.update(masked, state.inner_state, p)
-    out = jax.tree.map(lambda u, k, x: u * k.astype(u.dtype) - x * (1 - k).astype(x.dtype),
-                       inner_updates, masks, p)
-    return out, PruningState(count + 1, masks, inner_state)
+    return _param_masks(p, groups, channel_masks(p, groups, frac, criterion))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  # Recomputed at end_step too: otherwise a schedule whose length is not a multiple of
+  # `update_every` would stop short of `ratio` (e.g. 17 of 32 kept) and could not be shrunk.
+  return masked_optimizer(inner, compute_masks, begin_step=begin_step, end_step=end_step,
+                          update_every=update_every, name='channel_pruning',
+                          recompute_at_end=True)
 
 
 def kept_channels(params, groups: list[Group]) -> dict[str, np.ndarray]:

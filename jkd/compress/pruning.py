@@ -138,16 +138,34 @@ def magnitude_pruning(inner: optax.GradientTransformation, *, target_sparsity: f
         new.append(old)
     return treedef.unflatten(new)
 
+  return masked_optimizer(inner, compute_masks, begin_step=begin_step, end_step=end_step,
+                          update_every=update_every, name='magnitude_pruning')
+
+
+def masked_optimizer(inner: optax.GradientTransformation, compute_masks, *, begin_step: int,
+                     end_step: int, update_every: int, name: str,
+                     recompute_at_end: bool = False) -> optax.GradientTransformation:
+  """`inner` with masks: updates of masked weights are zeroed before and after `inner` (its
+  moments never see them) and the weights themselves set to exactly 0.
+
+  `compute_masks(params, old_masks, count)` -> new 0/1 masks (params-shaped) runs at steps
+  `begin_step + k * update_every <= end_step`, and also at `end_step` with `recompute_at_end`
+  (so a schedule whose length is not a multiple of `update_every` still reaches its target);
+  in between and afterwards the masks are kept. State: `PruningState`.
+  """
+
   def init_fn(params):
     masks = jax.tree.map(lambda x: jnp.ones(x.shape, jnp.float32), params)
     return PruningState(jnp.zeros((), jnp.int32), masks, inner.init(params))
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError('magnitude_pruning needs params in update(grads, state, params).')
+      raise ValueError(f'{name} needs params in update(grads, state, params).')
     count = state.count
-    due = ((count >= begin_step) & (count <= end_step)
-           & ((count - begin_step) % max(update_every, 1) == 0))
+    on_grid = (count - begin_step) % max(update_every, 1) == 0
+    if recompute_at_end:
+      on_grid = on_grid | (count == end_step)
+    due = (count >= begin_step) & (count <= end_step) & on_grid
     masks = jax.lax.cond(due, lambda: compute_masks(params, state.masks, count),
                          lambda: state.masks)
     masked = jax.tree.map(lambda g, k: g * k.astype(g.dtype), updates, masks)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkd.data import jpeg
+
 # ---------------------------------------------------------------- host side (numpy)
 
 
@@ -88,25 +90,8 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int,
     uint8 [size, size, C].
   """
   height, width = image.shape[:2]
-  area = height * width
-  log_ratio = np.log(ratio)
-  for _ in range(10):
-    target_area = area * rng.uniform(*scale)
-    aspect = np.exp(rng.uniform(*log_ratio))
-    w = int(round(np.sqrt(target_area * aspect)))
-    h = int(round(np.sqrt(target_area / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      return resize(image[top:top + h, left:left + w], size, size)
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    w, h = width, int(round(width / min(ratio)))
-  elif in_ratio > max(ratio):
-    w, h = int(round(height * max(ratio))), height
-  else:
-    w, h = width, height
-  top, left = (height - h) // 2, (width - w) // 2
+  # The same draws as a file's crop in `jkd.data.jpeg.train_crop`.
+  left, top, w, h = jpeg.random_crop_box(width, height, rng, scale, ratio)
   return resize(image[top:top + h, left:left + w], size, size)
 
 

@@ -191,8 +191,9 @@ def random_crop_box(width: int, height: int, rng: np.random.Generator,
 
   torchvision's `RandomResizedCrop.get_params`: up to 10 draws of an area in `scale` x the
   image's and a log-uniform aspect ratio in `ratio`; the first that fits is placed uniformly;
-  otherwise the center crop of the closest allowed aspect ratio. The draws are the same as
-  `jkd.data.augment.random_resized_crop`'s, so a decoded image and its file get the same crop.
+  otherwise the center crop of the closest allowed aspect ratio. `jkd.data.augment.
+  random_resized_crop` crops decoded images with it, so a decoded image and its file get the
+  same crop.
   """
   area = height * width
   log_ratio = np.log(ratio)
