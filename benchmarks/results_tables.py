@@ -136,6 +136,10 @@ CANON_RECIPES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     'multi': ('multi', (('teachers.resnet.workdir', 'teacher'),
                         ('teachers.vit.workdir', 'vit_teacher'))),
     'kd_vit': ('kd', _VIT_TEACHER),
+    'crd': ('crd', _TEACHER),
+    'reviewkd': ('reviewkd', _TEACHER),
+    'ofa': ('ofa', _VIT_TEACHER),    # a ViT teacher -> the CNN student
+    'tfkd': ('tfkd', ()),            # no teacher
 }
 # QAT + KD learns from the distill table's teacher; the channel-pruned student from its own
 # unpruned parent (compress.py:channel50).
@@ -157,7 +161,7 @@ JOBS: dict[str, Job] = {
     **{r: Job('distill', 'distill.py', gpu_arg=r, tiny_arg=f'tiny-{r}', needs=_TEACHER,
               cpu_overrides=_VIT_CPU if r == 'deit' else cpu_budget.STUDENT)
        for r in DISTILL_RECIPES + ('deit',)},
-    # The ViT teacher of the multi-teacher rows: finetune.py's ViT from scratch, once.
+    # The ViT teacher of the multi-teacher and OFA rows: finetune.py's ViT from scratch, once.
     'vit_teacher': Job('train', 'finetune.py', once=True,
                        cpu_overrides=cpu_budget.FINETUNE + ('num_epochs=5',)),
     **{name: Job('distill', 'distill.py', gpu_arg=recipe, tiny_arg=f'tiny-{recipe}',
@@ -186,7 +190,10 @@ _RECIPE_LABELS = {'kd': 'KD (0.1 CE + 0.9 KD, T=4)', 'dkd': 'DKD', 'dist': 'DIST
                   'kd_logit_std': 'KD with logit standardization', 'fitnet': 'FitNet (+ KD)',
                   'at': 'AT', 'rkd': 'RKD',
                   'multi': 'KD from two teachers (ResNet + ViT, logits averaged; `:multi`)',
-                  'kd_vit': 'KD from the ViT teacher alone'}
+                  'kd_vit': 'KD from the ViT teacher alone', 'crd': 'CRD (`:crd`)',
+                  'reviewkd': 'ReviewKD (`:reviewkd`)',
+                  'ofa': 'OFA-KD from the ViT teacher (`:ofa`)',
+                  'tfkd': 'Teacher-free KD, Tf-KD_reg (`:tfkd`)'}
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table('supervised', 'Supervised Fashion-MNIST', (
         '`jkd train --config configs/fashion_mnist/supervised.py:gpu` (ResNet-18 small stem, '
@@ -209,8 +216,9 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         'students of `distill.py:RECIPE` (resnet8_s, 6 epochs) beside the same student trained '
         'from scratch with the same data and schedule; DeiT (`:deit`, vit_nano_p4 with a '
         'distillation token) beside that ViT from scratch. Issue 22\'s rows: a second, ViT '
-        'teacher (`finetune.py` trained from scratch, seed 0), and KD from both teachers at once '
-        '(`:multi`) beside KD from each alone (`kd`, `kd_vit`: the same student budget).'),
+        'teacher (`finetune.py` trained from scratch, seed 0), KD from both teachers at once '
+        '(`:multi`) beside KD from each alone (`kd`, `kd_vit`: the same student budget), CRD, '
+        'ReviewKD, OFA-KD from the ViT teacher into the CNN student, and teacher-free KD.'),
           (Row('teacher', 'teacher (resnet20_s, seed 0 only)', 'teacher'),
            Row('scratch', 'student from scratch', 'student_scratch'),
            *(Row(r, _RECIPE_LABELS[r], r, 'scratch') for r in DISTILL_RECIPES),
@@ -223,8 +231,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                      '(lr 2e-3, warmup 100) without augmentation, as `jkd demo`\'s; the ViTs are '
                      '`vit_micro_p7` for 1 epoch at batch 128; the ViT teacher is '
                      '`vit_micro_p7` trained 5 epochs (no augmentation, layer decay 0.85). The '
-                     'recipes keep their weights '
-                     '(DKD\'s 500-step warmup is most of the 656 steps).')),
+                     'recipes keep their weights (DKD\'s and ReviewKD\'s 500-step warmups are '
+                     'most of the 656 steps; CRD draws 4096 negatives).')),
     Table('compress', 'Compression of the scratch student', (
         'The student from scratch of the distill table (resnet8_s) compressed by '
         '`compress.py:VARIANT` (`--config.init_from` = that student of the same seed; QAT+KD '

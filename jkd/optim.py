@@ -1,9 +1,12 @@
 """Optimizers and schedules from config (optax only; nothing hand-written).
 
 `config.optim` fields: name ('adamw' | 'sgd' | 'lamb'), lr (peak, already scaled), warmup_steps,
-schedule ('cosine' | 'constant' | 'linear'), min_lr_ratio, weight_decay, b1, b2, momentum,
-nesterov, grad_clip (global norm; 0 = off), lr_batch_base (if > 0 the peak lr is
-`lr * batch_size / lr_batch_base`, the linear scaling rule of MAE (/256) and SimMIM (/512)).
+schedule ('cosine' | 'constant' | 'linear' | 'step'), min_lr_ratio, weight_decay, b1, b2,
+momentum, nesterov, grad_clip (global norm; 0 = off), lr_batch_base (if > 0 the peak lr is
+`lr * batch_size / lr_batch_base`, the linear scaling rule of MAE (/256) and SimMIM (/512)),
+accumulate_steps (gradient accumulation, `optax.MultiSteps`: one update per k steps; 1 = off),
+and for schedule 'step' decay_at (fractions of the run where the lr is multiplied by
+decay_rate: mdistiller's epochs 150, 180, 210 of 240 are (0.625, 0.75, 0.875)).
 """
 from __future__ import annotations
 
@@ -21,7 +24,15 @@ def default_optim_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name='adamw', lr=1e-3, lr_batch_base=0, warmup_steps=0, schedule='cosine',
       min_lr_ratio=0.0, weight_decay=0.05, b1=0.9, b2=0.999, momentum=0.9, nesterov=True,
-      grad_clip=1.0))
+      grad_clip=1.0, accumulate_steps=1))
+
+
+def accumulate_steps(cfg: ml_collections.ConfigDict) -> int:
+  """`cfg.accumulate_steps` (1 when unset), checked: train steps per optimizer update."""
+  k = int(cfg.get('accumulate_steps', 1) or 1)
+  if k < 1:
+    raise UserError(f'config.optim.accumulate_steps={k}: use 1 (no accumulation) or more.')
+  return k
 
 
 def peak_lr(cfg: ml_collections.ConfigDict, batch_size: int) -> float:
@@ -45,8 +56,17 @@ def make_schedule(cfg: ml_collections.ConfigDict, batch_size: int,
   if cfg.schedule == 'constant':
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
-  raise UserError(f'config.optim.schedule={cfg.schedule!r} is unknown; use cosine, linear or '
-                  'constant.')
+  if cfg.schedule == 'step':  # mdistiller / RepDistiller: x decay_rate at each boundary.
+    fractions = tuple(cfg.get('decay_at', (0.625, 0.75, 0.875)))
+    if any(not 0 < f < 1 for f in fractions):
+      raise UserError(f'config.optim.decay_at={fractions}: give fractions of the run in (0, 1).')
+    rate = float(cfg.get('decay_rate', 0.1))
+    steps = optax.piecewise_constant_schedule(
+        peak, {max(int(round(f * total_steps)), 1): rate for f in fractions})
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), steps], [warmup]) \
+        if warmup else steps
+  raise UserError(f'config.optim.schedule={cfg.schedule!r} is unknown; use cosine, linear, '
+                  'constant or step.')
 
 
 def decay_mask(params: Any) -> Any:
@@ -70,8 +90,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict, batch_size: int, total_steps:
   Args:
     lr_scale_fn: optional `params -> tree of floats` multiplying each parameter's update
       (layer-wise lr decay for fine-tuning).
+
+  With `cfg.accumulate_steps = k` > 1 the optimizer is `optax.MultiSteps`: gradients of k
+  consecutive steps are averaged into one update (an effective batch of k x batch_size, which
+  `lr_batch_base` scales by); the schedule stays a function of the train step (warmup_steps
+  and the run length count train steps) and update u uses its value at step u k.
   """
-  schedule = make_schedule(cfg, batch_size, total_steps)
+  k = accumulate_steps(cfg)
+  schedule = make_schedule(cfg, batch_size * k, total_steps)
+  if k > 1:
+    train_schedule, schedule = schedule, lambda update: train_schedule(update * k)
   if cfg.name == 'adamw':
     core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                        mask=decay_mask)
@@ -90,6 +118,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, batch_size: int, total_steps:
   parts.append(core)
   if lr_scale_fn is not None:
     parts.append(_scale_by_tree(lr_scale_fn))
+  if k > 1:
+    return optax.MultiSteps(optax.chain(*parts), every_k_schedule=k), train_schedule
   return optax.chain(*parts), schedule
 
 

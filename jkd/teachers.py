@@ -197,13 +197,15 @@ class Ensemble:
 
   # ---------------------------------------------------------------- the loss terms per teacher
 
-  def expand_terms(self, terms: list[dict], logit_terms) -> list[dict]:
+  def expand_terms(self, terms: list[dict], logit_terms, teacher_free=('ce',)) -> list[dict]:
     """The terms as the step computes them: a term that reads the teachers becomes one copy per
     teacher (name 'TERM_TEACHER', key 'member', the teacher's own tap), except a logit term in
-    'average' mode, which reads the combined logits once. 'ce' reads no teacher."""
+    'average' mode, which reads the combined logits once. `teacher_free` kinds ('ce', 'tf_kd')
+    read no teacher and stay one term."""
     out = []
     for term in terms:
-      if term['kind'] == 'ce' or (self.combine == 'average' and term['kind'] in logit_terms):
+      if term['kind'] in teacher_free or (self.combine == 'average'
+                                          and term['kind'] in logit_terms):
         out.append(term)
         continue
       for name, taps in zip(self.names, self.taps):

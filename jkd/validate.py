@@ -146,7 +146,10 @@ RUN_RULES: dict[str, tuple[Rule, str]] = {
     'optim.lr': (number(0, above=True), 'the peak learning rate, e.g. 1e-3'),
     'optim.lr_batch_base': (number(0), '0 = lr as given, else lr * batch_size / this'),
     'optim.warmup_steps': (integer(0), 'linear warm-up steps'),
-    'optim.schedule': (one_of('cosine', 'linear', 'constant'), 'the lr schedule'),
+    'optim.schedule': (one_of('cosine', 'linear', 'constant', 'step'), 'the lr schedule'),
+    'optim.decay_rate': (number(0, above=True, hi=1), "the 'step' schedule's factor, e.g. 0.1"),
+    'optim.accumulate_steps': (integer(1), 'train steps per optimizer update (gradient '
+                               'accumulation); 1 = off'),
     'optim.min_lr_ratio': (number(0, hi=1), 'the final lr as a fraction of the peak'),
     'optim.weight_decay': (number(0), 'e.g. 0.05'),
     'optim.b1': (number(0, hi=1, below=True), "Adam's first-moment decay, e.g. 0.9"),
@@ -173,12 +176,23 @@ RUN_RULES: dict[str, tuple[Rule, str]] = {
     'data.prefetch': (integer(0), 'batches buffered ahead'),
     'data.crop_fraction': (number(0, above=True, hi=1), 'the eval center-crop fraction'),
     'data.inception_crop': (boolean, 'random-resized crops of variable-size images'),
+    'data.randaugment_ops': (integer(0), 'RandAugment ops per image; 0 = off (DeiT: 2)'),
+    'data.randaugment_magnitude': (number(0, hi=10), 'RandAugment magnitude on timm\'s 0-10 '
+                                   'scale (DeiT: 9)'),
+    'data.randaugment_std': (number(0), 'the spread of the magnitude (DeiT: 0.5)'),
+    'data.random_erasing': (number(0, hi=1), 'the probability of erasing a box (DeiT: 0.25)'),
+    'data.repeated_aug': (integer(1), 'times each example is shown per epoch; 1 = off '
+                          '(DeiT: 3)'),
     'data.num_classes': (integer(1), 'classes of the synthetic dataset'),
     'data.channels': (integer(1), 'channels of the synthetic images'),
     'data.num_examples': (integer(1), 'examples of the synthetic train split'),
     'data.num_eval_examples': (integer(1), 'examples of the synthetic test split'),
     'teacher.workdir': (text, 'the workdir of the trained teacher'),
     'teacher.dtype': (optional(one_of('', *DTYPE_NAMES)), "the teacher's compute dtype"),
+    'teacher.ema': (boolean, "distil from the teacher run's EMA of the weights"),
+    'teacher.combine': (one_of('average', 'separate'), 'how several teachers teach: one '
+                        'averaged target, or each term once per teacher'),
+    'ema.decay': (number(0, hi=1, below=True), 'the EMA of the weights, e.g. 0.999; 0 = off'),
     'teacher.model': (optional(text), 'a teacher model name (bench and plan)'),
     'teacher.cache.dir': (text, "the teacher cache's directory; '' = online teacher"),
     'teacher.cache.topk': (integer(1), 'logits kept per example, e.g. 10'),
@@ -298,6 +312,16 @@ def check_terms(terms: list[dict]) -> None:
         _apply(f'losses.{name}.{option}', value, number(0, hi=1, below=True), 'e.g. 0.1')
       elif option == 'p':
         _apply(f'losses.{name}.{option}', value, number(0, above=True), 'the norm power, e.g. 2')
+      elif option in ('feat_dim', 'nce_k', 'max_mid_channel'):
+        _apply(f'losses.{name}.{option}', value, integer(1), 'a size, e.g. 128')
+      elif option == 'momentum':
+        _apply(f'losses.{name}.{option}', value, number(0, hi=1, below=True),
+               "the memory bank's momentum, e.g. 0.5")
+      elif option == 'eps':
+        _apply(f'losses.{name}.{option}', value, number(0), "OFA's target exponent, e.g. 1")
+      elif option == 'correct_prob':
+        _apply(f'losses.{name}.{option}', value, number(0, above=True, hi=1),
+               "the virtual teacher's probability of the label, e.g. 0.99")
   if terms and not any(t['weight'] > 0 for t in terms):
     raise UserError(f'config.losses: every term has weight 0 ({", ".join(t["name"] for t in terms)}'
                     '), so the loss is constant and nothing would train. Give at least one term '

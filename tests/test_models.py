@@ -10,6 +10,7 @@ import pytest
 
 from jkd import masking, models
 from jkd.errors import UserError
+from jkd.models import cifar as cifar_models
 from jkd.models import vit as vit_lib
 from jkd.models.mim import create_mim
 
@@ -59,17 +60,22 @@ def resnet_vars():
 
 def test_names_sorted_and_complete():
   expected = {'vit_ti16', 'vit_s16', 'vit_b16', 'vit_l16', 'vit_h14', 'resnet18', 'resnet34',
-              'resnet50', *SMALL}
+              'resnet50', *SMALL,
+              # mdistiller's CIFAR-100 zoo (jkd/models/cifar.py; tests/test_cifar_models.py).
+              'resnet8', 'resnet20', 'resnet32', 'resnet56', 'resnet110', 'resnet8x4',
+              'resnet32x4', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2', 'vgg8', 'vgg11', 'vgg13', 'vgg16',
+              'mobilenetv2', 'shufflenetv2'}
   assert models.names() == sorted(expected)
 
 
 @pytest.mark.parametrize('name', models.names())
 def test_every_model_builds(name):
   model = models.create(name)
-  small = name in SMALL
-  # 28 px (Fashion-MNIST) for patch 7, 32 px (CIFAR) for the other small models.
-  _, logits = _abstract(model, (28 if name.endswith('_p7') else 32) if small else 224)
-  assert logits.shape == (1, 10 if small else 1000)
+  small, cifar = name in SMALL, name in cifar_models.registry()
+  # 28 px (Fashion-MNIST) for patch 7, 32 px (CIFAR) for the other small models and the zoo.
+  size = (28 if name.endswith('_p7') else 32) if small or cifar else 224
+  _, logits = _abstract(model, size)
+  assert logits.shape == (1, 10 if small else 100 if cifar else 1000)
   assert logits.dtype == jnp.float32
 
 

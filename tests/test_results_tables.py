@@ -70,17 +70,20 @@ def test_dry_run_distill(capsys):
   assert set(rt.DISTILL_RECIPES) | {'deit'} | canon == set(recipes)
   vit = '--config.teacher.workdir=R/gpu/vit_teacher/seed0'
   assert lines.index(_matching(lines, '--workdir R/gpu/vit_teacher/seed0 ')[0]) < lines.index(
-      _matching(lines, '/multi/seed0 ')[0])
+      _matching(lines, '/ofa/seed0 ')[0])
   for s in (0, 1, 2):
-    for recipe in rt.DISTILL_RECIPES + ('deit',):
+    for recipe in rt.DISTILL_RECIPES + ('deit', 'crd', 'reviewkd'):
       assert len(_matching(lines, f'jkd distill --config {CFG}/distill.py:{recipe} ',
                            f'--config.seed={s}',
                            '--config.teacher.workdir=R/gpu/teacher/seed0')) == 1, (recipe, s)
-    # KD from the ViT teacher alone, and from both teachers at once.
+    # The ViT teacher's rows; KD from both teachers; teacher-free KD names no teacher.
     assert len(_matching(lines, f'distill.py:kd --workdir R/gpu/kd_vit/seed{s} ', vit)) == 1
+    assert len(_matching(lines, f'distill.py:ofa --workdir R/gpu/ofa/seed{s} ', vit)) == 1
     assert len(_matching(lines, f'distill.py:multi --workdir R/gpu/multi/seed{s} ',
                          '--config.teachers.resnet.workdir=R/gpu/teacher/seed0',
                          '--config.teachers.vit.workdir=R/gpu/vit_teacher/seed0')) == 1
+    tfkd = _matching(lines, f'distill.py:tfkd --workdir R/gpu/tfkd/seed{s} ')
+    assert len(tfkd) == 1 and 'teacher' not in tfkd[0].split('--workdir')[1]
     assert len(_matching(lines, 'jkd train', f'/student_scratch/seed{s} ')) == 1
     assert len(_matching(lines, 'jkd train', f'/vit_scratch/seed{s} ')) == 1
   # Two teachers; per seed every recipe (kd twice: from each teacher) and two scratch baselines.

@@ -7,10 +7,13 @@ r"""Knowledge distillation on Fashion-MNIST: a small ResNet student from a train
 
 The loss is a weighted sum of named terms (`config.losses`); the default is mdistiller's KD
 recipe (0.1 x CE + 0.9 x KD at T=4). Other recipes by name after the colon:
-`:dkd`, `:dist`, `:fitnet`, `:at`, `:rkd`, `:kd_logit_std` (each keeps a CE term), `:deit`,
-`:multi`, and
-`:tiny` / `:tiny-NAME` for the test suite. Terms can be changed from the command line, e.g.
+`:dkd`, `:dist`, `:fitnet`, `:at`, `:rkd`, `:kd_logit_std`, `:crd`, `:reviewkd`, `:ofa`,
+`:tfkd` (each keeps a CE term), `:deit`, `:multi`, and `:tiny` / `:tiny-NAME` for the test
+suite. Terms can be changed from the command line, e.g.
 `--config.losses.kd.temperature=2`.
+
+`:crd`, `:reviewkd`, `:ofa` are CRD, ReviewKD and OFA-KD with their trainable heads
+(jkd/trainers/distill_heads.py); `:tfkd` is teacher-free KD (no --config.teacher.workdir needed).
 
 `:multi` distils from two teachers at once (a CNN and a ViT; jkd/teachers.py): their logits
 averaged with equal weights into the KD recipe's target.
@@ -51,6 +54,21 @@ RECIPES = {
     'deit': {'ce': dict(weight=0.5), 'deit_hard': dict(weight=0.5)},
     # Two teachers (config.teachers below), their logits averaged: the KD recipe otherwise.
     'multi': {'ce': dict(weight=0.1), 'kd': dict(weight=0.9, temperature=4.0)},
+    # mdistiller's CRD: CE + 0.8 x CRD (RepDistiller's -a 0 -b 0.8); 4096 negatives here (the
+    # papers' 16384 on CIFAR-100's 50,000 images).
+    'crd': {'ce': dict(weight=1.0), 'crd': dict(weight=0.8, nce_k=4096, student='pre_logits',
+                                                teacher='pre_logits')},
+    # mdistiller's ReviewKD: CE + ReviewKD (weight 1, ramped in as DKD's warmup).
+    'reviewkd': {'ce': dict(weight=1.0), 'reviewkd': dict(
+        weight=1.0, warmup_steps=500, student=('stage1', 'stage2', 'stage3', 'pre_logits'),
+        teacher=('stage1', 'stage2', 'stage3', 'pre_logits'))},
+    # OFA-KD (OFAKD's defaults: every stage and the logits, eps 1, all weights 1).
+    'ofa': {'ce': dict(weight=1.0), 'ofa': dict(weight=1.0, eps=1.0,
+                                                student=('stage1', 'stage2', 'stage3'))},
+    # Teacher-free KD, Tf-KD_reg: no teacher at all (the authors' ResNet-18 CIFAR-100 setting:
+    # alpha 0.1, multiplier 100, T 20 -> 0.9 CE + 10 x tf_kd).
+    'tfkd': {'ce': dict(weight=0.9), 'tf_kd': dict(weight=10.0, correct_prob=0.99,
+                                                  temperature=20.0)},
 }
 # `:multi`'s teachers: a CNN and a ViT, equal weights; set both workdirs.
 MULTI_TEACHERS = {
@@ -82,6 +100,8 @@ def get_config(arg=None):
   c.losses = ml_collections.ConfigDict(RECIPES[recipe])
   c.batch_size = 128
   c.num_epochs = 6.0
+  # EMA of the weights (jkd/trainers/ema.py): decay > 0 keeps, evaluates and saves one.
+  c.ema = ml_collections.ConfigDict({'decay': 0.0})
   c.optim.lr = 3e-3
   c.optim.weight_decay = 1e-4
   c.optim.warmup_steps = 200

@@ -31,6 +31,8 @@ def get_config(arg=None):
   c.optim.layer_decay = 0.75    # Layer-wise lr decay (jkd.optim.layerwise_lr_scales); 0 = off.
   c.label_smoothing = 0.1
   c.checkpoint_every = 1000
+  # EMA of the weights (jkd/trainers/ema.py): decay > 0 keeps, evaluates and saves one.
+  c.ema = ml_collections.ConfigDict({'decay': 0.0})
   c.log_every = 100
   c.init_from = ''              # The pretraining workdir.
   c.init_prefix = ()            # MIM models keep the encoder at the top level.

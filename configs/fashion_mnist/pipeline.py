@@ -19,6 +19,11 @@ stage from the command line (its overrides are replaced as a whole), e.g.
 you already have: --config.stages.assistant.teacher=runs/my_teacher
 --config.order="('assistant', 'student')". `:tiny` / `:tiny-hint`: the test-suite size.
 
+`:born_again` is self-distillation (Born-Again Networks, Furlanello et al. 2018; Tf-KD_self,
+Yuan et al. 2020): a resnet8_s trained with labels teaches a resnet8_s of the same shape, which
+teaches the next generation. `:ema_teacher` trains the resnet8_s keeping an EMA of its weights
+(`ema.decay=0.999`), then distils a fresh resnet8_s from that EMA (`teacher.ema=true`).
+
 Measured on the 2-core CPU, one seed (docs/results.md): `:ta` teacher 90.27% (6m57s),
 assistant 84.35% (2m23s), student 77.58% (1m07s); `:hint` student 86.36% (hint 2m23s + KD
 2m19s). At these lengths KD does not beat training the 19,810-parameter student from scratch
@@ -29,7 +34,7 @@ import ml_collections
 from jkd.defaults import parse_variant
 from jkd.pipeline import stage
 
-VARIANTS = ('ta', 'hint')
+VARIANTS = ('ta', 'hint', 'born_again', 'ema_teacher')
 
 
 def get_config(arg=None):
@@ -51,6 +56,17 @@ def get_config(arg=None):
                                teacher='teacher')
     c.stages.student = stage('distill', f'fashion_mnist/distill.py{size}',
                              ('model.width=8',) + student_len, teacher='assistant')
+  elif variant in ('born_again', 'ema_teacher'):
+    ema = variant == 'ema_teacher'
+    c.stages.teacher = stage('train', f'fashion_mnist/supervised.py{size}',
+                             teacher_len + (('ema.decay=0.999',) if ema else ()))
+    c.stages.gen1 = stage('distill', f'fashion_mnist/distill.py{size}',
+                          student_len + (('teacher.ema=true',) if ema else ()), teacher='teacher')
+    c.order = ('teacher', 'gen1')
+    if not ema:
+      c.stages.gen2 = stage('distill', f'fashion_mnist/distill.py{size}', student_len,
+                            teacher='gen1')
+      c.order = ('teacher', 'gen1', 'gen2')
   else:
     c.order = ('teacher', 'hint', 'student')
     recipe = 'tiny-fitnet' if tiny else 'fitnet'

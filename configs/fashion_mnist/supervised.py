@@ -28,6 +28,8 @@ def get_config(arg=None):
   c.optim.warmup_steps = 100
   c.label_smoothing = 0.0
   c.checkpoint_every = 1000
+  # EMA of the weights (jkd/trainers/ema.py): decay > 0 keeps, evaluates and saves one.
+  c.ema = ml_collections.ConfigDict({'decay': 0.0})
   c.log_every = 100
   if arg == 'gpu':
     c.model = ml_collections.ConfigDict({'name': 'resnet18_s', 'dtype': 'bfloat16'})

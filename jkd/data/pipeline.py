@@ -48,9 +48,12 @@ def default_data_config(name: str = 'fashion_mnist') -> ml_collections.ConfigDic
   default search path), train_split, eval_split, image_size (None = native size), crop_padding
   (0 = no random crop), flip, num_workers (reader threads; 0 = in the calling thread),
   prefetch (batches buffered ahead), crop_fraction (eval center crop of variable-size images),
-  inception_crop (random-resized-crop for variable-size train images), and for 'synthetic':
-  num_classes, channels, num_examples, num_eval_examples; for 'folder' (the user's images,
-  `jkd.data.folder`): dir, holdout, split_seed, mode, mean, std, worker_processes.
+  inception_crop (random-resized-crop for variable-size train images), randaugment_ops /
+  randaugment_magnitude / randaugment_std and random_erasing (device-side, in `jkd train` and
+  `jkd distill`'s steps: `jkd.data.randaugment`), repeated_aug (examples shown that many times
+  per epoch), and for 'synthetic': num_classes, channels, num_examples, num_eval_examples; for
+  'folder' (the user's images, `jkd.data.folder`): dir, holdout, split_seed, mode, mean, std,
+  worker_processes.
   """
   train_split, eval_split, image_size, padding, flip = _DEFAULTS.get(
       name, ('train', 'test', None, 0, True))
@@ -69,6 +72,15 @@ def default_data_config(name: str = 'fashion_mnist') -> ml_collections.ConfigDic
   cfg.inception_crop = True
   cfg.crop_scale = (0.08, 1.0)   # Inception crop area range (MAE: (0.2, 1.0); SimMIM: (0.67, 1)).
   cfg.crop_ratio = (3 / 4, 4 / 3)
+  # DeiT's recipe basics, off by default: RandAugment and random erasing run on the device in
+  # the train step (jkd.data.randaugment; DeiT: 2 ops, magnitude 9, std 0.5, erasing 0.25);
+  # repeated augmentation shows each example of an epoch this many times, in the same batch
+  # with different draws (DeiT: 3).
+  cfg.randaugment_ops = 0
+  cfg.randaugment_magnitude = 9.0
+  cfg.randaugment_std = 0.5
+  cfg.random_erasing = 0.0
+  cfg.repeated_aug = 1
   if name == 'synthetic':
     cfg.num_classes = 10
     cfg.channels = 3
@@ -218,6 +230,11 @@ class _BatchReader:
     return images if flipped else augment.flip_batch(images, flips)
 
 
+# Settings that fix the order of batches but enter the iterator state only when not at their
+# default (states saved before they existed resume unchanged).
+_OPTIONAL_IDENTITY = {'repeated_aug': 1}
+
+
 class TrainIterator:
   """Infinite iterator of local train batches with JSON-serializable, resumable state.
 
@@ -255,6 +272,10 @@ class TrainIterator:
   def set_state(self, state: dict[str, Any]) -> None:
     """Resumes so that the next batch is batch `state['next_batch']` of this run."""
     changed = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+    for k, default in _OPTIONAL_IDENTITY.items():  # Recorded only when not the default.
+      saved, now = state.get(k, default), self._identity.get(k, default)
+      if saved != now:
+        changed[k] = (saved, now)
     if changed:
       detail = ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in changed.items())
       raise UserError(f'The checkpointed data iterator was made with other settings ({detail}); '
@@ -271,8 +292,11 @@ class TrainIterator:
 
 
 @functools.lru_cache(maxsize=4)  # reader threads straddle at most two epochs
-def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  return np.random.default_rng([seed, 0, epoch]).permutation(num_examples)
+def _permutation(seed: int, epoch: int, num_examples: int, repeats: int = 1) -> np.ndarray:
+  order = np.random.default_rng([seed, 0, epoch]).permutation(num_examples)
+  if repeats > 1:  # DeiT's RASampler: each index `repeats` times in a row, epoch length kept.
+    order = np.repeat(order, repeats)[:num_examples]
+  return order
 
 
 class _TrainBatches:
@@ -282,25 +306,31 @@ class _TrainBatches:
   """
 
   def __init__(self, reader: _BatchReader, *, num_examples: int, steps_per_epoch: int,
-               global_batch_size: int, local: slice, seed: int):
+               global_batch_size: int, local: slice, seed: int, repeats: int = 1,
+               with_index: bool = False):
     self.reader, self.num_examples, self.seed = reader, num_examples, seed
+    self.repeats, self.with_index = repeats, with_index
     self.steps_per_epoch, self.global_batch_size, self.local = (steps_per_epoch,
                                                                 global_batch_size, local)
 
   def __call__(self, step: int, _) -> dict[str, np.ndarray]:
     epoch, start = divmod(step, self.steps_per_epoch)
     start *= self.global_batch_size  # the tail of each epoch's permutation is dropped
-    rows = _permutation(self.seed, epoch, self.num_examples)[start + self.local.start:
-                                                              start + self.local.stop]
+    order = _permutation(self.seed, epoch, self.num_examples, self.repeats)
+    rows = order[start + self.local.start:start + self.local.stop]
     reader, size = self.reader, self.global_batch_size
     flips = reader.draws(step, size, self.local)[1] if reader.flips_each_image else None
     images, labels = reader.read(rows, step, self.local, flips)
-    return {'image': reader.augment(images, step, size, self.local, flipped=flips is not None),
-            'label': labels}
+    out = {'image': reader.augment(images, step, size, self.local, flipped=flips is not None),
+           'label': labels}
+    if self.with_index:
+      out['index'] = rows.astype(np.int32)
+    return out
 
 
 def make_train_iterator(cfg, *, global_batch_size: int, seed: int, process_index: int | None = None,
-                        process_count: int | None = None) -> TrainIterator:
+                        process_count: int | None = None, with_index: bool = False
+                        ) -> TrainIterator:
   """Returns an infinite, checkpointable iterator over `cfg.train_split`.
 
   Each epoch is a fresh global shuffle of the split (seeded by `seed` and the epoch), cut into
@@ -315,6 +345,8 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int, process_index
     seed: shuffle and augmentation seed.
     process_index: this process (default `jax.process_index()`).
     process_count: number of processes (default `jax.process_count()`).
+    with_index: also yield each example's position in the split, 'index' int32 [B_local]
+      (CRD's memory banks are indexed by it).
 
   Returns:
     `TrainIterator` yielding {'image': uint8 [B_local, H, W, C], 'label': int32 [B_local]}.
@@ -331,12 +363,17 @@ def make_train_iterator(cfg, *, global_batch_size: int, seed: int, process_index
                     f'of {global_batch_size}: lower the batch size or use a larger split.')
   if seed < 0:
     raise ValueError(f'seed must be non-negative, got {seed}.')
+  repeats = int(cfg_get(cfg, 'repeated_aug', 1) or 1)
+  if repeats < 1:
+    raise UserError(f'config.data.repeated_aug={repeats}: use 1 (off) or more (DeiT: 3).')
   batches = _TrainBatches(_BatchReader(cfg, source, train=True, seed=seed),
                           num_examples=num_examples, steps_per_epoch=steps_per_epoch,
-                          global_batch_size=global_batch_size, local=local, seed=seed)
+                          global_batch_size=global_batch_size, local=local, seed=seed,
+                          repeats=repeats, with_index=with_index)
   ds = grain.MapDataset.range(steps_per_epoch).repeat().map_with_index(batches)
   identity = {'dataset': cfg_get(cfg, 'name'), 'split': split, 'seed': int(seed),
-              'global_batch_size': int(global_batch_size)}
+              'global_batch_size': int(global_batch_size),
+              **({'repeated_aug': repeats} if repeats > 1 else {})}
   # Element k of `ds` is batch k whatever the slice: resuming at batch `first` reads ds[first:].
   read_options, processes = _read_options(cfg), workers.worker_processes(cfg)
   return TrainIterator(lambda first: workers.iterate(ds[first:], read_options, processes),

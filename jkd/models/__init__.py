@@ -5,7 +5,9 @@
   logits = model.apply(variables, images)         # (B, num_classes) fp32
 
 ImageNet names default to 1000 classes; the small ones (suffix `_s` or `_p4`, for 28×28 / 32×32
-inputs) to 10.
+inputs) to 10; the CIFAR-100 zoo of the distillation tables (`resnet8x4`, `resnet32x4`,
+`wrn_16_2`, `wrn_40_2`, `vgg8`, `vgg13`, `mobilenetv2`, `shufflenetv2`, ...; `jkd.models.cifar`)
+to 100.
 """
 
 import dataclasses
@@ -13,6 +15,7 @@ import dataclasses
 import flax.linen as nn
 
 from jkd.errors import UserError
+from jkd.models import cifar
 from jkd.models.layers import param_count
 from jkd.models.resnet import ResNet
 from jkd.models.vit import ViT, attention_maps, block_outputs, posemb_sincos_2d
@@ -49,6 +52,8 @@ _REGISTRY = {
     'vit_nano_p4': _vit(96, 4, 3, patch=4, num_classes=10),
     'vit_mini_p4': _vit(192, 6, 3, patch=4, num_classes=10),
     'vit_small_p4': _vit(256, 8, 4, patch=4, num_classes=10),
+    # The students and teachers of mdistiller's CIFAR-100 tables (jkd/models/cifar.py).
+    **cifar.registry(),
 }
 
 

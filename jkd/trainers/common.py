@@ -14,9 +14,11 @@ import numpy as np
 import optax
 
 from jkd import data, loop, models
-from jkd.checkpoint import load_model
+from jkd.data import randaugment
+from jkd.checkpoint import RUN_STATE_KEYS, load_model
 from jkd.errors import UserError
 from jkd.models.mim import METHODS, create_mim, posemb_of
+from jkd.trainers import ema
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Collections a forward pass may write that are not state to keep across steps.
@@ -88,12 +90,25 @@ def init_variables(model: nn.Module, key: jax.Array, shape) -> tuple[Any, dict]:
   return params, model_state
 
 
+def split_run_state(model_state: dict) -> tuple[dict, dict]:
+  """(the model's collections, the trainer's entries) of a `model_state`: the EMA of the weights
+  and the loss terms' state (`jkd.checkpoint.RUN_STATE_KEYS`) are not the model's variables."""
+  model_vars = {k: v for k, v in model_state.items() if k not in RUN_STATE_KEYS}
+  return model_vars, {k: v for k, v in model_state.items() if k in RUN_STATE_KEYS}
+
+
 def apply_model(model: nn.Module, params, model_state: dict, images, *, train: bool,
                 key: jax.Array | None = None, capture: bool = False):
   """Forward pass. Returns (logits, new_model_state, intermediates).
 
   `capture=True` also returns the 'intermediates' collection (named features, attention maps).
+  The trainer's entries of `model_state` (an EMA of the weights) pass through untouched.
   """
+  model_state, run_state = split_run_state(model_state)
+  if run_state:
+    logits, model_state, intermediates = apply_model(model, params, model_state, images,
+                                                     train=train, key=key, capture=capture)
+    return logits, {**model_state, **run_state}, intermediates
   mutable = list(model_state) if train else []
   if capture:
     mutable.append('intermediates')
@@ -172,13 +187,14 @@ def make_task(config, kind: str, run: RunData, *, meta: dict, **fields) -> loop.
       'class_names': list(run.info.class_names), **meta})
 
 
-def step_inputs(batch, key, step, info, mixup_alpha: float):
+def step_inputs(batch, key, step, info, mixup_alpha: float, augment: dict | None = None):
   """What both models of a distillation see at `step`: (normalized, mixed images (B, H, W, C)
-  fp32, mixed one-hot targets (B, C), dropout key). Mixup is drawn from (key, step) only, so the
-  teacher cache reproduces it."""
+  fp32, mixed one-hot targets (B, C), dropout key). Mixup and the device-side augmentation
+  (`augment`: `data.randaugment.augment_settings(config.data)`) are drawn from (key, step) only,
+  so the teacher cache reproduces them."""
   key = jax.random.fold_in(key, step)
   mix_key, dropout_key = jax.random.split(key)
-  images = data.normalize(batch['image'], info.mean, info.std, jnp.float32)
+  images = augmented_images(batch['image'], key, info.mean, info.std, augment, jnp.float32)
   targets = jax.nn.one_hot(batch['label'], info.num_classes)
   if mixup_alpha > 0:  # Mixed once, seen by both models: consistent teaching.
     images, targets = data.mixup(mix_key, images, targets, mixup_alpha)
@@ -190,6 +206,22 @@ def confusion_counts(labels, predictions, mask, num_classes: int):
   as j. A scatter-add (O(batch)), not a [B, K] x [B, K] product, so 1000 classes cost nothing."""
   return jnp.zeros((num_classes, num_classes), jnp.float32).at[labels, predictions].add(
       mask.astype(jnp.float32))
+
+
+def augmented_images(images, key, mean, std, augment: dict | None, dtype):
+  """uint8 (B, H, W, C) -> normalised `dtype` images with RandAugment before and random
+  erasing after the normalisation (DeiT's order), each drawn from its own fold of `key` (the
+  step's); without `augment` (or with both off) just `data.normalize`."""
+  ops, magnitude, magnitude_std = (augment or {}).get('randaugment', (0, 0.0, 0.0))
+  erasing = (augment or {}).get('random_erasing', 0.0)
+  if ops:
+    images = randaugment.rand_augment(jax.random.fold_in(key, 11), images, ops, magnitude,
+                                      magnitude_std)
+  images = data.normalize(images, mean, std, jnp.float32 if erasing else dtype)
+  if erasing:
+    images = randaugment.random_erasing(jax.random.fold_in(key, 12), images, erasing)
+    images = images.astype(dtype)
+  return images
 
 
 def classification_eval_step(model: nn.Module, mean, std, dtype, num_classes: int):
@@ -205,9 +237,13 @@ def classification_eval_step(model: nn.Module, mean, std, dtype, num_classes: in
                                                            batch['label'])
     predictions = jnp.argmax(logits, -1)
     correct = (predictions == batch['label']).astype(jnp.float32)
+    # The EMA of the weights, when the run keeps one (jkd.trainers.ema), beside them.
+    ema_sums = ema.eval_sums(state, lambda p, v: apply_model(model, p, v, images, train=False)[0],
+                             batch['label'], mask)
     return {'correct': jnp.sum(correct * mask), 'loss': jnp.sum(loss * mask),
             'count': jnp.sum(mask),
-            'confusion': confusion_counts(batch['label'], predictions, mask, num_classes)}
+            'confusion': confusion_counts(batch['label'], predictions, mask, num_classes),
+            **ema_sums}
   return eval_step
 
 

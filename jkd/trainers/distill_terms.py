@@ -24,6 +24,7 @@ import optax
 
 from jkd import losses
 from jkd.errors import UserError
+from jkd.trainers import distill_heads
 
 # A distillation run's params: {'student': the model that is kept, 'projectors': the trainable
 # maps from student features to teacher widths, dropped after training} (meta `params_prefix`).
@@ -46,9 +47,15 @@ TERMS: dict[str, dict[str, Any]] = {
             'angle_weight': 50.0},
     'pkt': {'student': 'pre_logits', 'teacher': 'pre_logits'},
     'sp': {'student': 'pre_logits', 'teacher': 'pre_logits'},
+    # Teacher-free KD (Tf-KD_reg, Yuan et al. 2020): a virtual teacher from the labels.
+    'tf_kd': {'correct_prob': 0.99, 'temperature': 20.0},
+    # With trainable heads (and CRD's memory banks): jkd.trainers.distill_heads.
+    **distill_heads.TERMS,
 }
 _NONE: Mapping = types.MappingProxyType({})  # No feature taps (a logits-only trainer).
-LOGIT_TERMS = ('ce', 'kd', 'dkd', 'dist', 'kd_logit_std', 'deit_hard', 'deit_soft')
+LOGIT_TERMS = ('ce', 'kd', 'dkd', 'dist', 'kd_logit_std', 'deit_hard', 'deit_soft', 'tf_kd')
+# Terms that read no teacher: a run of only these needs none (teacher-free distillation).
+TEACHER_FREE = ('ce', 'tf_kd')
 
 
 def parse_terms(spec: Any, kinds: Mapping[str, Mapping[str, Any]] | None = None,
@@ -86,6 +93,11 @@ def parse_terms(spec: Any, kinds: Mapping[str, Mapping[str, Any]] | None = None,
 
 def needs_features(terms: list[dict]) -> bool:
   return any(t['kind'] not in LOGIT_TERMS for t in terms)
+
+
+def needs_teacher(terms: list[dict]) -> bool:
+  """Whether any term reads the teacher (else the run is teacher-free: 'ce', 'tf_kd')."""
+  return any(t['kind'] not in TEACHER_FREE for t in terms)
 
 
 ATTENTION_TAPS = ('attn', 'q', 'k', 'v')  # What `vit.Attention` sows on its explicit path.
@@ -190,6 +202,8 @@ def term_value(term: dict, *, s_logits, t_logits, labels, targets, step, s_feats
     return losses.deit_hard(s_dist, t_logits)
   if kind == 'deit_soft':
     return losses.deit_soft(s_dist, t_logits, term['temperature'])
+  if kind == 'tf_kd':
+    return losses.tf_kd_reg(s_logits, labels, term['correct_prob'], term['temperature'])
   if kind == 'fitnet':
     s, t = projected.get(term['name'], s_feats[term['name']]), t_feats[term['name']]
     if s.ndim == 4 and s.shape[1:3] != t.shape[1:3]:
@@ -209,13 +223,14 @@ def term_value(term: dict, *, s_logits, t_logits, labels, targets, step, s_feats
 
 
 def gather_taps(terms: list[dict], inter: Mapping, who: str) -> dict[str, Any]:
-  """term name -> the feature (or list of features, for AT) the term reads from one model."""
+  """term name -> the feature (or list of features, for AT and for a tuple of taps) the term
+  reads from one model; terms that read nothing from it are left out."""
   out = {}
   for term in terms:
-    if term['kind'] in LOGIT_TERMS:
+    if term['kind'] in LOGIT_TERMS or who not in term:
       continue
     names = term[who]
-    if term['kind'] == 'at':
+    if term['kind'] == 'at' or isinstance(names, (tuple, list)):
       names = (names,) if isinstance(names, str) else tuple(names)
       out[term['name']] = [find_tap(inter, n, who) for n in names]
     else:

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jkd import data, interrupt, loop, parallel, storage, teachers
+from jkd.data import randaugment
 from jkd.checkpoint import read_latest_meta
 from jkd.errors import UserError
 from jkd.metrics import format_duration
@@ -55,6 +56,10 @@ DTYPES = {'float16': np.float16, 'float32': np.float32}
 DEFAULTS = {'dir': '', 'topk': 10, 'dtype': 'float16', 'rest': 'smooth', 'shard_steps': 100}
 # Data settings that do not change a batch's content (reader threads, buffers, where files are).
 _NOT_IDENTITY = ('num_workers', 'prefetch', 'data_dir', 'eval_split')
+# Augmentation settings that are left out of the identity while off (caches built before they
+# existed stay valid); on, they change every batch and are part of it.
+_OFF = {'randaugment_ops': 0, 'randaugment_magnitude': 9.0, 'randaugment_std': 0.5,
+        'random_erasing': 0.0, 'repeated_aug': 1}
 _DROPPED_LOGIT = -1e9
 
 
@@ -168,7 +173,8 @@ def identity(config, num_classes: int, teacher: dict) -> dict:
   s = settings(config)
   ident = {
       'teacher': teacher, 'teacher_dtype': config.teacher.get('dtype') or 'float32',
-      'data': {k: v for k, v in sorted(config.data.to_dict().items()) if k not in _NOT_IDENTITY},
+      'data': {k: v for k, v in sorted(config.data.to_dict().items())
+               if k not in _NOT_IDENTITY and not (k in _OFF and v == _OFF[k])},
       'seed': int(config.seed), 'rng_impl': config.get('rng_impl', 'rbg'),
       'batch_size': int(config.batch_size), 'mixup_alpha': float(config.get('mixup_alpha', 0.0)),
       'topk': min(int(s['topk']), num_classes), 'dtype': s['dtype'], 'num_classes': num_classes,
@@ -261,10 +267,11 @@ def _build(config, directory, manifest, lengths, missing, eval_missing, log) -> 
   store = DTYPES[ident['dtype']]
   index_dtype = jnp.int16 if num_classes < 2**15 else jnp.int32
   mixup_alpha = ident['mixup_alpha']
+  augment = randaugment.augment_settings(config.data)  # part of the identity's data settings
   replicated = parallel.replicated(mesh)  # Every process gets whole batches back.
 
   def top_k(variables, batch, key, step):
-    images, _, _ = common.step_inputs(batch, key, step, info, mixup_alpha)
+    images, _, _ = common.step_inputs(batch, key, step, info, mixup_alpha, augment)
     logits, _ = teacher.apply(variables, images)
     values, indices, rest = top_k_logits(logits.astype(jnp.float32), k)
     return values, indices.astype(index_dtype), rest
