@@ -8,6 +8,9 @@ uint8 batches out) from one folder of real photographs at ImageNet's typical siz
   - `jkd_folder`: `jkd.data.make_train_iterator` on `config.data.name='folder'`, decoding in
     `--workers` Grain worker processes (`config.data.worker_processes`);
   - `jkd_shards`: the same on the ArrayRecord shards `jkd data prepare` made of the folder;
+  - `jkd_folder_pillow`: `jkd_folder` with `config.data.train_resize='pillow'` (Pillow's
+    antialiased bilinear resize of the crop, torchvision's pixels, instead of OpenCV's area
+    average);
   - `torch`: torchvision `ImageFolder` + `DataLoader(num_workers=--workers)` with
     `RandomResizedCrop(224)`, `RandomHorizontalFlip()`, `PILToTensor()` (uint8), run by
     `--torch-python` (an interpreter with torch and torchvision; jkd's own does not need them);
@@ -46,7 +49,8 @@ SOURCES = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'ret
            'immunohistochemistry')
 SIZES = (((500, 375), 0.6), ((500, 333), 0.2), ((375, 500), 0.2))  # (width, height), share
 CLASSES = 10
-PIPELINES = ('jkd_folder', 'jkd_shards', 'torch', 'pillow_decode', 'simplejpeg_decode')
+PIPELINES = ('jkd_folder', 'jkd_shards', 'jkd_folder_pillow', 'torch', 'pillow_decode',
+             'simplejpeg_decode')
 # Training speeds on one H100 that the host must feed (img/s): ViT-S/16 as the issue states,
 # ViT-B/16 as timm measures it (docs/benchmarks.md).
 GPU_RATES = {'ViT-S/16 (9,000 img/s)': 9000, 'ViT-B/16 (3,300 img/s)': 3300}
@@ -126,7 +130,8 @@ def _child_jkd(args) -> dict:
   from jkd import data  # pylint: disable=g-import-not-at-top
   cfg = data.default_data_config('folder')
   cfg.update(dir=args.dir, image_size=224, holdout=0.0, num_workers=0,
-             worker_processes=args.workers, prefetch=2)
+             worker_processes=args.workers, prefetch=2,
+             train_resize='pillow' if args.child.endswith('_pillow') else 'opencv')
   iterator = data.make_train_iterator(cfg, global_batch_size=args.batch, seed=0,
                                       process_index=0, process_count=1)
   first = next(iterator)
@@ -318,7 +323,7 @@ def _table(report: dict) -> str:
   res = report['results']
   for w in sorted({s['workers'] for k, s in res.items() if k.startswith('torch')}):
     torch = res.get(f'torch@{w}')
-    for name in ('jkd_folder', 'jkd_shards'):
+    for name in ('jkd_folder', 'jkd_shards', 'jkd_folder_pillow'):
       jkd = res.get(f'{name}@{w}')
       if jkd and torch:
         rows.append(f'\n{name} / torch DataLoader at {w} workers: '

@@ -175,6 +175,9 @@ RUN_RULES: dict[str, tuple[Rule, str]] = {
     'data.mode': (one_of('auto', 'RGB', 'L'), 'how images are decoded: colour, grey, or auto'),
     'data.prefetch': (integer(0), 'batches buffered ahead'),
     'data.crop_fraction': (number(0, above=True, hi=1), 'the eval center-crop fraction'),
+    'data.train_resize': (one_of('opencv', 'pillow'), "how image files' train crops are "
+                          "resized: OpenCV (fast) or Pillow's bilinear "
+                          "(torchvision's pixels)"),
     'data.inception_crop': (boolean, 'random-resized crops of variable-size images'),
     'data.randaugment_ops': (integer(0), 'RandAugment ops per image; 0 = off (DeiT: 2)'),
     'data.randaugment_magnitude': (number(0, hi=10), 'RandAugment magnitude on timm\'s 0-10 '

@@ -209,6 +209,43 @@ def test_decode_and_crop_match_pillow_and_torchvision_semantics():
     jpeg.decode(encoded[:len(encoded) // 2])
 
 
+def test_opencv_train_resize_is_the_same_crop_averaged_by_area():
+  """`resizer='opencv'` (the default train resize of files): the same crop box, resized by area
+  averaging; on a smooth photo within a few grey levels of Pillow's antialiased bilinear, a
+  pure function of the bytes and the draws, mirrored by `flip`."""
+  y, x = np.mgrid[0:375, 0:500]
+  photo = np.stack([128 + 100 * np.sin(x / 23.0), 128 + 100 * np.cos(y / 31.0),
+                    (x + y) % 256], -1).astype(np.uint8)
+  encoded = _jpeg(photo)
+  for scale in ((0.05, 0.08), (0.3, 0.5), (0.9, 1.0)):  # enlarged, shrunk, shrunk ~2x
+    pil = jpeg.train_crop(encoded, np.random.default_rng(1), 224, scale=scale)
+    fast = jpeg.train_crop(encoded, np.random.default_rng(1), 224, scale=scale,
+                           resizer='opencv')
+    assert fast.shape == pil.shape == (224, 224, 3) and fast.dtype == np.uint8
+    assert np.abs(fast.astype(int) - pil).mean() < 2.0, scale
+    again = jpeg.train_crop(encoded, np.random.default_rng(1), 224, scale=scale,
+                            resizer='opencv', flip=True)
+    np.testing.assert_array_equal(again, fast[:, ::-1])
+  with pytest.raises(ValueError, match='resizer'):
+    jpeg.resize_box(photo, (0, 0, 100, 100), (50, 50), crop_first=True, resizer='lanczos')
+
+
+def test_train_resize_setting_reaches_the_files_and_eval_stays_pillow(photos):
+  """`config.data.train_resize` picks the train crops' resize; eval crops are Pillow's either
+  way (torchvision's eval pixels)."""
+  def first(**kw):
+    return _train(_cfg(photos, image_size=20, holdout=0.0, **kw), 1)[0]['image']
+  fast, pil = first(), first(train_resize='pillow')
+  assert fast.shape == pil.shape and not np.array_equal(fast, pil)
+  assert np.abs(fast.astype(int) - pil).mean() < 8
+  np.testing.assert_array_equal(fast, first(train_resize='opencv'))
+  evals = [next(iter(data.make_eval_iterator(_cfg(photos, image_size=20, train_resize=r),
+                                             global_batch_size=16, process_index=0,
+                                             process_count=1)))['image']
+           for r in ('opencv', 'pillow')]
+  np.testing.assert_array_equal(*evals)
+
+
 # ---------------------------------------------------------------- pipeline
 
 

@@ -10,8 +10,9 @@ thousand photos): `jkd import --checkpoint resnet50.safetensors --workdir runs/r
 mean/std are the folder default for colour images, as imported models expect).
 
 Default: ResNet-18 at 224x224, bf16, AdamW 1e-3 + cosine, 30 epochs of batch 128, random-resized
-crop + flip (ImageNet's train transform, decoded by `jkd.data.jpeg` at the size the crop needs)
-and resize + center crop for eval, decoding in one Grain worker process per core. Without split
+crop + flip (ImageNet's train transform, decoded by `jkd.data.jpeg` at the size the crop needs,
+resized by OpenCV; `--config.data.train_resize=pillow` for torchvision's pixels)
+and resize + center crop for eval (Pillow's bilinear, as torchvision), decoding in one Grain worker process per core. Without split
 folders, 10% of each class is held out as 'val' (`config.data.holdout`). `jkd data prepare`
 packs the folder into ArrayRecord shards first if you like (same batches, one file per shard).
 `:vit_s16` is ViT-S/16 (DeiT-S recipe: AdamW 5e-4 x batch/512, wd 0.05, drop path 0.1, mixup

@@ -9,9 +9,14 @@ from decoding with simplejpeg (libjpeg-turbo straight into a numpy array: about 
 `Image.open(...).convert('RGB')`, same pixels); for camera-size photos (4000x3000) the reduced
 decode is up to ~30x cheaper. PNG, WebP and anything simplejpeg refuses go through Pillow.
 
-Results are a pure function of (file bytes, box, output size, mode): both decoders give the same
-pixels (libjpeg-turbo's scaled decode is what Pillow's `draft` does), so batches do not depend on
-which worker, process or host decodes them.
+The crop is then resized once: by Pillow's antialiased bilinear filter (torchvision's pixels;
+eval crops always), or for train crops with `resizer='opencv'` (`config.data.train_resize`, the
+default there) by OpenCV (bilinear below 2x, area average beyond), about 5x cheaper; at
+ImageNet's size the resize, not the decode, is the largest cost of a crop.
+
+Results are a pure function of (file bytes, box, output size, mode, resizer): both decoders give
+the same pixels (libjpeg-turbo's scaled decode is what Pillow's `draft` does), so batches do not
+depend on which worker, process or host decodes them.
 
 References: Pillow `Image.draft`; TF's `decode_and_crop_jpeg`; simplejpeg
 (https://gitlab.com/jfolz/simplejpeg).
@@ -29,8 +34,16 @@ try:  # The fast JPEG path; Pillow gives the same pixels, slower (see the module
   import simplejpeg
 except ImportError:  # pragma: no cover  (a dependency of jkd; kept optional for slim installs)
   simplejpeg = None
+try:  # The fast train resize (`resizer='opencv'`); Pillow does every resize without it.
+  import cv2
+  cv2.setNumThreads(1)  # one small image per call: the parallelism is Grain's worker processes
+except ImportError:  # pragma: no cover  (a dependency of jkd; kept optional for slim installs)
+  cv2 = None
 
 MODES = ('RGB', 'L')
+# How a crop is resized: Pillow's antialiased bilinear (torchvision's PIL path, pixel for pixel),
+# or OpenCV's bilinear below 2x and area average beyond (about 5x faster; `resize_box`).
+RESIZERS = ('pillow', 'opencv')
 # Pillow modes without colour: such images read as one channel when the dataset is grayscale.
 GRAY_MODES = frozenset({'1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'})
 _SCALES = (8, 4, 2, 1)
@@ -120,7 +133,8 @@ def decode(data: bytes, mode: str = 'RGB') -> np.ndarray:
 
 def decode_crop(data: bytes, box: Sequence[float], size: tuple[int, int],
                 mode: str = 'RGB', image_size: tuple[int, int] | None = None, *,
-                crop_first: bool = True, flip: bool = False) -> np.ndarray:
+                crop_first: bool = True, flip: bool = False,
+                resizer: str = 'pillow') -> np.ndarray:
   """Decodes the region `box` of an image and resizes it to `size` (bilinear, antialiased).
 
   Equal, up to the reduced-size decode of JPEGs, to
@@ -137,6 +151,7 @@ def decode_crop(data: bytes, box: Sequence[float], size: tuple[int, int],
     crop_first: crop then resize (True, the train crop) or resize then crop (the eval crop);
       see `resize_box`.
     flip: mirror the output left-right.
+    resizer: 'pillow' or 'opencv' (`RESIZERS`; see `resize_box`).
 
   Returns:
     uint8 [size[1], size[0], C].
@@ -149,13 +164,22 @@ def decode_crop(data: bytes, box: Sequence[float], size: tuple[int, int],
   is_jpeg = simplejpeg.is_jpeg(data) if simplejpeg is not None else data[:2] == b'\xff\xd8'
   scale = _jpeg_scale(width, height, box, out_w, out_h) if is_jpeg else 1
   pixels = _decode_jpeg(data, mode, scale, width, height) if is_jpeg else _decode_pillow(data, mode)
-  return resize_box(pixels, [v / scale for v in box], size, crop_first=crop_first, flip=flip)
+  return resize_box(pixels, [v / scale for v in box], size, crop_first=crop_first, flip=flip,
+                    resizer=resizer)
 
 
 def resize_box(pixels: np.ndarray, box: Sequence[float], size: tuple[int, int], *,
-               crop_first: bool, flip: bool = False) -> np.ndarray:
+               crop_first: bool, flip: bool = False, resizer: str = 'pillow') -> np.ndarray:
   """Resizes the region `box` = (left, top, width, height) of uint8 [H, W, C] to `size`
   (width, height), bilinear with antialiasing as Pillow (and torchvision's PIL path) does.
+
+  `resizer='opencv'` (crop-then-resize only; the train crop) cuts the box rounded to whole
+  pixels and resizes it with `cv2.resize`: bilinear (INTER_LINEAR) when the crop is less than
+  twice the output in both directions (always, after a JPEG's reduced-size decode), else the
+  area average (INTER_AREA: each output pixel the mean of the source pixels it covers,
+  antialiased). Not Pillow's pixels (within a few levels on photos), about 5x faster
+  (docs/benchmarks.md "Host input pipeline"); deterministic, so batches still do not depend on
+  workers or hosts.
 
   `crop_first=True` is crop-then-resize (torchvision's `RandomResizedCrop`): the filter sees no
   pixel outside the box. `crop_first=False` is resize-then-crop (`Resize` + `CenterCrop`): the
@@ -163,6 +187,10 @@ def resize_box(pixels: np.ndarray, box: Sequence[float], size: tuple[int, int], 
   the pixels under the box and the filter's support are handed to Pillow. `flip` mirrors the
   output left-right (on Pillow's image: a quarter of the cost of flipping the numpy batch)."""
   out_w, out_h = size
+  if resizer == 'opencv' and crop_first and cv2 is not None:
+    return _resize_opencv(pixels, box, size, flip)
+  if resizer not in RESIZERS:
+    raise ValueError(f'resizer {resizer!r}: use one of {", ".join(RESIZERS)}.')
   left, top, w, h = box
   channels = pixels.shape[2]
   # Pillow's bilinear filter reaches one source pixel per unit of scale beyond the box's edges.
@@ -182,6 +210,28 @@ def resize_box(pixels: np.ndarray, box: Sequence[float], size: tuple[int, int], 
   if flip:
     out = out.transpose(Image.FLIP_LEFT_RIGHT)
   return np.asarray(out).reshape(out_h, out_w, channels)
+
+
+def _resize_opencv(pixels: np.ndarray, box: Sequence[float], size: tuple[int, int],
+                   flip: bool) -> np.ndarray:
+  """`resize_box(..., crop_first=True, resizer='opencv')`."""
+  out_w, out_h = size
+  height, width, channels = pixels.shape
+  left, top = min(int(round(box[0])), width - 1), min(int(round(box[1])), height - 1)
+  w = max(min(int(round(box[2])), width - left), 1)
+  h = max(min(int(round(box[3])), height - top), 1)
+  region = pixels[top:top + h, left:left + w]
+  if (w, h) == (out_w, out_h):
+    out = region
+  else:
+    # Below 2x, bilinear reads every source pixel (little aliasing) at a quarter of the area
+    # average's cost; a JPEG's reduced decode leaves its crops below 2x of the output.
+    far = w >= 2 * out_w or h >= 2 * out_h
+    out = cv2.resize(region, (out_w, out_h),
+                     interpolation=cv2.INTER_AREA if far else cv2.INTER_LINEAR)
+  if flip:
+    out = cv2.flip(out, 1)  # a SIMD copy: ~5x numpy's out[:, ::-1] made contiguous
+  return np.ascontiguousarray(out.reshape(out_h, out_w, channels))
 
 
 def random_crop_box(width: int, height: int, rng: np.random.Generator,
@@ -233,8 +283,10 @@ def center_crop_box(width: int, height: int, size: int,
 
 def train_crop(data: bytes, rng: np.random.Generator, size: int, mode: str = 'RGB',
                scale: Sequence[float] = (0.08, 1.0),
-               ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = False) -> np.ndarray:
-  """ImageNet's train transform: random-resized crop to size x size, mirrored if `flip`.
+               ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = False,
+               resizer: str = 'pillow') -> np.ndarray:
+  """ImageNet's train transform: random-resized crop to size x size, mirrored if `flip`
+  (`resizer`: see `resize_box`).
 
   Returns:
     uint8 [size, size, C].
@@ -242,7 +294,7 @@ def train_crop(data: bytes, rng: np.random.Generator, size: int, mode: str = 'RG
   width, height, _ = header(data)
   box = random_crop_box(width, height, rng, scale, ratio)
   return decode_crop(data, box, (size, size), mode, (width, height), crop_first=True,
-                     flip=flip)
+                     flip=flip, resizer=resizer)
 
 
 def eval_crop(data: bytes, size: int, mode: str = 'RGB',
