@@ -246,6 +246,15 @@ def test_train_resize_setting_reaches_the_files_and_eval_stays_pillow(photos):
   np.testing.assert_array_equal(*evals)
 
 
+def test_without_opencv_the_default_resize_asks_instead_of_switching_filters(photos,
+                                                                             monkeypatch):
+  monkeypatch.setattr(jpeg, 'cv2', None)  # a slim install without OpenCV
+  with pytest.raises(UserError, match='train_resize=pillow'):
+    _train(_cfg(photos, image_size=20, holdout=0.0), 1)
+  assert _train(_cfg(photos, image_size=20, holdout=0.0, train_resize='pillow'), 1)[0][
+      'image'].shape == (32, 20, 20, 1)
+
+
 # ---------------------------------------------------------------- pipeline
 
 

@@ -187,7 +187,9 @@ def resize_box(pixels: np.ndarray, box: Sequence[float], size: tuple[int, int], 
   the pixels under the box and the filter's support are handed to Pillow. `flip` mirrors the
   output left-right (on Pillow's image: a quarter of the cost of flipping the numpy batch)."""
   out_w, out_h = size
-  if resizer == 'opencv' and crop_first and cv2 is not None:
+  if resizer == 'opencv' and crop_first:
+    if cv2 is None:
+      raise ValueError("resizer='opencv' needs OpenCV (pip install opencv-python-headless).")
     return _resize_opencv(pixels, box, size, flip)
   if resizer not in RESIZERS:
     raise ValueError(f'resizer {resizer!r}: use one of {", ".join(RESIZERS)}.')

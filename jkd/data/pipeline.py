@@ -152,6 +152,10 @@ class _BatchReader:
     self.inception = train and self.variable and bool(cfg_get(cfg, 'inception_crop', True))
     self.crop_fraction = float(cfg_get(cfg, 'crop_fraction', 0.875))
     self.resizer = cfg_get(cfg, 'train_resize', 'pillow')
+    if self.inception and self.resizer == 'opencv' and jpeg.cv2 is None:  # no silent switch
+      raise UserError("config.data.train_resize='opencv' needs OpenCV: pip install "
+                      "opencv-python-headless (a dependency of jkd), or set "
+                      "--config.data.train_resize=pillow.")
     self.crop_scale, self.crop_ratio = check_crop(cfg_get(cfg, 'crop_scale', (0.08, 1.0)),
                                                   cfg_get(cfg, 'crop_ratio', (3 / 4, 4 / 3)))
     self.mode = getattr(source, 'mode', 'RGB')  # how encoded images are read: 'RGB' or 'L'
