@@ -45,6 +45,9 @@ import subprocess
 import sys
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # This checkout's jkd, whatever is installed (children too).
+
 SOURCES = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field', 'retina',
            'immunohistochemistry')
 SIZES = (((500, 375), 0.6), ((500, 333), 0.2), ((375, 500), 0.2))  # (width, height), share
@@ -214,7 +217,9 @@ def _prepare(folder: str, shards: str, python: str) -> None:
   if os.path.isfile(os.path.join(shards, 'dataset_info.json')):
     return
   subprocess.run([python, '-m', 'jkd.cli', 'data', 'prepare', '--dir', folder, '--out', shards,
-                  '--config.data.holdout=0.0'], check=True)
+                  '--config.data.holdout=0.0'], check=True,
+                 env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                     [REPO, *filter(None, [os.environ.get('PYTHONPATH')])])))
 
 
 def _run_child(python: str, name: str, args, directory: str, workers: int) -> dict:
