@@ -18,17 +18,6 @@ from conftest import REPO, SUPERVISED, assert_resume_is_bit_exact, read_jsonl
 DISTILL = os.path.join(REPO, 'configs', 'fashion_mnist', 'distill.py')
 
 
-@pytest.fixture(scope='module')
-def teachers_(tmp_path_factory):
-  out = {}
-  for name, model in (('resnet', 'resnet20_s'), ('vit', 'vit_micro_p7')):
-    w = str(tmp_path_factory.mktemp(name))
-    supervised.train(load_config(SUPERVISED + ':tiny', [f'model.name={model}',
-                                                        'total_steps=12']), w)
-    out[name] = w
-  return out
-
-
 def _losses(workdir):
   return [l['loss'] for l in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
           if 'loss' in l and 'split' not in l]
@@ -36,9 +25,9 @@ def _losses(workdir):
 
 @pytest.mark.parametrize('recipe, heads', [('crd', True), ('reviewkd', True), ('ofa', True),
                                            ('tfkd', False)])
-def test_recipe_trains_resumes_exactly_and_keeps_the_teacher(teachers_, tmp_path, recipe,
+def test_recipe_trains_resumes_exactly_and_keeps_the_teacher(tiny_teachers, tmp_path, recipe,
                                                              heads):
-  teacher = teachers_['resnet']
+  teacher = tiny_teachers['resnet']
   before, _ = load_arrays(teacher)
   overrides = [] if recipe == 'tfkd' else [f'teacher.workdir={teacher}']
   # ReviewKD's warmup would hide the term in 8 steps; CRD with fewer negatives (a fast test).
@@ -101,12 +90,12 @@ def test_crd_state_follows_repdistiller_step_by_step():
 
 
 @pytest.mark.parametrize('student, teacher', [('resnet8_s', 'vit'), ('vit_micro_p7', 'resnet')])
-def test_ofa_across_architectures(teachers_, tmp_path, student, teacher):
+def test_ofa_across_architectures(tiny_teachers, tmp_path, student, teacher):
   """A ViT teacher teaches a CNN student through branches on the CNN's stages; a CNN teaches a
   ViT through branches on its blocks (token grids)."""
   taps = ('stage1', 'stage2', 'stage3') if student == 'resnet8_s' else ('block1', 'block3')
   config = load_config(f'{DISTILL}:tiny-ofa', [
-      f'teacher.workdir={teachers_[teacher]}', f'model.name={student}', 'total_steps=6',
+      f'teacher.workdir={tiny_teachers[teacher]}', f'model.name={student}', 'total_steps=6',
       f'losses.ofa.student={taps!r}'])
   w = str(tmp_path / 'ofa')
   summary = distill.train(config, w)
@@ -115,7 +104,7 @@ def test_ofa_across_architectures(teachers_, tmp_path, student, teacher):
   assert sorted(heads) == [f'ofa_{i}' for i in range(len(taps))]
 
 
-def test_reviewkd_on_mdistiller_preact_taps_and_hcl_shapes(teachers_, tmp_path):
+def test_reviewkd_on_mdistiller_preact_taps_and_hcl_shapes(tiny_teachers, tmp_path):
   """The zoo's pre-activation taps as ReviewKD's teacher features (mdistiller's choice), and
   the fused maps take the teacher's shapes."""
   from jkd.trainers.common import RunData
@@ -134,10 +123,10 @@ def test_reviewkd_on_mdistiller_preact_taps_and_hcl_shapes(teachers_, tmp_path):
   assert spec['mid'] == 256  # min(512, the student's pooled width)
 
 
-def test_head_terms_need_their_inputs(teachers_):
+def test_head_terms_need_their_inputs(tiny_teachers):
   from jkd.errors import UserError
   config = load_config(f'{DISTILL}:tiny-reviewkd', [
-      f'teacher.workdir={teachers_["resnet"]}',
+      f'teacher.workdir={tiny_teachers["resnet"]}',
       "losses.reviewkd.teacher=('stage2', 'stage3')"])
   with pytest.raises(UserError, match='one teacher tap per student tap'):
     distill.build_task(config, '/tmp/unused')
