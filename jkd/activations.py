@@ -16,14 +16,15 @@ def vit_activation_bytes(model: nn.Module, image_shape: Sequence[int], local_bat
                          tensor: int = 1, *, train: bool = True) -> int | None:
   """Activation bytes of a ViT on one device; None for other models (not modelled).
 
-  L tokens, width D, MLP width F, H heads, compute itemsize b, local batch B = global /
+  L tokens, width D, MLP width F, H heads of d channels (A = H·d, = D unless the model sets
+  `head_dim`: a head-pruned student), compute itemsize b, local batch B = global /
   (data×fsdp); heads and MLP columns split over the `tensor` size t (Megatron), the residual
   stream not. Training keeps, per example, exactly what jax's autodiff saves for the backward
   pass (equal to `jax.ad_checkpoint.print_saved_residuals`, tests/test_memory.py):
 
     per block   2·((12 + b)·L·D + 16·L)     two LayerNorms: x², x − mean, normalised x (fp32),
                                             the output (b bytes), four fp32 per-token statistics
-              + 4b·L·D / t                  q, k, v and the attention output
+              + 4b·L·A / t                  q, k, v and the attention output
               + ((4 + b)·H·L² + 8·H·L) / t  attention='xla': fp32 exp(logits − max) and the
                                             b-byte probabilities, plus softmax sums; 'cudnn'
                                             (flash attention) keeps only the log-sum-exp,
@@ -37,14 +38,14 @@ def vit_activation_bytes(model: nn.Module, image_shape: Sequence[int], local_bat
   With activation checkpointing (`remat`, `jkd.models.vit.REMAT_POLICIES`) a block keeps less,
   and the backward pass recomputes one block at a time, holding that block's residuals:
     remat='full'  kept  b·L·D                    the block's input
-    remat='dots'  kept  b·L·D + (4b·L·D + b·L·F) / t   input, q, k, v, the attention's
+    remat='dots'  kept  b·L·D + (b·L·(3A + D) + b·L·F) / t   input, q, k, v, the attention's
                                             output projection, fc1 (not fc2: the residual add
                                             does not need it)
     train = B · (depth · kept + (block − kept) + per example)
 
   Inference (a frozen teacher keeps nothing): the peak working set of one block, as XLA holds
   it on CPU (logits, exp and probabilities at once; fc1 output, erf and GELU output at once):
-    B · max(b·L·(2D + 4D/t) + ((8 + b)·H·L² + 8·H·L)/t,  b·L·(2D + 3F/t))  (cuDNN: no L² term)
+    B · max(b·L·(2D + 4A/t) + ((8 + b)·H·L² + 8·H·L)/t,  b·L·(2D + 3F/t))  (cuDNN: no L² term)
 
   The loss's own residuals (≤ 8 bytes per class and example) are left out.
   """
@@ -54,35 +55,37 @@ def vit_activation_bytes(model: nn.Module, image_shape: Sequence[int], local_bat
   k = 1 + bool(getattr(model, 'distill_token', False))
   n = (h // model.patch_size) * (w // model.patch_size) + (model.pool == 'token') + (k - 1)
   d, f, heads = model.width, model.mlp_dim or 4 * model.width, model.num_heads
+  a = heads * (getattr(model, 'head_dim', None) or d // heads)
   b = jnp.dtype(model.dtype).itemsize
   t_heads = tensor if heads % tensor == 0 else 1  # The rules drop axes that do not divide.
   t_mlp = tensor if f % tensor == 0 else 1
   flash = model.attention == 'cudnn'
   if train:
     blocks = sum(_blocks_train_bytes(n, d, f, heads, b, model.depth,
-                                     getattr(model, 'remat', 'none'), flash, tensor))
+                                     getattr(model, 'remat', 'none'), flash, tensor, a))
     per_example = blocks + b * h * w * c + 12 * n * d + 16 * n + 4 * d * k
   else:
     probs = 4 * heads * n if flash else (8 + b) * heads * n * n + 8 * heads * n
-    per_example = max(b * n * (2 * d + 4 * d / t_heads) + probs / t_heads,
+    per_example = max(b * n * (2 * d + 4 * a / t_heads) + probs / t_heads,
                       b * n * (2 * d + 3 * f / t_mlp))
   return int(local_batch * per_example)
 
 
 def _blocks_train_bytes(n: int, d: int, f: int, heads: int, b: int, depth: int, remat: str,
-                        flash: bool, tensor: int) -> tuple[float, float]:
+                        flash: bool, tensor: int, a: int | None = None) -> tuple[float, float]:
   """Per example: (what `depth` pre-LN blocks on n tokens keep for the backward pass, what
   recomputing one of them adds while it runs: 0 without remat); `vit_activation_bytes`'s
-  per-block terms."""
+  per-block terms. `a`: the heads' total width H·d (default d)."""
+  a = d if a is None else a
   if not depth:
     return 0, 0
   t_heads = tensor if heads % tensor == 0 else 1  # The rules drop axes that do not divide.
   t_mlp = tensor if f % tensor == 0 else 1
   probs = 4 * heads * n if flash else (4 + b) * heads * n * n + 8 * heads * n
-  block = (2 * ((12 + b) * n * d + 16 * n) + (4 * b * n * d + probs) / t_heads
+  block = (2 * ((12 + b) * n * d + 16 * n) + (4 * b * n * a + probs) / t_heads
            + 4 * b * n * f / t_mlp)
   kept = {'none': block, 'full': b * n * d,
-          'dots': b * n * d + 4 * b * n * d / t_heads + b * n * f / t_mlp}[remat]
+          'dots': b * n * d + b * n * (3 * a + d) / t_heads + b * n * f / t_mlp}[remat]
   return depth * kept, block - kept
 
 

@@ -235,6 +235,7 @@ MODEL_RULES: dict[str, tuple[Rule, str]] = {
     'width': (integer(1), 'the token width (ViT) or first-stage channels (ResNet)'),
     'depth': (integer(1), 'the number of transformer blocks'),
     'num_heads': (integer(1), 'attention heads'),
+    'head_dim': (optional(integer(1)), 'channels per attention head; None = width / num_heads'),
     'mlp_dim': (optional(integer(1)), 'the MLP width; None = 4 x width'),
     'dropout': (number(0, hi=1, below=True), 'the dropout rate'),
     'drop_path': (number(0, hi=1, below=True), 'the stochastic-depth rate'),
@@ -387,6 +388,8 @@ def check_model(model_cfg, *, mim: str | None = None, key: str = 'model') -> Non
   value = {**defaults, **{k: v for k, v in cfg.items() if k != 'name'}}
   for width, heads in (('width', 'num_heads'), ('decoder_width', 'decoder_heads')):
     w, h = value.get(width), value.get(heads)
+    if width == 'width' and value.get('head_dim') is not None:
+      continue  # Heads of their own size (a head-pruned ViT): any count.
     if _is_int(w) and _is_int(h) and h > 0 and w % h:
       raise UserError(
           f'config.{key}.{heads}={h} does not divide config.{key}.{width}={w}: each attention '

@@ -23,19 +23,24 @@ def _variables(name, key=0, **overrides):
   return m, v
 
 
-@pytest.mark.parametrize('name,field,after,param_fraction', [
-    ('resnet8_s', 'width', 8, 0.3), ('resnet20_s', 'width', 8, 0.3),
-    ('vit_micro_p7', 'mlp_dim', 128, 0.7)])
-def test_shrink_removes_channels_and_keeps_outputs(name, field, after, param_fraction):
-  model, v = _variables(name)
+VIT_HALF = {'mlp_dim': 128, 'num_heads': 2, 'head_dim': 16}  # vit_micro_p7: 64 wide, 4 heads
+
+
+@pytest.mark.parametrize('name,overrides,after,param_fraction', [
+    ('resnet8_s', {}, {'width': 8}, 0.3), ('resnet20_s', {}, {'width': 8}, 0.3),
+    ('vit_micro_p7', {}, VIT_HALF, 0.55),
+    # A per-block relative position bias loses the removed heads' columns.
+    ('vit_micro_p7', {'rel_pos_bias': 'block', 'pool': 'token'}, VIT_HALF, 0.56)])
+def test_shrink_removes_channels_and_keeps_outputs(name, overrides, after, param_fraction):
+  model, v = _variables(name, **overrides)
   groups = cp.groups_for(v['params'])
   masks = cp._param_masks(v['params'], groups, cp.channel_masks(v['params'], groups, 0.5, 'bn'))
   pruned = {**v, 'params': jax.tree.map(np.asarray, apply_masks(v['params'], masks))}
   x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 28, 28, 1)), jnp.float32)
   ref = model.apply(pruned, x, train=False)
-  cfg, small = cp.shrink({'name': name}, pruned)
-  assert cfg[field] == after
-  small_model = models.create(name, num_classes=10, **{field: after})
+  cfg, small = cp.shrink({'name': name, **overrides}, pruned)
+  assert {k: cfg[k] for k in after} == after
+  small_model = models.create(name, num_classes=10, **overrides, **after)
   out = small_model.apply(small, x, train=False)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
   count = lambda t: sum(np.size(a) for a in jax.tree.leaves(t['params']))  # noqa: E731
@@ -44,6 +49,18 @@ def test_shrink_removes_channels_and_keeps_outputs(name, field, after, param_fra
   expected = jax.tree.map(np.shape, nn.meta.unbox(jax.eval_shape(
       lambda: small_model.init(jax.random.key(0), x, train=False)))['params'])
   assert shapes == expected
+
+
+def test_vit_groups_are_mlp_units_and_heads_unless_the_bias_table_is_shared():
+  _, v = _variables('vit_micro_p7')
+  groups = {g.name: g for g in cp.groups_for(v['params'])}
+  assert set(groups) == {f'encoder/block{i}/{part}' for i in range(4)
+                         for part in ('mlp/hidden', 'attn/heads')}
+  heads = groups['encoder/block0/attn/heads']
+  assert heads.size == 4 and heads.inputs == (('encoder/block0/attn/out/kernel', 0),)
+  assert heads.masked == ('encoder/block0/attn/value/kernel', 'encoder/block0/attn/value/bias')
+  _, shared = _variables('vit_micro_p7', rel_pos_bias='shared', pool='token')
+  assert all(g.name.endswith('mlp/hidden') for g in cp.groups_for(shared['params']))
 
 
 def test_resnet_groups_couple_the_residual_stream():

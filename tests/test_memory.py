@@ -113,6 +113,8 @@ def _saved_residual_bytes(model, batch, size):
 @pytest.mark.parametrize('dtype, overrides', [
     ('float32', {'depth': 2}),
     ('bfloat16', {'depth': 1, 'pool': 'token', 'num_heads': 4}),
+    # A head-pruned student: 2 heads of 16 channels in a 96-wide model (q, k, v are 32 wide).
+    ('float32', {'depth': 1, 'num_heads': 2, 'head_dim': 16, 'mlp_dim': 160}),
 ])
 def test_activation_formula_equals_saved_residuals(dtype, overrides):
   import jax.numpy as jnp
@@ -123,8 +125,9 @@ def test_activation_formula_equals_saved_residuals(dtype, overrides):
       model, batch, 32)
 
 
-@pytest.mark.parametrize('remat', ['full', 'dots'])
-def test_remat_activation_formula_equals_saved_residuals(remat):
+@pytest.mark.parametrize('remat, heads', [('full', {}), ('dots', {}),
+                                           ('dots', {'num_heads': 2, 'head_dim': 16})])
+def test_remat_activation_formula_equals_saved_residuals(remat, heads):
   """With remat a block keeps `kept` bytes; the backward recomputes one block at a time, so the
   formula adds one stored block less `kept`: all three read off autodiff's residuals."""
   import jax.numpy as jnp
@@ -132,10 +135,10 @@ def test_remat_activation_formula_equals_saved_residuals(remat):
 
   def saved(depth, policy):
     return _saved_residual_bytes(models.create('vit_nano_p4', depth=depth, remat=policy,
-                                               dtype=jnp.bfloat16), 7, 32)
+                                               dtype=jnp.bfloat16, **heads), 7, 32)
   block, kept = saved(2, 'none') - saved(1, 'none'), saved(2, remat) - saved(1, remat)
   assert kept < block / 2
-  model = models.create('vit_nano_p4', depth=2, remat=remat, dtype=jnp.bfloat16)
+  model = models.create('vit_nano_p4', depth=2, remat=remat, dtype=jnp.bfloat16, **heads)
   assert memory.vit_activation_bytes(model, (32, 32, 3), 1) == saved(2, remat) + block - kept
 
 

@@ -7,18 +7,24 @@
 
 A *channel group* is a set of layer outputs that must keep the same channels (a ResNet stage's
 residual stream: the stem or projection, every block's last conv; a block's inner conv; a ViT
-block's MLP hidden units), with the inputs that read them (the next convs, the head). Every group
-keeps the same fraction: the ResNet becomes the same architecture at `width * (1 - ratio)`
-(Li et al. 2017, "Pruning Filters for Efficient ConvNets", per-layer uniform ratios), the ViT gets
-`mlp_dim * (1 - ratio)` hidden units.
+block's MLP hidden units; a ViT block's attention heads), with the inputs that read them (the next
+convs, the head, fc2, the attention's output projection). Every group keeps the same fraction:
+the ResNet becomes the same architecture at `width * (1 - ratio)` (Li et al. 2017, "Pruning
+Filters for Efficient ConvNets", per-layer uniform ratios), the ViT gets `mlp_dim * (1 - ratio)`
+hidden units and `num_heads * (1 - ratio)` heads of unchanged size `head_dim` (head pruning,
+Michel et al. 2019, "Are Sixteen Heads Really Better than One?"). The ViT's token width stays:
+its LayerNorms average over every channel, so removing one would change every output.
 
 Ranking (per group, summed over its layers): 'bn' = |gamma| of the BatchNorm scales (Liu et al.
-2017, "Network Slimming"); 'l1' = the L1 norm of each output filter (Li et al. 2017).
+2017, "Network Slimming"); 'l1' = the L1 norm of each output filter (Li et al. 2017): a ViT's
+fc1 column, or a head's value projection (a ViT has no BatchNorm: 'bn' ranks it by 'l1').
 Gradual: the number of channels removed from each group follows Zhu & Gupta's cubic schedule
 (`pruning.cubic_sparsity`) between `begin_step` and `end_step`, re-ranked every `update_every`
 steps. A removed channel's BatchNorm scale and bias (ResNet) or fc1 column and bias (ViT) are
 held at exactly 0, so the channel's output is exactly 0 after the ReLU / GELU and everything
-reading it sees zeros: removing it (`shrink`) changes no output.
+reading it sees zeros: removing it (`shrink`) changes no output. A removed head's value kernel
+and bias are held at 0: its attention output is 0 whatever its query and key, and the output
+projection reads zeros; its scale 1/sqrt(head_dim) is the kept heads' too.
 """
 from __future__ import annotations
 
@@ -102,8 +108,12 @@ def resnet_groups(params) -> list[Group]:
 
 
 def vit_groups(params) -> list[Group]:
-  """The MLP hidden units of each block of a jkd `ViT` params tree."""
+  """The MLP hidden units ('.../mlp/hidden') and the attention heads ('.../attn/heads') of
+  each block of a jkd `ViT` params tree. Heads are left whole when the blocks share one
+  relative position bias table (rel_pos_bias='shared'): a head removed in one block would
+  have to go in all."""
   flat = _flat(params)
+  shared_bias = any(k.startswith('encoder/rel_pos_bias/') for k in flat)
   groups = []
   for k in sorted(flat):
     if k.endswith('mlp/fc1/kernel'):
@@ -112,11 +122,22 @@ def vit_groups(params) -> list[Group]:
           'name': f'{p}hidden', 'outputs': [(k, 1), (f'{p}fc1/bias', 0)],
           'inputs': [(f'{p}fc2/kernel', 0)], 'masked': [k, f'{p}fc1/bias'], 'bn': [],
           'l1': [k]}, flat))
+    if k.endswith('attn/value/kernel') and not shared_bias:
+      p, block = k[:-len('value/kernel')], k[:-len('attn/value/kernel')]
+      outputs = [(f'{p}{n}/{w}', 1 if w == 'kernel' else 0)
+                 for n in ('query', 'key', 'value') for w in ('kernel', 'bias')]
+      table = f'{block}rel_pos_bias/relative_position_bias_table'
+      if table in flat:
+        outputs.append((table, 1))
+      groups.append(_group({
+          'name': f'{p}heads', 'outputs': outputs, 'inputs': [(f'{p}out/kernel', 0)],
+          'masked': [k, f'{p}value/bias'], 'bn': [], 'l1': [k]}, flat))
   return groups
 
 
 def _group(g: dict, flat: dict) -> Group:
-  size = flat[g['outputs'][0][0]].shape[g['outputs'][0][1]]
+  first, axis = g['outputs'][0]
+  size = flat[first].shape[axis]
   return Group(g['name'], int(size), tuple(g['outputs']), tuple(g['inputs']),
                tuple(g['masked']), tuple(g['bn']), tuple(g['l1']))
 
@@ -129,7 +150,7 @@ def groups_for(params) -> list[Group]:
   if any(k.endswith('mlp/fc1/kernel') for k in flat):
     return vit_groups(params)
   raise UserError('Channel pruning knows jkd ResNets (residual streams and block convs) and '
-                  'ViTs (MLP hidden units); this model is neither. Use '
+                  'ViTs (MLP hidden units, attention heads); this model is neither. Use '
                   "--config.prune.method=magnitude (unstructured or N:M) instead.")
 
 
@@ -230,7 +251,9 @@ def shrink(model_cfg: dict, variables: dict) -> tuple[dict, dict]:
 
   Removes every channel whose masked params are exactly 0. All groups of a ResNet must keep
   the same fraction (then it is the same ResNet at a smaller `width`); a ViT's blocks the same
-  hidden size (a smaller `mlp_dim`). Outputs are unchanged (see the module docstring).
+  hidden size (a smaller `mlp_dim`) and the same number of heads (a smaller `num_heads`, with
+  `head_dim` set to the heads' unchanged size). Outputs are unchanged (see the module
+  docstring).
   """
   from flax.traverse_util import flatten_dict, unflatten_dict
   params = variables['params']
@@ -252,7 +275,6 @@ def shrink(model_cfg: dict, variables: dict) -> tuple[dict, dict]:
       if k in flat:
         flat[k] = np.take(flat[k], idx, axis=axis)
   new_cfg = dict(model_cfg)
-  fractions = {g.name: len(kept[g.name]) / g.size for g in groups}
   if 'stem_conv/kernel' in _flat(params):
     from jkd import models
     width = model_cfg.get('width') or models.field_default(model_cfg['name'], 'width')
@@ -264,11 +286,15 @@ def shrink(model_cfg: dict, variables: dict) -> tuple[dict, dict]:
                         'Prune with config.prune.method=channel (equal fraction per group).')
     new_cfg['width'] = int(new_width)
   else:
-    sizes = {len(kept[g.name]) for g in groups}
-    if len(sizes) != 1:
-      raise UserError(f'ViT blocks keep different MLP sizes {sorted(sizes)}; a jkd ViT has one '
-                      'mlp_dim. Prune with config.prune.method=channel.')
-    new_cfg['mlp_dim'] = int(sizes.pop())
-  del fractions
+    for kind, field in (('hidden', 'mlp_dim'), ('heads', 'num_heads')):
+      sizes = {len(kept[g.name]) for g in groups if g.name.endswith(kind)}
+      if len(sizes) > 1:
+        raise UserError(f'ViT blocks keep different {field} {sorted(sizes)}; a jkd ViT has one '
+                        f'{field}. Prune with config.prune.method=channel.')
+      if sizes:
+        new_cfg[field] = int(sizes.pop())
+    head = next((g for g in groups if g.name.endswith('heads')), None)
+    if head is not None:  # The kept heads keep their size: q/k/v kernels are (D, H, head_dim).
+      new_cfg['head_dim'] = int(np.asarray(_flat(params)[head.outputs[0][0]]).shape[2])
   tree = unflatten_dict(flat)
   return new_cfg, {col: tree[col] for col in tree}

@@ -182,15 +182,18 @@ class Attention(nn.Module):
   `sow_maps=False` and keeps the fast path.
 
   Attributes:
-    num_heads: H; the token width must be divisible by it.
+    num_heads: H; the token width must be divisible by it unless `head_dim` is given.
     dtype: compute dtype. cuDNN needs bf16 or fp16.
     implementation: 'xla', 'cudnn' or None (jax chooses).
     sow_maps: sow the maps (explicit attention) when 'intermediates' is mutable.
+    head_dim: d, the channels of each head; None = width / H. A head-pruned model keeps its
+      heads' d with fewer heads (`jkd.compress.channel_pruning`), so H·d < width there.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: str | None = 'xla'
   sow_maps: bool = True
+  head_dim: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, seq_lengths: jax.Array | None = None,
@@ -207,9 +210,9 @@ class Attention(nn.Module):
       (B, L, D) in `dtype`.
     """
     d_model = x.shape[-1]
-    if d_model % self.num_heads:
+    if self.head_dim is None and d_model % self.num_heads:
       raise UserError(f'width {d_model} is not divisible by num_heads {self.num_heads}.')
-    head_dim = d_model // self.num_heads
+    head_dim = self.head_dim or d_model // self.num_heads
     if self.implementation not in ATTENTION_IMPLEMENTATIONS:
       raise AttentionConfigError(
           f'unknown attention implementation {self.implementation!r}; '
@@ -322,6 +325,7 @@ class Encoder1DBlock(nn.Module):
       per-block 'rel_pos_bias'), or None.
     class_token: the tokens start with a class token (for the relative position bias).
     norm_eps: the LayerNorms' epsilon (timm 1e-6; Hugging Face ViT 1e-12).
+    head_dim: channels per head, see `Attention`.
   """
   num_heads: int
   mlp_dim: int
@@ -335,6 +339,7 @@ class Encoder1DBlock(nn.Module):
   rel_pos_grid: tuple[int, int] | None = None
   class_token: bool = True
   norm_eps: float = LN_EPS
+  head_dim: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, seq_lengths: jax.Array | None = None,
@@ -349,7 +354,8 @@ class Encoder1DBlock(nn.Module):
                                  name='rel_pos_bias')()
       bias = own if bias is None else bias + own
     y = _layer_norm('ln1', self.dtype, self.norm_eps)(x)
-    y = Attention(self.num_heads, self.dtype, self.attention, self.sow_attention, name='attn')(
+    y = Attention(self.num_heads, self.dtype, self.attention, self.sow_attention,
+                  self.head_dim, name='attn')(
         y, seq_lengths=seq_lengths, bias=bias)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     x = x + DropPath(self.drop_path)(self._scale('ls1', y), train=train)
@@ -397,6 +403,7 @@ class Encoder(nn.Module):
     final_norm: end with the LayerNorm 'encoder_norm'; False when the model normalises after
       pooling instead (`ViT.fc_norm`).
     norm_eps: the LayerNorms' epsilon.
+    head_dim: channels per head, see `Attention`.
   """
   depth: int
   num_heads: int
@@ -413,6 +420,7 @@ class Encoder(nn.Module):
   class_token: bool = True
   final_norm: bool = True
   norm_eps: float = LN_EPS
+  head_dim: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, seq_lengths: jax.Array | None = None,
@@ -435,7 +443,7 @@ class Encoder(nn.Module):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x = block(self.num_heads, self.mlp_dim, self.dropout, rate, self.dtype,
                 self.attention, self.sow_attention, self.layer_scale, self.gelu_approximate,
-                own_grid, self.class_token, self.norm_eps, name=f'block{i}')(
+                own_grid, self.class_token, self.norm_eps, self.head_dim, name=f'block{i}')(
                     x, train, seq_lengths, bias)
     if not self.final_norm:
       return x
@@ -506,6 +514,8 @@ class ViT(nn.Module):
     layer_scale, gelu_approximate: see `Encoder1DBlock` (DeiT III / BEiT; big_vision).
     rel_pos_bias: 'none', 'shared' or 'block': BEiT's relative position bias (see `Encoder`).
     norm_eps: the LayerNorms' epsilon (1e-6 as timm; Hugging Face's ViT uses 1e-12).
+    head_dim: channels per attention head; None = width / num_heads (a head-pruned student
+      keeps its heads' size with fewer heads, see `jkd.compress.channel_pruning`).
   """
   num_classes: int
   patch_size: int = 16
@@ -529,6 +539,7 @@ class ViT(nn.Module):
   gelu_approximate: bool = False
   rel_pos_bias: str = 'none'
   norm_eps: float = LN_EPS
+  head_dim: int | None = None
 
   @property
   def has_class_token(self) -> bool:
@@ -548,7 +559,8 @@ class ViT(nn.Module):
                            self.dropout, self.drop_path, self.dtype, self.attention,
                            self.sow_attention, self.remat, self.layer_scale,
                            self.gelu_approximate, self.rel_pos_bias, self.has_class_token,
-                           final_norm=not self.fc_norm, norm_eps=self.norm_eps)
+                           final_norm=not self.fc_norm, norm_eps=self.norm_eps,
+                           head_dim=self.head_dim)
     if self.fc_norm:
       self.fc_norm_layer = _layer_norm('fc_norm', self.dtype, self.norm_eps)
     if self.distill_token and not self.num_classes:
