@@ -5,7 +5,7 @@ r"""Accuracy, size and latency of jkd's deployable files (docs/deploy.md), one r
       --torch-python .venv-torch/bin/python
 
 For each workdir (a parent and its 50%-channel-pruned student) it writes fp32 and static int8
-ONNX and LiteRT files with `jkd export`, evaluates each on the test split in its runtime
+ONNX and LiteRT files with `jkd export` (and the ONNX int8 file once more with `--float-stem`), evaluates each on the test split in its runtime
 (`jkd eval --export`) and times it (`jkd bench --export`: batch 1 and 32, median of repeats,
 `--threads` threads), each in its own process. Beside them: the JAX model's accuracy (float and
 jkd's fake-quant model of the int8 file, `jkd.deploy.fake_quant`). With `--torch-python`, the
@@ -43,13 +43,14 @@ def jax_reference(workdir: str, out: str, npz: str | None) -> None:
   from jkd.deploy.classifier import Classifier
   clf = Classifier.from_workdir(workdir)
   ranges = fake_quant.calibrate(clf, calibration.calibration_pixels(clf.data_config))
-  correct = {'float': 0, 'fake_quant': 0}
+  correct = {'float': 0, 'fake_quant': 0, 'fake_quant_stem': 0}
   count = 0
   for b in data.make_eval_iterator(clf.data_config, 'test', global_batch_size=500):
     x, y, m = b['image'].astype(np.float32), b['label'], b['mask']
     correct['float'] += float(((np.asarray(clf.apply(x)).argmax(1) == y) * m).sum())
-    correct['fake_quant'] += float(
-        ((np.asarray(fake_quant.apply(clf, ranges, x)).argmax(1) == y) * m).sum())
+    for key, stem in (('fake_quant', False), ('fake_quant_stem', True)):
+      correct[key] += float(((np.asarray(fake_quant.apply(
+          clf, ranges, x, float_stem=stem)).argmax(1) == y) * m).sum())
     count += float(m.sum())
   with open(out, 'w') as f:
     json.dump({k: v / count for k, v in correct.items()} | {'params': clf.param_count(),
@@ -117,24 +118,27 @@ def main():
       ref = json.load(open(ref_json))
       for fmt in args.formats:
         ext = {'onnx': '.onnx', 'tflite': '.tflite'}[fmt]
-        for int8 in (False, True):
-          path = os.path.join(args.out, f'{tag}{"_int8" if int8 else ""}{ext}')
+        # ONNX int8 twice: full-integer, and with the first layer float (--float-stem).
+        for int8, stem in ((False, False), (True, False)) + (((True, True),) if fmt == 'onnx'
+                                                               else ()):
+          path = os.path.join(args.out, f'{tag}{"_int8" if int8 else ""}{"_stem" * stem}{ext}')
+          flags = ['--int8'] * int8 + ['--float-stem'] * stem
           try:
-            _jkd('export', '--workdir', workdir, '--format', fmt, '--out', path,
-                 *(['--int8'] if int8 else []))
+            _jkd('export', '--workdir', workdir, '--format', fmt, '--out', path, *flags)
           except RuntimeError as e:
             results.append({'model': name, 'variant': variant, 'format': fmt, 'int8': int8,
-                            'error': str(e).strip().splitlines()[-1][:300]})
+                            'float_stem': stem, 'error': str(e).strip().splitlines()[-1][:300]})
             continue
           b32 = None
           if fmt == 'tflite':  # LiteRT files keep their exported batch (see jkd/deploy/litert.py)
             b32 = path.replace(ext, f'_b32{ext}')
             _jkd('export', '--workdir', workdir, '--format', fmt, '--out', b32, '--batch', '32',
-                 *(['--int8'] if int8 else []))
+                 *flags)
           r = measure(path, args.threads, b32)
+          jax_key = 'float' if not int8 else 'fake_quant_stem' if stem else 'fake_quant'
           results.append({'model': name, 'variant': variant, 'format': fmt, 'int8': int8,
-                          'params': ref['params'],
-                          'jax_accuracy': ref['fake_quant' if int8 else 'float'], **r})
+                          'float_stem': stem, 'params': ref['params'],
+                          'jax_accuracy': ref[jax_key], **r})
           print(json.dumps(results[-1]), flush=True)
       if npz:
         t_fp32 = os.path.join(args.out, f'{tag}_torch.onnx')
@@ -158,7 +162,8 @@ def markdown(results, threads) -> str:
   rows = [f'| model | variant | file | accuracy (file, runtime) | JAX model | bytes | '
           f'batch 1 ms | batch 32 ms | load (1 min, before/after) |', '|---' * 9 + '|']
   for r in results:
-    kind = f'{r["format"]} {"int8" if r["int8"] else "fp32"}'
+    stem = ' (float stem)' if r.get('float_stem') else ''
+    kind = f'{r["format"]} {"int8" if r["int8"] else "fp32"}{stem}'
     if 'error' in r:
       rows.append(f'| {r["model"]} | {r["variant"]} | {kind} | not converted: {r["error"]} '
                   '| | | | | |')

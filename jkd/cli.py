@@ -153,6 +153,8 @@ def _add_export_args(p) -> None:
                  help='minmax or percentile (onnx)')
   p.add_argument('--percentile', type=float, default=d['percentile'])
   p.add_argument('--calibration-seed', type=int, default=d['calibration_seed'])
+  p.add_argument('--float-stem', action='store_true',
+                 help='onnx --int8: keep the first layer (it reads the pixels) in float')
   p.add_argument('--batch', type=int, default=1,
                  help="tflite: the signature's batch (a ViT's LiteRT file keeps it)")
 
@@ -218,7 +220,8 @@ def _run_export(args, overrides: list[str]) -> dict:
                 calibration_batches=args.calibration_batches,
                 calibration_batch_size=args.calibration_batch_size,
                 calibration_method=args.calibration_method, percentile=args.percentile,
-                calibration_seed=args.calibration_seed, batch=args.batch)
+                calibration_seed=args.calibration_seed, float_stem=args.float_stem,
+                batch=args.batch)
   print(f'{info["file"]}: {info["format"]}, {info["quantization"]["kind"]}, {info["bytes"]:,} '
         f'bytes, {info["params"]:,} params ({info["model"]})')
   return info

@@ -22,7 +22,7 @@ EXTENSIONS = {'onnx': '.onnx', 'tflite': '.tflite', 'stablehlo': '.stablehlo'}
 def default_settings() -> dict:
   """The export settings `jkd export` flags and `config.deploy` set (see docs/deploy.md)."""
   return dict(calibration_batches=8, calibration_batch_size=32, calibration_method='minmax',
-              percentile=99.999, calibration_seed=0)
+              percentile=99.999, calibration_seed=0, float_stem=False)
 
 
 def export(workdir: str, fmt: str, out: str, *, int8: bool = False, clf=None,
@@ -34,7 +34,8 @@ def export(workdir: str, fmt: str, out: str, *, int8: bool = False, clf=None,
     int8: onnx and tflite: static full-integer int8, activation ranges from
       `calibration_batches` batches of `calibration_batch_size` training images
       (`calibration_method` 'minmax' or 'percentile'); stablehlo: int8 weights with dynamic
-      int8 activations.
+      int8 activations. `float_stem` (onnx): the first layer, which reads the pixels, stays
+      float (see `jkd.deploy.onnx.quantize`); the rest is int8.
   """
   from jkd.deploy.classifier import Classifier
   if fmt not in FORMATS:
@@ -44,6 +45,9 @@ def export(workdir: str, fmt: str, out: str, *, int8: bool = False, clf=None,
                     'bench pick the runtime by it).')
   s = {**default_settings(), **{k: v for k, v in settings.items() if v is not None}}
   calibration.check_method(s['calibration_method'])
+  if s['float_stem'] and (fmt != 'onnx' or not int8):
+    raise UserError('--float-stem keeps the first layer of an int8 ONNX file in float: use it '
+                    'with --format onnx --int8 (a LiteRT full-integer file has no float layer).')
   if fmt == 'onnx':
     from jkd.deploy import onnx as fmt_lib
   elif fmt == 'tflite':
@@ -65,7 +69,8 @@ def export(workdir: str, fmt: str, out: str, *, int8: bool = False, clf=None,
     if int8:
       proto = fmt_lib.quantize(proto, pixels, method=s['calibration_method'],
                                percentile=float(s['percentile']),
-                               batch=int(s['calibration_batch_size']))
+                               batch=int(s['calibration_batch_size']),
+                               float_stem=bool(s['float_stem']))
     size = fmt_lib.save(proto, out, {'jkd_model': clf.description['model'],
                                      'jkd_int8': int(int8)})
   elif fmt == 'tflite':
@@ -103,8 +108,10 @@ def _quantization(fmt: str, int8: bool, s: dict) -> dict:
     return {'kind': 'float32'}
   if fmt == 'stablehlo':
     return {'kind': 'int8 weights per channel, dynamic int8 activations (Qwix serving model)'}
-  return {'kind': 'static full-integer int8',
-          'weights': 'int8 symmetric per output channel',
+  stem = {'float_layers': ['the first conv / dense layer (reads the pixels)']} if s.get(
+      'float_stem') else {}
+  return {'kind': 'static int8, float first layer' if stem else 'static full-integer int8',
+          **stem, 'weights': 'int8 symmetric per output channel',
           'activations': ('uint8 asymmetric per tensor (ONNX Runtime QDQ)' if fmt == 'onnx'
                           else 'int8 asymmetric per tensor (TFLite)'),
           'calibration': {k: s[k] for k in ('calibration_batches', 'calibration_batch_size',
@@ -186,7 +193,8 @@ def export_run(config, workdir: str, params, model_state, *, num_classes: int = 
     for int8 in [False] * bool(deploy.get('float32', True)) + [True] * bool(deploy.get('int8')):
       name = f'model{"_int8" if int8 else ""}{EXTENSIONS[fmt]}'
       path = os.path.join(workdir, 'export', name)
-      info = export(workdir, fmt, path, int8=int8, clf=clf, **settings)
+      stem = bool(settings.get('float_stem')) and fmt == 'onnx' and int8  # ONNX int8 only
+      info = export(workdir, fmt, path, int8=int8, clf=clf, **{**settings, 'float_stem': stem})
       result = evaluate_file(path, data_config=config.data)
       out[name] = {'format': fmt, 'int8': int8, 'bytes': info['bytes'],
                    'params': info['params'], 'accuracy': result['accuracy']}

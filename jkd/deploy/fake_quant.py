@@ -68,10 +68,10 @@ def quantize_kernel(w, out_axes: int = 1):
   return jnp.clip(jnp.round(w / scale), -127, 127) * scale
 
 
-def _quantized_params(params):
+def _quantized_params(params, float_layer: str | None = None):
   def leaf(path, w):
     names = [getattr(k, 'key', '') for k in path]
-    if names[-1] != 'kernel':
+    if names[-1] != 'kernel' or '/'.join(names[:-1]) == float_layer:
       return w
     # A DenseGeneral kernel (D, H, d) is one (D, H*d) matrix in the file: per (h, d) column;
     # the attention output (H, d, D): per D. Convs (kh, kw, in, out) and Dense (in, out): out.
@@ -80,13 +80,17 @@ def _quantized_params(params):
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def apply(clf, ranges: dict, pixels) -> jax.Array:
-  """Logits of the static-int8 fake-quant model (`ranges` from `calibrate`)."""
+def apply(clf, ranges: dict, pixels, *, float_stem: bool = False) -> jax.Array:
+  """Logits of the static-int8 fake-quant model (`ranges` from `calibrate`). `float_stem`:
+  the first layer (the first in `ranges`, which are in call order) keeps its float input and
+  kernel, as `jkd export --float-stem` does."""
+  stem = next(iter(ranges)) if float_stem else None
+
   def fake(next_fun, args, kwargs, context):
-    if _is_layer(context) and _path(context) in ranges:
+    if _is_layer(context) and _path(context) in ranges and _path(context) != stem:
       args = (quantize_activation(args[0], *ranges[_path(context)]), *args[1:])
     return next_fun(*args, **kwargs)
 
-  variables = {**clf.variables, 'params': _quantized_params(clf.variables['params'])}
+  variables = {**clf.variables, 'params': _quantized_params(clf.variables['params'], stem)}
   with nn.intercept_methods(fake):
     return clf.apply(jnp.asarray(pixels, jnp.float32), variables)
