@@ -7,9 +7,10 @@ r"""Compression of a trained Fashion-MNIST classifier: pruning and/or int8 QAT, 
 
 Variants after the colon: `qat` (default: int8 weights per channel + int8 activations, QAT with
 Qwix, 1 epoch), `ptq` (the same quantization, no training), `prune50` (50% global magnitude
-pruning, cubic schedule, float export), `prune24` (2:4 semi-structured), `channel50` (structured: half the channels of every
-group, BN-scale ranked, gradual, KD from `--config.teacher.workdir`; `jkd export` writes the
-physically narrower model), `qat_kd` (int8 QAT
+pruning, cubic schedule, float export), `prune24` (2:4 semi-structured), `channel50`
+(structured: half the channels of every group, BN-scale ranked, gradual, KD from
+`--config.teacher.workdir`; a ViT loses half its attention heads and MLP units, L1-ranked;
+`jkd export` writes the physically narrower model), `qat_kd` (int8 QAT
 distilled from `--config.teacher.workdir`: 0.1 CE + 0.9 KD at T=4), `tiny` / `tiny-NAME` (test
 size). The loss is `config.losses`, the logit terms of `jkd distill` (ce, kd, dkd, dist,
 kd_logit_std), e.g. `--config.losses.kd.temperature=2`; `--config.kd_weight=W` (and
