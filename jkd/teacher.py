@@ -40,6 +40,51 @@ _NO_MIM_TEACHER = ('No teacher: set --config.teacher.workdir=DIR to a `jkd pretr
                    'configs/fashion_mnist/mae.py --workdir DIR`.')
 
 
+# Where `config.teacher.checkpoint` is imported, inside the run's workdir (a jkd workdir).
+IMPORTED_TEACHER = 'imported_teacher'
+
+
+def import_checkpoint(config, workdir: str, log=print) -> None:
+  """`config.teacher.checkpoint` (a public checkpoint file, read as `jkd import` reads it) as
+  the run's teacher: imported once into WORKDIR/imported_teacher, a jkd workdir that a resumed
+  run reuses, and set as `config.teacher.workdir`; everything downstream (placement, dtype,
+  taps, the teacher cache's identity) then reads a workdir. `config.teacher.model` names the
+  model to build and `config.teacher.model_fields` ({'num_heads': 6, ...}) sets its fields when
+  the shapes do not say (as `jkd import --model NAME --config.model.K=V`). Nothing happens
+  without the setting.
+
+  Raises:
+    UserError: both `teacher.checkpoint` and `teacher.workdir` set, a file `jkd import` cannot
+      read, or a resumed run whose imported teacher came from another file.
+  """
+  from jkd import convert, storage  # pylint: disable=g-import-not-at-top  (torch-free, lazy)
+  tcfg = config.get('teacher') or {}
+  path = tcfg.get('checkpoint') or ''
+  if not path:
+    return
+  if tcfg.get('workdir'):
+    raise UserError(f'config.teacher.checkpoint={path!r} and config.teacher.workdir='
+                    f'{tcfg.workdir!r} are both set: give one teacher (a checkpoint file, or a '
+                    'jkd workdir such as `jkd import` writes).')
+  target = storage.join(workdir, IMPORTED_TEACHER)
+  report = storage.join(target, 'import.json')
+  if storage.isfile(report):
+    source = storage.read_json(report).get('checkpoint')
+    if source != storage.resolve(path):
+      raise UserError(f'{workdir} was started with the teacher imported from {source}, not '
+                      f'{path}: a resumed run keeps its teacher. Use a new --workdir for '
+                      'another teacher.')
+  else:
+    if storage.isdir(target):  # an import cut off before its report: start it again
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      epath.Path(target).rmtree()
+    log(f'importing the teacher {path} into {target} ...')
+    fields = dict(tcfg.get('model_fields') or {})
+    convert.save_workdir(path, target, model=tcfg.get('model') or None,
+                         overrides=[f'model.{k}={v!r}' for k, v in fields.items()], log=log)
+  config.teacher.workdir = target
+
+
 @dataclasses.dataclass(frozen=True)
 class Teacher:
   """A frozen model and its host variables.

@@ -191,6 +191,10 @@ RUN_RULES: dict[str, tuple[Rule, str]] = {
     'data.num_examples': (integer(1), 'examples of the synthetic train split'),
     'data.num_eval_examples': (integer(1), 'examples of the synthetic test split'),
     'teacher.workdir': (text, 'the workdir of the trained teacher'),
+    'teacher.checkpoint': (text, "a public checkpoint file as the teacher (imported as `jkd "
+                           "import` does), or ''"),
+    'teacher.model_fields': (lambda v: None if hasattr(v, 'keys') else 'a dict',
+                             "the imported teacher's model fields, e.g. dict(num_heads=6)"),
     'teacher.dtype': (optional(one_of('', *DTYPE_NAMES)), "the teacher's compute dtype"),
     'teacher.ema': (boolean, "distil from the teacher run's EMA of the weights"),
     'teacher.combine': (one_of('average', 'separate'), 'how several teachers teach: one '

@@ -9,6 +9,7 @@ same mask) must equal the reference's to 1e-5 of its largest value, in float32.
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -333,3 +334,28 @@ def test_fixtures_are_what_the_reference_code_makes(tmp_path):
     spec_new = json.load(open(tmp_path / f'{name}.json'))
     spec_old = json.load(open(os.path.join(FIXTURES, f'{name}.json')))
     assert spec_new['tensors'] == spec_old['tensors'], name
+
+
+def test_teacher_checkpoint_is_imported_once_into_the_run(tmp_path):
+  """`config.teacher.checkpoint` (CONTRACT.md): a public checkpoint file as the teacher of
+  `jkd distill`, imported into WORKDIR/imported_teacher as `jkd import` would, reused when the
+  command runs again, refused beside a teacher workdir or after another file."""
+  _, _, path = _fixture('deit_fmnist', tmp_path)
+  kd = str(tmp_path / 'kd')
+  args = ('distill', '--config', f'{CONFIGS}/distill.py:tiny', '--workdir', kd,
+          f'--config.teacher.checkpoint={path}', '--config.teacher.model_fields=dict(num_heads=3)')
+  out = run_jkd(*args)
+  assert out.returncode == 0, out.stderr
+  assert 'importing the teacher' in out.stdout and 'timm_vit layout' in out.stdout, out.stdout
+  imported = os.path.join(kd, 'imported_teacher')
+  assert json.load(open(os.path.join(imported, 'import.json')))['fresh'] == []
+  summary = json.load(open(os.path.join(kd, 'summary.json')))
+  assert summary['teacher']['workdir'] == imported and 'teacher_accuracy' in summary['eval']
+  again = run_jkd(*args)  # the finished run again: the teacher is not imported twice
+  assert again.returncode == 0 and 'importing the teacher' not in again.stdout, again.stderr
+  other = str(tmp_path / 'other.safetensors')
+  shutil.copy(path, other)
+  refused = run_jkd(*args[:-2], f'--config.teacher.checkpoint={other}')
+  assert refused.returncode == 2 and 'keeps its teacher' in refused.stderr, refused.stderr
+  both = run_jkd(*args, f'--config.teacher.workdir={imported}')
+  assert both.returncode == 2 and 'both set' in both.stderr, both.stderr

@@ -84,7 +84,8 @@ def get_config(arg=None):
   teacher, student, _ = PAIRS[pair]
   c = _train.mdistiller_recipe(base_config(), student, tiny)
   c.teacher = ml_collections.ConfigDict({
-      'workdir': '', 'dtype': 'float32', 'ema': False, 'combine': 'average',
+      'workdir': '', 'checkpoint': '', 'model': '', 'model_fields': {}, 'dtype': 'float32',
+      'ema': False, 'combine': 'average',
       'cache': {'dir': '', 'topk': 10, 'dtype': 'float16', 'rest': 'smooth', 'shard_steps': 100}})
   c.teachers = ml_collections.ConfigDict()
   c.losses = ml_collections.ConfigDict(losses(method, pair, student))

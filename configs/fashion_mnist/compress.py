@@ -48,7 +48,8 @@ def get_config(arg=None):
       enabled=False, mode='qat', weight_bits=8, act_bits=8, module_path='.*'))
   # Deployable files written by on_finish (docs/deploy.md): e.g. --config.deploy.formats="('onnx',)".
   c.deploy = default_deploy_config()
-  c.teacher = ml_collections.ConfigDict({'workdir': '', 'dtype': 'float32', 'ema': False})
+  c.teacher = ml_collections.ConfigDict({'workdir': '', 'checkpoint': '', 'model': '',
+                                         'model_fields': {}, 'dtype': 'float32', 'ema': False})
   # Several teachers, averaged into one target (jkd/teachers.py), instead of teacher.workdir.
   c.teachers = ml_collections.ConfigDict()
   c.losses = ml_collections.ConfigDict({'ce': dict(weight=1.0)})

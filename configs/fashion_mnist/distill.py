@@ -87,6 +87,9 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(DEIT_MODEL)
   c.teacher = ml_collections.ConfigDict({
       'workdir': '', 'dtype': 'float32',
+      # Or a public checkpoint file (timm, DeiT, MAE...; imported into WORKDIR/imported_teacher
+      # as `jkd import` does), with `model` naming the jkd model when the shapes do not say.
+      'checkpoint': '', 'model': '', 'model_fields': {},
       # ema=True: the teacher's EMA weights (a run trained with --config.ema.decay > 0).
       'ema': False,
       # How the teachers of config.teachers meet the terms: 'average' or 'separate'.

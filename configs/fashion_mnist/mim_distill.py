@@ -64,7 +64,8 @@ def get_config(arg=None):
   c.method = 'mim'              # Routes `jkd distill` to jkd.trainers.mim_distill.
   c.data = default_data_config('fashion_mnist')
   c.data.crop_padding = 0
-  c.teacher = ml_collections.ConfigDict({'workdir': '', 'dtype': 'float32'})
+  c.teacher = ml_collections.ConfigDict({'workdir': '', 'checkpoint': '', 'model': '',
+                                         'model_fields': {}, 'dtype': 'float32'})
   c.model = ml_collections.ConfigDict({
       'name': 'vit_nano_p4', 'dtype': 'float32', 'posemb': 'sincos2d_mae',
       'decoder_width': 128, 'decoder_depth': 2, 'decoder_heads': 4})

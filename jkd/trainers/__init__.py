@@ -73,6 +73,9 @@ class Trainer:
     self.check(config)
     with interrupt.deferred(), lock.hold(workdir, command=f'jkd {self.command}'):
       interrupt.check('during start-up; nothing new was written')
+      if self.name in ('distill', 'mim_distill', 'compress'):
+        from jkd import teacher  # pylint: disable=g-import-not-at-top
+        teacher.import_checkpoint(config, workdir)  # config.teacher.checkpoint, if set
       return self.load().train(config, workdir)
 
 
