@@ -269,7 +269,10 @@ def save_workdir(path: str, workdir: str, *, model: str | None = None,
   Raises:
     UserError: a file jkd cannot read or convert, or a workdir that already holds checkpoints.
   """
-  from jkd import loop, trainers  # pylint: disable=g-import-not-at-top
+  from jkd import loop  # pylint: disable=g-import-not-at-top
+  # The two trainer modules themselves, not the `jkd.trainers` registry: its `Trainer.train`
+  # imports `config.teacher.checkpoint` through this function.
+  from jkd.trainers import pretrain, supervised  # pylint: disable=g-import-not-at-top
   from jkd.checkpoint import RunCheckpointer, checkpoint_dir  # pylint: disable=g-import-not-at-top
   workdir = storage.resolve(workdir)
   if storage.isdir(checkpoint_dir(workdir)) and RunCheckpointer(
@@ -280,8 +283,7 @@ def save_workdir(path: str, workdir: str, *, model: str | None = None,
   converted, source = read(path, given)
   config = make_config(converted, config_spec, overrides)
   imported = build(converted, config, source=source)
-  task = trainers.get('pretrain' if converted.method else 'train', config).build_task(
-      config, workdir)
+  task = (pretrain if converted.method else supervised).build_task(config, workdir)
   init_key, _ = loop.run_keys(config)
   state = jax.jit(lambda k: nn.meta.unbox(task.init_state(k)))(init_key)
   state = state.replace(params=imported.variables['params'],
