@@ -223,6 +223,7 @@ def _signal_chain(tmp_path, moments, extra=()):
   return stops
 
 
+@pytest.mark.slow  # 87 s on 2 cores: the slow tier, beside the 20 random moments.
 def test_sigterm_at_the_moments_that_used_to_fail(tmp_path):
   """During start-up; on a checkpoint step (it used to save the step twice:
   StepAlreadyExistsError); after the last step (final save and eval, used to be unhandled);
