@@ -9,9 +9,9 @@ ONNX and LiteRT files with `jkd export` (and the ONNX int8 file once more with `
 (`jkd eval --export`) and times it (`jkd bench --export`: batch 1 and 32, median of repeats,
 `--threads` threads), each in its own process. Beside them: the JAX model's accuracy (float and
 jkd's fake-quant model of the int8 file, `jkd.deploy.fake_quant`). With `--torch-python`, the
-same resnet8_s rebuilt in PyTorch with the same weights is exported by `torch.onnx.export`
-(benchmarks/deploy_torch.py, in that Python) and quantized by the same ONNX Runtime static
-quantizer on the same calibration images, then evaluated and timed the same way.
+same student (resnet8_s or the ViT) rebuilt in PyTorch with the same weights is exported by
+`torch.onnx.export` (benchmarks/deploy_torch.py, in that Python) and quantized by the same ONNX
+Runtime static quantizer on the same calibration images, then evaluated and timed the same way.
 Writes OUT/results.json and OUT/results.md; records os.getloadavg() before and after each timing.
 """
 import argparse
@@ -112,8 +112,7 @@ def main():
     for variant, workdir in (('fp32 parent', parent), ('50% channels', pruned)):
       tag = f'{name}_{"parent" if workdir == parent else "c50"}'
       ref_json = os.path.join(args.out, f'{tag}_jax.json')
-      npz = os.path.join(args.out, f'{tag}.npz') if args.torch_python and 'resnet' in name \
-          else None
+      npz = os.path.join(args.out, f'{tag}.npz') if args.torch_python else None
       _run([sys.executable, __file__, '_jax', workdir, ref_json] + ([npz] if npz else []))
       ref = json.load(open(ref_json))
       for fmt in args.formats:

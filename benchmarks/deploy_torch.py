@@ -1,10 +1,12 @@
-"""The PyTorch side of benchmarks/deploy.py: jkd's resnet8_s as a torch module, to ONNX.
+"""The PyTorch side of benchmarks/deploy.py: jkd's resnet8_s or ViT as a torch module, to ONNX.
 
   python benchmarks/deploy_torch.py WEIGHTS.npz OUT.onnx     (a Python with torch, onnx and
                                                              onnxscript: torch.onnx.export needs it)
 
-Builds the same network in torch (torchvision's BasicBlock layout, jkd's widths and strides),
-copies the trained jkd weights from WEIGHTS.npz (written by benchmarks/deploy.py), checks the
+Builds the same network in torch (a ResNet: torchvision's BasicBlock layout, jkd's widths and
+strides; a ViT: timm's pre-LN blocks with `F.scaled_dot_product_attention`, mean-pooled patch
+tokens, and heads of `head_dim` channels so that head-pruned students fit too), copies the
+trained jkd weights from WEIGHTS.npz (written by benchmarks/deploy.py), checks the
 outputs against the jkd logits stored there, and exports it with `torch.onnx.export` taking
 the same input as jkd's files: float32 pixels (B, H, W, C) in [0, 255]. Quantization and timing
 then run in ONNX Runtime, in other processes (one framework per process).
@@ -55,6 +57,96 @@ class ResNet8(nn.Module):
     return self.head(x.mean(dim=(2, 3)))
 
 
+class Attention(nn.Module):
+  def __init__(self, dim, heads, head_dim):
+    super().__init__()
+    self.heads, self.head_dim = heads, head_dim
+    self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+    self.proj = nn.Linear(heads * head_dim, dim)
+
+  def forward(self, x):
+    b, n, _ = x.shape
+    q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    y = nn.functional.scaled_dot_product_attention(q, k, v)
+    return self.proj(y.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class ViTBlock(nn.Module):
+  def __init__(self, dim, heads, head_dim, mlp, eps):
+    super().__init__()
+    self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
+    self.attn = Attention(dim, heads, head_dim)
+    self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+  """jkd's ViT with pool='gap', no class token, learned position embedding, final LayerNorm."""
+
+  def __init__(self, patch, dim, depth, heads, head_dim, mlp, tokens, mean, std, channels=1,
+               classes=10, eps=1e-6):
+    super().__init__()
+    self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+    self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+    self.patch = nn.Conv2d(channels, dim, patch, patch)
+    self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
+    self.blocks = nn.ModuleList([ViTBlock(dim, heads, head_dim, mlp, eps) for _ in range(depth)])
+    self.norm = nn.LayerNorm(dim, eps=eps)
+    self.head = nn.Linear(dim, classes)
+
+  def forward(self, pixels):
+    x = (pixels.permute(0, 3, 1, 2) / 255.0 - self.mean) / self.std
+    x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+    for b in self.blocks:
+      x = b(x)
+    return self.head(self.norm(x).mean(dim=1))
+
+
+def _linear(module, kernel, bias):
+  module.weight.data = torch.from_numpy(np.ascontiguousarray(kernel.T))
+  module.bias.data = torch.from_numpy(np.ascontiguousarray(bias))
+
+
+def _ln(module, w, name):
+  module.weight.data = torch.from_numpy(w[f'params/{name}/scale'])
+  module.bias.data = torch.from_numpy(w[f'params/{name}/bias'])
+
+
+def build_vit(w) -> ViT:
+  """The torch copy of a jkd ViT whose flattened variables are `w`."""
+  if 'params/cls' in w or 'params/encoder/block0/rel_pos_bias/relative_position_bias_table' in w:
+    raise SystemExit('deploy_torch.py builds ViTs with pool=gap, no class token, no relative '
+                     'position bias.')
+  kp = w['params/patch_embed/proj/kernel']
+  q = w['params/encoder/block0/attn/query/kernel']
+  depth = len({k.split('/')[2] for k in w if k.startswith('params/encoder/block')})
+  dim, heads, head_dim = q.shape
+  mlp = w['params/encoder/block0/mlp/fc1/kernel'].shape[1]
+  model = ViT(kp.shape[0], dim, depth, heads, head_dim, mlp, w['params/pos_embedding'].shape[1],
+              w['mean'].tolist(), w['std'].tolist(), channels=kp.shape[2],
+              classes=int(w['params/head/bias'].shape[0]))
+  _conv(model.patch, w, 'patch_embed/proj')
+  model.patch.bias.data = torch.from_numpy(w['params/patch_embed/proj/bias'])
+  model.pos.data = torch.from_numpy(w['params/pos_embedding'])
+  for i, b in enumerate(model.blocks):
+    p = f'encoder/block{i}'
+    a = f'params/{p}/attn'
+    _linear(b.attn.qkv, np.concatenate([w[f'{a}/{n}/kernel'].reshape(dim, -1)
+                                        for n in ('query', 'key', 'value')], axis=1),
+            np.concatenate([w[f'{a}/{n}/bias'].reshape(-1) for n in ('query', 'key', 'value')]))
+    _linear(b.attn.proj, w[f'{a}/out/kernel'].reshape(-1, dim), w[f'{a}/out/bias'])
+    _ln(b.norm1, w, f'{p}/ln1')
+    _ln(b.norm2, w, f'{p}/ln2')
+    _linear(b.fc1, w[f'params/{p}/mlp/fc1/kernel'], w[f'params/{p}/mlp/fc1/bias'])
+    _linear(b.fc2, w[f'params/{p}/mlp/fc2/kernel'], w[f'params/{p}/mlp/fc2/bias'])
+  _ln(model.norm, w, 'encoder/encoder_norm')
+  _linear(model.head, w['params/head/kernel'], w['params/head/bias'])
+  return model.eval()
+
+
 def _bn(module, w, name):
   module.weight.data = torch.from_numpy(w[f'params/{name}/scale'])
   module.bias.data = torch.from_numpy(w[f'params/{name}/bias'])
@@ -90,7 +182,7 @@ def build(w) -> ResNet8:
 
 def main(weights: str, out: str) -> None:
   w = dict(np.load(weights))
-  model = build(w)
+  model = build_vit(w) if 'params/patch_embed/proj/kernel' in w else build(w)
   with torch.no_grad():
     got = model(torch.from_numpy(w['check_pixels'])).numpy()
   diff = float(np.abs(got - w['check_logits']).max())
