@@ -148,8 +148,7 @@ def build_vit(w) -> ViT:
 
 
 def _bn(module, w, name):
-  module.weight.data = torch.from_numpy(w[f'params/{name}/scale'])
-  module.bias.data = torch.from_numpy(w[f'params/{name}/bias'])
+  _ln(module, w, name)  # the same scale and bias
   module.running_mean.data = torch.from_numpy(w[f'batch_stats/{name}/mean'])
   module.running_var.data = torch.from_numpy(w[f'batch_stats/{name}/var'])
 

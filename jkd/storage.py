@@ -199,6 +199,11 @@ def remove(path) -> None:
   epath.Path(os.fspath(path)).unlink()
 
 
+def remove_tree(path) -> None:
+  """Deletes a directory and everything in it (local or under a bucket prefix)."""
+  epath.Path(os.fspath(path)).rmtree()
+
+
 def copy(src, dst) -> None:
   epath.Path(os.fspath(src)).copy(epath.Path(os.fspath(dst)), overwrite=True)
 

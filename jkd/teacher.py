@@ -76,8 +76,7 @@ def import_checkpoint(config, workdir: str, log=print) -> None:
                       'another teacher.')
   else:
     if storage.isdir(target):  # an import cut off before its report: start it again
-      from etils import epath  # pylint: disable=g-import-not-at-top
-      epath.Path(target).rmtree()
+      storage.remove_tree(target)
     log(f'importing the teacher {path} into {target} ...')
     fields = dict(tcfg.get('model_fields') or {})
     convert.save_workdir(path, target, model=tcfg.get('model') or None,

@@ -257,6 +257,7 @@ def shrink(model_cfg: dict, variables: dict) -> tuple[dict, dict]:
   """
   from flax.traverse_util import flatten_dict, unflatten_dict
   params = variables['params']
+  named = _flat(params)
   groups = groups_for(params)
   kept = kept_channels(params, groups)
   flat = {('params',) + k: np.asarray(v) for k, v in flatten_dict(params).items()}
@@ -275,7 +276,7 @@ def shrink(model_cfg: dict, variables: dict) -> tuple[dict, dict]:
       if k in flat:
         flat[k] = np.take(flat[k], idx, axis=axis)
   new_cfg = dict(model_cfg)
-  if 'stem_conv/kernel' in _flat(params):
+  if 'stem_conv/kernel' in named:
     from jkd import models
     width = model_cfg.get('width') or models.field_default(model_cfg['name'], 'width')
     new_width = len(kept[groups[0].name]) * width // groups[0].size
@@ -295,6 +296,6 @@ def shrink(model_cfg: dict, variables: dict) -> tuple[dict, dict]:
         new_cfg[field] = int(sizes.pop())
     head = next((g for g in groups if g.name.endswith('heads')), None)
     if head is not None:  # The kept heads keep their size: q/k/v kernels are (D, H, head_dim).
-      new_cfg['head_dim'] = int(np.asarray(_flat(params)[head.outputs[0][0]]).shape[2])
+      new_cfg['head_dim'] = int(named[head.outputs[0][0]].shape[2])
   tree = unflatten_dict(flat)
   return new_cfg, {col: tree[col] for col in tree}

@@ -83,7 +83,6 @@ def full_rank_constants(proto):
           for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
           if v.type.tensor_type.HasField('shape')}
   inits = {i.name: i for i in proto.graph.initializer}
-  made = {}
   for node in proto.graph.node:
     if node.op_type not in ELEMENTWISE or len(node.input) != 2:
       continue
@@ -95,10 +94,10 @@ def full_rank_constants(proto):
       if value.ndim >= rank[other]:
         continue
       name = f'{const}_rank{rank[other]}'
-      if name not in made:
+      if name not in inits:  # one reshaped copy, shared by every node that needs this rank
         shaped = value.reshape((1,) * (rank[other] - value.ndim) + value.shape)
-        made[name] = numpy_helper.from_array(shaped, name)
-        proto.graph.initializer.append(made[name])
+        inits[name] = numpy_helper.from_array(shaped, name)
+        proto.graph.initializer.append(inits[name])
       node.input[j] = name
   used = {i for node in proto.graph.node for i in node.input}
   unused = [i for i in proto.graph.initializer if i.name not in used]
