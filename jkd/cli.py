@@ -373,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
       _run_export(args, overrides)
     else:
       _run_training(args.command, args, overrides)
+    # A signal can be swallowed where Python cannot raise (a gc callback of XLA's prints
+    # "Exception ignored ... Interrupted"): the command then still ends as a stopped one.
+    interrupt.check('after the command had finished its work; every file it wrote is complete')
     return 0
   except UserError as e:
     message = _fill(str(e))

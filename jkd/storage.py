@@ -141,6 +141,8 @@ def write_bytes(path, data: bytes) -> None:
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
+      f.flush()
+      os.fsync(f.fileno())  # A crash after the rename must not leave an empty file.
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open would give this.
     os.replace(tmp, text)
   except BaseException:
