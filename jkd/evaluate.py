@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jkd import figures, interrupt, loop, parallel, storage, trainers
+from jkd import figures, interrupt, loop, parallel, storage, trainers, xla_cpu
 from jkd.checkpoint import RunCheckpointer, checkpoint_dir
 from jkd.errors import UserError
 
@@ -49,6 +49,7 @@ def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=
                     'or drop --export to evaluate the checkpoint.')
   if not storage.isdir(checkpoint_dir(workdir)):
     raise UserError(f'{workdir!r} has no checkpoints/: not a jkd workdir, or nothing saved yet.')
+  xla_cpu.prepare(xla_cpu.peek_config(checkpoint_dir(workdir)))  # Orbax starts the backend.
   ckpt = RunCheckpointer(workdir, create=False)
   meta = ckpt.read_meta()
   if config_spec:

@@ -69,8 +69,9 @@ class Trainer:
     (`jkd.validate`), the workdir's lock taken (`jkd.lock`; a second writer is refused), and
     SIGTERM/SIGINT deferred to the run's safe points (`jkd.interrupt`) until it returns.
     """
-    from jkd import interrupt, lock  # pylint: disable=g-import-not-at-top
+    from jkd import interrupt, lock, xla_cpu  # pylint: disable=g-import-not-at-top
     self.check(config)
+    xla_cpu.prepare(config)  # Before the first computation starts the backend.
     with interrupt.deferred(), lock.hold(workdir, command=f'jkd {self.command}'):
       interrupt.check('during start-up; nothing new was written')
       if self.name in ('distill', 'mim_distill', 'compress'):
