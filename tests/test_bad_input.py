@@ -899,3 +899,144 @@ def test_validate_knows_every_position_embedding():
   from jkd import validate
   from jkd.models import vit
   assert validate.POSEMBS == vit.POSEMBS
+
+
+# ---------------------------------------------------------------- issue 29: writing exports
+
+
+def _issue29_rows(prefix):
+  return [c for c in CASES if c.id.startswith(prefix)]
+
+
+def test_issue29_messages_escape_control_characters(world, tmp_path, capfd):
+  """A file name with an ANSI escape reaches the message escaped (\\x1b), never raw."""
+  for case in _issue29_rows('issue29_'):
+    if 'ansi' not in case.id:
+      continue
+    assert _main(_format(case.argv, world, tmp_path)) == 2
+    _, err = capfd.readouterr()
+    assert '\x1b' not in err and r'\x1b[31m' in err, err
+
+
+def _export_argv(world, out, *flags):
+  return ['export', '--workdir', world['good'], '--format', 'stablehlo', '--out', out, *flags]
+
+
+def _files(folder):
+  """{name: bytes} of the regular files in `folder` (symlinks as 'link -> target')."""
+  out = {}
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if os.path.islink(path):
+      out[name] = f'link -> {os.readlink(path)}'
+    elif os.path.isfile(path):
+      with open(path, 'rb') as f:
+        out[name] = f.read()
+  return out
+
+
+def test_issue29_export_replaces_planted_symlinks(world, tmp_path):
+  """Symlinks planted at FILE and FILE.json are replaced by the new files; their targets
+  outside are untouched (the writes used to follow them)."""
+  outside = tmp_path / 'outside'
+  outside.mkdir()
+  for name in ('victim', 'victim.json'):
+    (outside / name).write_text('keep me\n')
+  folder = tmp_path / 'out'
+  folder.mkdir()
+  out = str(folder / 'm.stablehlo')
+  os.symlink(outside / 'victim', out)
+  os.symlink(outside / 'victim.json', out + '.json')
+  assert _main(_export_argv(world, out)) == 0
+  assert _files(outside) == {'victim': b'keep me\n', 'victim.json': b'keep me\n'}
+  assert not os.path.islink(out) and not os.path.islink(out + '.json')
+  from jkd.deploy import runtime  # pylint: disable=g-import-not-at-top
+  assert runtime.open_file(out).num_classes == 10
+  assert sorted(os.listdir(folder)) == ['m.stablehlo', 'm.stablehlo.json']
+
+
+def test_issue29_export_full_disk_keeps_the_old_export(world, tmp_path):
+  """A write that fails half-way (EFBIG: RLIMIT_FSIZE below the new file's size, SIGXFSZ
+  ignored, in a child process) ends with exit 2 naming the file; the previous FILE and
+  FILE.json are byte-identical and no temporary file is left."""
+  folder = tmp_path / 'out'
+  out = str(folder / 'm.stablehlo')
+  assert _main(_export_argv(world, out)) == 0
+  before = _files(folder)
+  limit = len(before['m.stablehlo']) // 3
+  code = ('import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+          f'resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); '
+          'from jkd import cli; sys.exit(cli.main(sys.argv[1:]))')
+  p = subprocess.run([sys.executable, '-c', code, *_export_argv(world, out, '--int8')],
+                     cwd=REPO, text=True, capture_output=True, timeout=600,
+                     env=dict(os.environ, PYTHONUNBUFFERED='1', JAX_ENABLE_COMPILATION_CACHE='0'))
+  err = ' '.join(p.stderr.split())
+  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  assert 'm.stablehlo' in err and 'File too large' in err and 'unchanged' in err, err
+  assert _files(folder) == before
+
+
+def test_issue29_read_only_file_system(world, tmp_path, capfd, monkeypatch):
+  """EROFS at the write (a read-only file system, simulated at `tempfile.mkstemp`, where
+  `storage.write_bytes` starts: permissions do not stop root): `jkd export` and `jkd eval
+  --export FILE --workdir W` (eval.json) end with exit 2 naming the file; nothing changed."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / 'out'
+  out = str(folder / 'm.stablehlo')
+  assert _main(_export_argv(world, out)) == 0
+  before = _files(folder)
+  capfd.readouterr()
+
+  def read_only(*a, **k):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+  monkeypatch.setattr(tempfile, 'mkstemp', read_only)
+  assert _main(_export_argv(world, out, '--int8')) == 2
+  err = ' '.join(capfd.readouterr().err.split())
+  assert 'm.stablehlo' in err and 'read-only' in err and 'Traceback' not in err, err
+  assert _files(folder) == before
+  w = str(tmp_path / 'w')
+  shutil.copytree(world['good'], w, symlinks=True)
+  files = sorted(os.listdir(w))
+  assert _main(['eval', '--export', out, '--workdir', w, '--split', 'test[:16]']) == 2
+  err = ' '.join(capfd.readouterr().err.split())
+  assert 'eval.json' in err and 'read-only' in err and 'Traceback' not in err, err
+  assert sorted(os.listdir(w)) == files
+
+
+def test_issue29_compress_export_special_files(world, tmp_path, capfd):
+  """`jkd eval --workdir W --export` (the jax.export program of `jkd compress`) with a FIFO as
+  weights.bin or /dev/zero as model.jaxexport or manifest.json: exit 2 naming the file, at once
+  (these used to block or read forever)."""
+  for name, make in (('weights.bin', os.mkfifo),
+                     ('model.jaxexport', lambda p: os.symlink('/dev/zero', p)),
+                     ('manifest.json', lambda p: os.symlink('/dev/zero', p))):
+    w = str(tmp_path / name)
+    shutil.copytree(world['q8'], w, symlinks=True)
+    path = os.path.join(w, 'export', name)
+    os.remove(path)
+    make(path)
+    t0 = time.time()
+    assert _main(ev('--export', w=w)) == 2
+    err = ' '.join(capfd.readouterr().err.split())
+    assert name in err and 'not a regular file' in err and 'Traceback' not in err, err
+    assert time.time() - t0 < 60
+
+
+def test_issue29_export_into_a_workdir_takes_and_releases_its_lock(world, tmp_path, monkeypatch):
+  """`--out W/export/FILE` with W a workdir: the export holds W's lock while it writes (seen
+  from the write itself) and releases it after."""
+  from jkd import storage  # pylint: disable=g-import-not-at-top
+  w = str(tmp_path / 'w')
+  shutil.copytree(world['good'], w, symlinks=True)
+  seen = []
+  real = storage.write_bytes
+
+  def spy(path, data):
+    seen.append((os.path.basename(path), os.path.exists(os.path.join(w, 'jkd.lock'))))
+    real(path, data)
+  monkeypatch.setattr(storage, 'write_bytes', spy)
+  out = os.path.join(w, 'export', 'm.stablehlo')
+  assert _main(_export_argv(world, out)) == 0
+  assert seen == [('m.stablehlo', True), ('m.stablehlo.json', True)]
+  assert not os.path.exists(os.path.join(w, 'jkd.lock'))

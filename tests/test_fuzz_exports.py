@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, 'fixtures', 'deploy')
 READERS = {'onnx': 'tiny.onnx', 'tflite': 'tiny.tflite', 'tflite_int8': 'tiny_int8.tflite',
            'stablehlo': 'tiny.stablehlo', 'json': 'tiny_int8.tflite'}
-CI_CASES = {'onnx': 150, 'tflite': 120, 'tflite_int8': 120, 'stablehlo': 40, 'json': 300}
+CI_CASES = {'onnx': 100, 'tflite': 70, 'tflite_int8': 70, 'stablehlo': 30, 'json': 250}
 SLOW_CASES = {'onnx': 2000, 'tflite': 1500, 'tflite_int8': 1500, 'stablehlo': 1000,
               'json': 3000}
 CASE_TIMEOUT_S = 60
@@ -340,6 +340,8 @@ def _check(reader, cases):
       reader, results)
   assert len(results['ok']) + len(results['refused']) == cases
   assert results['refused'], 'the mutator must produce files the reader refuses'
+  if reader != 'json':  # (Every FILE.json edit breaks a checked field.)
+    assert results['ok'], 'some mutations are harmless (e.g. a changed weight): they must run'
   return results
 
 

@@ -515,8 +515,12 @@ def _limit_memory(extra: int) -> None:
       size = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmSize:'))
   except (OSError, StopIteration, ValueError):
     return
+  soft, hard = resource.getrlimit(resource.RLIMIT_AS)
   limit = size + extra
-  resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+  for bound in (soft, hard):  # Never above a limit the process already has.
+    if bound != resource.RLIM_INFINITY:
+      limit = min(limit, bound)
+  resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
 def _wait_probe(pid: int, read: int) -> tuple[str | None, int]:
