@@ -485,7 +485,8 @@ CASES = [
     # ---- issue 29: deployable exports (jkd export / eval --export FILE / bench --export FILE)
     # Files in {xp} (= ROOT/export/, snapshotted) made by `_issue29_export_files` from the
     # committed tests/fixtures/deploy files.
-    *[C(f'issue29_{cmd}_export_{os.path.basename(name)}', cmd, '--export', f'{{xp}}/{name}', words=words)
+    *[C(f'issue29_{cmd}_export_{os.path.basename(name)}', cmd, '--export', f'{{xp}}/{name}',
+        words=words)
       for cmd in ('eval', 'bench') for name, words in (
           ('random.onnx', ['random.onnx', 'none of the formats']),
           ('empty.onnx', ['empty.onnx', 'empty']),

@@ -366,3 +366,27 @@ def test_mutator_is_seeded():
 if __name__ == '__main__':  # python tests/test_fuzz_exports.py READER CASES [SEED]
   print(_summary(sys.argv[1], run_reader(sys.argv[1], int(sys.argv[2]),
                                          int(sys.argv[3]) if len(sys.argv) > 3 else 0)))
+
+
+def test_a_file_that_aborts_the_runtime_is_refused(tmp_path):
+  """Case 134 of seed 1 (tflite_int8: a quantized tensor without scales, found by this fuzzer)
+  makes LiteRT's `allocate_tensors` abort the process. Opened without the probe it kills a
+  child process (SIGABRT); through `open_file` the probe's child dies instead and jkd refuses
+  the file with a UserError."""
+  pytest.importorskip('ai_edge_litert')
+  from jkd.deploy import runtime
+  from jkd.errors import UserError
+  data, text = make_case('tflite_int8', 1, 134)
+  path = str(tmp_path / 'abort.tflite')
+  with open(path, 'wb') as f:
+    f.write(data)
+  with open(path + '.json', 'wb') as f:
+    f.write(text)
+  code = ('import sys, numpy as np; from jkd.deploy import runtime; '
+          'r = runtime.open_file(sys.argv[1], probe_batches=()); '
+          'r(np.zeros((2, 28, 28, 1), np.float32))')
+  p = subprocess.run([sys.executable, '-c', code, path], capture_output=True, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert p.returncode == -6, (p.returncode, p.stderr[-2000:])
+  with pytest.raises(UserError, match=r'crashed \(SIGABRT\)'):
+    runtime.open_file(path)

@@ -78,8 +78,8 @@ def check_settings(fmt: str, int8: bool, settings: dict) -> dict:
                     f'{MAX_CALIBRATION_IMAGES:,} calibration holds in memory: a few hundred '
                     'images fix the ranges (the default is 8 x 32).')
   p = s['percentile']
-  if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not (
-      0 < p <= 100):
+  if isinstance(p, bool) or not isinstance(p, (int, float)) or not (
+      0 < p <= 100) or not math.isfinite(p):  # (a huge int fails the range before isfinite)
     raise UserError(f'--percentile {p}: the share of |activations| the int8 range covers, in '
                     '(0, 100], e.g. 99.999 (with --calibration-method percentile).')
   if s['float_stem'] and (fmt != 'onnx' or not int8):

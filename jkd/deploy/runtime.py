@@ -187,7 +187,7 @@ def _short(value) -> str:
 def _finite_list(n: int, positive: bool = False):
   def ok(v):
     return (isinstance(v, list) and len(v) == n and all(
-        (_is_int(x) or isinstance(x, float)) and math.isfinite(x) and abs(x) <= 1e6
+        (_is_int(x) or (isinstance(x, float) and math.isfinite(x))) and abs(x) <= 1e6
         and (x > 0 or not positive) for x in v))
   return ok
 
@@ -375,7 +375,8 @@ class Runner:
     from onnx import external_data_helper
     try:
       proto = onnx.load_model_from_string(self._data)
-      external = [t.name for t in external_data_helper._get_all_tensors(proto)  # pylint: disable=protected-access
+      tensors = external_data_helper._get_all_tensors(proto)  # pylint: disable=protected-access
+      external = [t.name for t in tensors
                   if t.HasField('data_location') and t.data_location == onnx.TensorProto.EXTERNAL]
       onnx.checker.check_model(proto)
     except Exception as e:  # pylint: disable=broad-except  (protobuf and checker errors)
@@ -545,7 +546,8 @@ def _check_jax_trees(path: str, data: bytes) -> None:
   before jax rebuilds them: its deserializer recurses over them without a limit, so an edited
   child offset could make a tree that takes forever to walk."""
   try:
-    from jax._src.export import serialization_generated as ser  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from jax._src.export import serialization_generated as ser
     exp = ser.Exported.GetRootAsExported(bytearray(data), 0)
     budget = [MAX_TREE_NODES]
     for tree in (exp.InTree(), exp.OutTree()):
