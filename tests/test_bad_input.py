@@ -1041,3 +1041,20 @@ def test_issue29_export_into_a_workdir_takes_and_releases_its_lock(world, tmp_pa
   assert _main(_export_argv(world, out)) == 0
   assert seen == [('m.stablehlo', True), ('m.stablehlo.json', True)]
   assert not os.path.exists(os.path.join(w, 'jkd.lock'))
+
+
+def test_issue29_rows_in_fresh_processes(world, tmp_path):
+  """Rows that reach the runtime's probe (a forked child) and the StableHLO reader, through
+  `python -m jkd.cli`: the same exit status and message, nothing printed at interpreter exit."""
+  by_id = {c.id: c for c in CASES}
+  for name in ('issue29_bench_export_truncated.onnx', 'issue29_eval_export_truncated.stablehlo',
+               'issue29_eval_export_json_other_channels.onnx'):
+    argv = _format(by_id[name].argv, world, tmp_path / name)
+    p = subprocess.run([sys.executable, '-m', 'jkd.cli', *argv], cwd=REPO, text=True,
+                       capture_output=True, timeout=300,
+                       env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    _check(by_id[name], p.returncode, p.stdout, ' '.join(p.stderr.split()), world)
+    head = f'jkd {argv[0]}:'
+    assert p.stderr.startswith(head + ' error:') and p.stderr.count(head) == 1, p.stderr
+    assert 'Exception ignored' not in p.stderr, p.stderr
+  assert snapshot(world['root']) == world['before']
