@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, 'fixtures', 'deploy')
 READERS = {'onnx': 'tiny.onnx', 'tflite': 'tiny.tflite', 'tflite_int8': 'tiny_int8.tflite',
            'stablehlo': 'tiny.stablehlo', 'json': 'tiny_int8.tflite'}
-CI_CASES = {'onnx': 100, 'tflite': 70, 'tflite_int8': 70, 'stablehlo': 30, 'json': 250}
+CI_CASES = {'onnx': 200, 'tflite': 120, 'tflite_int8': 120, 'stablehlo': 50, 'json': 400}
 SLOW_CASES = {'onnx': 2000, 'tflite': 1500, 'tflite_int8': 1500, 'stablehlo': 1000,
               'json': 3000}
 CASE_TIMEOUT_S = 60
