@@ -200,11 +200,13 @@ def _run_bench(args, overrides: list[str]) -> dict:
 
 def _bench_export(args) -> dict:
   from jkd import storage
-  from jkd.deploy.export import bench_file
+  from jkd.deploy.export import bench_file, check_bench_args, check_result_path, write_result
+  check_bench_args(args.threads, args.batch_sizes, args.repeats)
+  out = storage.join(args.workdir, 'bench.json') if args.workdir else args.export + '.bench.json'
+  check_result_path(out)  # Before timing: a result that cannot be written is said first.
   result = bench_file(args.export, threads=args.threads, batch_sizes=args.batch_sizes,
                       repeats=args.repeats)
-  out = storage.join(args.workdir, 'bench.json') if args.workdir else args.export + '.bench.json'
-  storage.write_json(out, result)
+  write_result(out, result)
   for b, r in result['batches'].items():
     print(f'{result["runtime"]}, {result["threads"]} thread(s): batch {b}: {r["ms"]:.3f} ms '
           f'({r["images_per_s"]:.0f} images/s); file {result["file_bytes"]:,} bytes')
@@ -213,6 +215,7 @@ def _bench_export(args) -> dict:
 
 def _run_export(args, overrides: list[str]) -> dict:
   from jkd.deploy.export import export
+  from jkd.deploy.runtime import show
   if overrides:
     raise UserError('jkd export takes no --config overrides: it exports the model the workdir '
                     'holds.')
@@ -222,8 +225,8 @@ def _run_export(args, overrides: list[str]) -> dict:
                 calibration_method=args.calibration_method, percentile=args.percentile,
                 calibration_seed=args.calibration_seed, float_stem=args.float_stem,
                 batch=args.batch)
-  print(f'{info["file"]}: {info["format"]}, {info["quantization"]["kind"]}, {info["bytes"]:,} '
-        f'bytes, {info["params"]:,} params ({info["model"]})')
+  print(f'{show(info["file"])[1:-1]}: {info["format"]}, {info["quantization"]["kind"]}, '
+        f'{info["bytes"]:,} bytes, {info["params"]:,} params ({info["model"]})')
   return info
 
 
@@ -304,15 +307,18 @@ def _run_eval(args, overrides: list[str]) -> dict:
   from jkd.evaluate import evaluate_workdir
   if isinstance(args.export, str):
     from jkd import storage
-    from jkd.deploy.export import evaluate_file
+    from jkd.deploy.export import check_result_path, evaluate_file, write_result
     data_config = None
     if args.config:
       from jkd.config import load_config
       data_config = load_config(args.config, overrides).data
+    out = storage.join(args.workdir, 'eval.json') if args.workdir else None
+    if out:
+      check_result_path(out)  # Before evaluating: a result that cannot be written is said first.
     result = evaluate_file(args.export, workdir=args.workdir, data_config=data_config,
                            split=args.split, threads=args.threads)
-    if args.workdir:
-      storage.write_json(storage.join(args.workdir, 'eval.json'), result)
+    if out:
+      write_result(out, result)
     print(json.dumps(result, indent=2))
     return result
   if not args.workdir:
@@ -335,7 +341,10 @@ def _quiet_libraries() -> None:
 
 
 def _fill(text: str) -> str:
-  """One paragraph wrapped at 100 columns; paths and URLs are never split (copyable)."""
+  """One paragraph wrapped at 100 columns; paths and URLs are never split (copyable). Control
+  characters (a message may quote a file's name or bytes) are escaped: no terminal codes."""
+  text = ''.join(c if c.isprintable() or c in '\n\t' else c.encode('unicode_escape').decode()
+                 for c in text)
   return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
 
 

@@ -482,6 +482,84 @@ CASES = [
       os.path.join(REPO, 'configs', 'demo.py') + ':fast',
       "--config.stages.student_kd.overrides=('losses.kd.temperature=0',)",
       words=['student_kd', 'losses.kd.temperature']),
+    # ---- issue 29: deployable exports (jkd export / eval --export FILE / bench --export FILE)
+    # Files in {xp} (= ROOT/export/, snapshotted) made by `_issue29_export_files` from the
+    # committed tests/fixtures/deploy files.
+    *[C(f'issue29_{cmd}_export_{os.path.basename(name)}', cmd, '--export', f'{{xp}}/{name}',
+        words=words)
+      for cmd in ('eval', 'bench') for name, words in (
+          ('random.onnx', ['random.onnx', 'none of the formats']),
+          ('empty.onnx', ['empty.onnx', 'empty']),
+          ('truncated.onnx', ['truncated.onnx', 'damaged']),
+          ('random.stablehlo', ['random.stablehlo', 'damaged']),
+          ('empty.stablehlo', ['empty.stablehlo', 'empty']),
+          ('truncated.stablehlo', ['truncated.stablehlo', 'damaged']),
+          ('onnx_bytes.tflite', ['onnx_bytes.tflite', 'ONNX model', '.onnx']),
+          ('text.tflite', ['text.tflite', 'none of the formats']),
+          ('json_invalid.onnx', ['json_invalid.onnx.json', 'not valid JSON']),
+          ('json_list.onnx', ['json_list.onnx.json', 'list']),
+          ('json_empty_object.onnx', ['json_empty_object.onnx.json', "'format'", 'missing']),
+          ('json_no_image_shape.onnx', ['json_no_image_shape.onnx.json', "'image_shape'"]),
+          ('json_shape_text.onnx', ['json_shape_text.onnx.json', "'image_shape'"]),
+          ('json_other_shape.onnx', ['json_other_shape.onnx', 'image_shape', '32, 32, 1']),
+          ('json_other_channels.onnx', ['json_other_channels.onnx', 'image_shape', '28, 28, 3']),
+          ('json_nan.onnx', ['json_nan.onnx.json', 'NaN']),
+          ('json_inf_mean.onnx', ['json_inf_mean.onnx.json', "'mean'"]),
+          ('json_huge_classes.onnx', ['json_huge_classes.onnx.json', "'num_classes'"]),
+          ('json_huge_image.onnx', ['json_huge_image.onnx.json', "'image_shape'"]),
+          ('json_bytes_string.onnx', ['json_bytes_string.onnx.json', "'bytes'"]),
+          ('json_format_tflite.onnx', ['json_format_tflite.onnx.json', "'format'"]),
+          ('stale_sha256.onnx', ['stale_sha256.onnx', 'sha256', 'Export again']),
+          ('no_json.onnx', ['no_json.onnx.json', 'does not exist']),
+          ('json_is_dir.onnx', ['json_is_dir.onnx.json', 'directory']),
+          ('a_dir.onnx', ['a_dir.onnx', 'is a directory']),
+          ('../special_files/fifo.onnx', ['fifo.onnx', 'not a regular file']),
+          ('../special_files/dev_zero.onnx', ['dev_zero.onnx', 'not a regular file']),
+          ('ansi\x1b[31mred.onnx', [r'ansi\x1b[31mred.onnx', 'none of the formats']),
+      )],
+    C('issue29_eval_export_bad_data_field', 'eval', '--export', '{xp}/json_bad_data.onnx',
+      words=['json_bad_data.onnx.json', '"data"', 'eval_split']),
+    C('issue29_eval_export_threads_negative', 'eval', '--export', '{xp}/tiny.onnx', '--threads',
+      '-3', words='--threads -3'),
+    C('issue29_eval_export_other_image_size', 'eval', '--export', '{xp}/tiny.onnx', '--config',
+      SUP, '--config.data.image_size=32', '--split', 'test[:8]', words=['tiny.onnx', '32, 32']),
+    C('issue29_bench_export_repeats_zero', 'bench', '--export', '{xp}/tiny.onnx', '--repeats',
+      '0', words='--repeats 0'),
+    C('issue29_bench_export_batch_negative', 'bench', '--export', '{xp}/tiny.onnx',
+      '--batch-sizes', '1', '-2', words='--batch-sizes -2'),
+    C('issue29_bench_export_batch_zero', 'bench', '--export', '{xp}/tiny.onnx', '--batch-sizes',
+      '0', words='--batch-sizes 0'),
+    C('issue29_bench_export_threads_negative', 'bench', '--export', '{xp}/tiny.onnx',
+      '--threads', '-3', words='--threads -3'),
+    C('issue29_bench_export_threads_zero', 'bench', '--export', '{xp}/tiny.tflite', '--threads',
+      '0', words='--threads 0'),
+    C('issue29_bench_export_result_is_dir', 'bench', '--export', '{xp}/benchdir.onnx',
+      words=['benchdir.onnx.bench.json', 'directory']),
+    *[C(f'issue29_export_{name}', 'export', '--workdir', '{good}', '--format', fmt, '--out',
+        out, *flags, words=words) for name, fmt, out, flags, words in (
+            ('calibration_batches_zero', 'onnx', '{new}.onnx',
+             ('--int8', '--calibration-batches', '0'), '--calibration-batches 0'),
+            ('calibration_batch_size_zero', 'onnx', '{new}.onnx',
+             ('--int8', '--calibration-batch-size', '0'), '--calibration-batch-size 0'),
+            ('calibration_seed_negative', 'onnx', '{new}.onnx',
+             ('--int8', '--calibration-seed', '-1'), '--calibration-seed -1'),
+            ('percentile_150', 'onnx', '{new}.onnx', ('--int8', '--calibration-method',
+                                                      'percentile', '--percentile', '150'),
+             '--percentile 150'),
+            ('percentile_nan', 'onnx', '{new}.onnx', ('--int8', '--percentile', 'nan'),
+             '--percentile nan'),
+            ('tflite_batch_zero', 'tflite', '{new}.tflite', ('--batch', '0'), '--batch 0'),
+            ('out_is_directory', 'onnx', '{xp}/a_dir.onnx', (), ['a_dir.onnx', 'directory']),
+            ('out_sidecar_is_directory', 'onnx', '{xp}/json_is_dir.onnx', (),
+             ['json_is_dir.onnx.json', 'directory']),
+            ('out_under_a_file', 'onnx', '{a_file}/m.onnx', (), ['a_file', 'is a file']),
+            ('out_into_locked_workdir', 'onnx', '{locked}/export/m.onnx', (),
+             ['in use', 'pid']),
+            ('out_url', 'onnx', 'gs://bucket/m.onnx', (), ['gs://bucket/m.onnx', 'local']),
+        )],
+    *([C('issue29_export_out_read_only', 'export', '--workdir', '{good}', '--format', 'onnx',
+         '--out', '{read_only}/m.onnx', words=['read_only', 'not writable'])]
+      if os.geteuid() else []),
 ]
 
 
@@ -649,10 +727,99 @@ def get_config():
   for name, damage in exports.items():
     d = _copy(w, 'q8', name)
     damage(lambda f, d=d: os.path.join(d, 'export', f))
+  _issue29_export_files(w)
   w['before'] = snapshot(root)
   yield w
   holder.kill()
   holder.wait()
+
+
+# ---------------------------------------------------------------- issue 29: exported files
+
+
+def _issue29_export_files(w):
+  """ROOT/export/ ({xp}): the committed tiny.onnx / tiny.stablehlo / tiny.tflite of
+  tests/fixtures/deploy with their FILE.json, and damaged or hostile copies of them, one per
+  case of the `issue29_` rows (made without an export: no conversion cost)."""
+  import hashlib  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  fixtures = os.path.join(REPO, 'tests', 'fixtures', 'deploy')
+  xp = w['xp'] = os.path.join(w['root'], 'export')
+  os.makedirs(xp)
+
+  def read(name):
+    with open(os.path.join(fixtures, name), 'rb') as f:
+      return f.read()
+
+  def info_of(name):
+    return json.loads(read(name + '.json'))
+
+  def put(name, data, info=None, text=None):
+    """FILE `name` with `data`; FILE.json from `info` (sha256 and bytes set to `data`'s
+    unless `info` already differs there on purpose) or the raw `text`."""
+    with open(os.path.join(xp, name), 'wb') as f:
+      f.write(data)
+    if info is not None:
+      text = json.dumps(info)
+    if text is not None:
+      with open(os.path.join(xp, name + '.json'), 'w') as f:
+        f.write(text)
+
+  def matching(info, data, **fields):
+    return dict(info, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), **fields)
+
+  onnx_bytes, shlo = read('tiny.onnx'), read('tiny.stablehlo')
+  onnx_info, shlo_info = info_of('tiny.onnx'), info_of('tiny.stablehlo')
+  put('tiny.onnx', onnx_bytes, onnx_info)
+  put('tiny.tflite', read('tiny.tflite'), info_of('tiny.tflite'))
+  put('benchdir.onnx', onnx_bytes, onnx_info)
+  os.makedirs(os.path.join(xp, 'benchdir.onnx.bench.json'))
+  rng = __import__('random').Random(29)
+  noise = bytes(rng.getrandbits(8) for _ in range(5000))
+  put('random.onnx', b'\x99' + noise, matching(onnx_info, b'\x99' + noise))
+  put('empty.onnx', b'', onnx_info)
+  cut = onnx_bytes[:len(onnx_bytes) // 2]
+  put('truncated.onnx', cut, matching(onnx_info, cut))
+  put('random.stablehlo', b'\x10\x00\x00\x00' + noise, matching(shlo_info, b'\x10\x00\x00\x00'
+                                                                + noise))
+  put('empty.stablehlo', b'', shlo_info)
+  cut = shlo[:len(shlo) // 2]
+  put('truncated.stablehlo', cut, matching(shlo_info, cut))
+  put('onnx_bytes.tflite', onnx_bytes, matching(info_of('tiny.tflite'), onnx_bytes))
+  text = b'this is not a flatbuffer\n' * 10
+  put('text.tflite', text, matching(info_of('tiny.tflite'), text))
+  put('json_invalid.onnx', onnx_bytes, text='{"format": "onnx", ')
+  put('json_list.onnx', onnx_bytes, text='[1, 2, 3]')
+  put('json_empty_object.onnx', onnx_bytes, text='{}')
+  put('json_no_image_shape.onnx', onnx_bytes,
+      {k: v for k, v in onnx_info.items() if k != 'image_shape'})
+  put('json_shape_text.onnx', onnx_bytes, dict(onnx_info, image_shape='28x28x1'))
+  put('json_other_shape.onnx', onnx_bytes, dict(onnx_info, image_shape=[32, 32, 1]))
+  put('json_other_channels.onnx', onnx_bytes, dict(onnx_info, image_shape=[28, 28, 3],
+                                                   mean=[0.5] * 3, std=[0.25] * 3))
+  put('json_nan.onnx', onnx_bytes, text=json.dumps(onnx_info).replace(
+      '"num_classes": 10', '"num_classes": NaN'))
+  put('json_inf_mean.onnx', onnx_bytes, text=json.dumps(onnx_info).replace(
+      '"mean": [0.286]', '"mean": [1e400]'))
+  put('json_huge_classes.onnx', onnx_bytes, dict(onnx_info, num_classes=10**12))
+  put('json_huge_image.onnx', onnx_bytes, dict(onnx_info, image_shape=[10**6, 10**6, 1]))
+  put('json_bytes_string.onnx', onnx_bytes, dict(onnx_info, bytes='24507'))
+  put('json_format_tflite.onnx', onnx_bytes, dict(onnx_info, format='tflite'))
+  put('json_bad_data.onnx', onnx_bytes, dict(onnx_info, data=dict(
+      onnx_info['data'], eval_split='test[[1')))
+  put('stale_sha256.onnx', onnx_bytes, dict(onnx_info, sha256='0' * 64))
+  put('no_json.onnx', onnx_bytes)
+  put('json_is_dir.onnx', onnx_bytes)
+  os.makedirs(os.path.join(xp, 'json_is_dir.onnx.json'))
+  os.makedirs(os.path.join(xp, 'a_dir.onnx'))
+  # Outside export/: `snapshot` reads every file there, and these never end.
+  xs = w['xs'] = os.path.join(w['root'], 'special_files')
+  os.makedirs(xs)
+  os.mkfifo(os.path.join(xs, 'fifo.onnx'))
+  os.symlink('/dev/zero', os.path.join(xs, 'dev_zero.onnx'))
+  for name in ('fifo.onnx.json', 'dev_zero.onnx.json'):
+    with open(os.path.join(xs, name), 'w') as f:
+      json.dump(onnx_info, f)
+  put('ansi\x1b[31mred.onnx', noise, matching(onnx_info, noise))
 
 
 def _format(argv, world, tmp_path):
@@ -733,3 +900,161 @@ def test_validate_knows_every_position_embedding():
   from jkd import validate
   from jkd.models import vit
   assert validate.POSEMBS == vit.POSEMBS
+
+
+# ---------------------------------------------------------------- issue 29: writing exports
+
+
+def _issue29_rows(prefix):
+  return [c for c in CASES if c.id.startswith(prefix)]
+
+
+def test_issue29_messages_escape_control_characters(world, tmp_path, capfd):
+  """A file name with an ANSI escape reaches the message escaped (\\x1b), never raw."""
+  for case in _issue29_rows('issue29_'):
+    if 'ansi' not in case.id:
+      continue
+    assert _main(_format(case.argv, world, tmp_path)) == 2
+    _, err = capfd.readouterr()
+    assert '\x1b' not in err and r'\x1b[31m' in err, err
+
+
+def _export_argv(world, out, *flags):
+  return ['export', '--workdir', world['good'], '--format', 'stablehlo', '--out', out, *flags]
+
+
+def _files(folder):
+  """{name: bytes} of the regular files in `folder` (symlinks as 'link -> target')."""
+  out = {}
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if os.path.islink(path):
+      out[name] = f'link -> {os.readlink(path)}'
+    elif os.path.isfile(path):
+      with open(path, 'rb') as f:
+        out[name] = f.read()
+  return out
+
+
+def test_issue29_export_replaces_planted_symlinks(world, tmp_path):
+  """Symlinks planted at FILE and FILE.json are replaced by the new files; their targets
+  outside are untouched (the writes used to follow them)."""
+  outside = tmp_path / 'outside'
+  outside.mkdir()
+  for name in ('victim', 'victim.json'):
+    (outside / name).write_text('keep me\n')
+  folder = tmp_path / 'out'
+  folder.mkdir()
+  out = str(folder / 'm.stablehlo')
+  os.symlink(outside / 'victim', out)
+  os.symlink(outside / 'victim.json', out + '.json')
+  assert _main(_export_argv(world, out)) == 0
+  assert _files(outside) == {'victim': b'keep me\n', 'victim.json': b'keep me\n'}
+  assert not os.path.islink(out) and not os.path.islink(out + '.json')
+  from jkd.deploy import runtime  # pylint: disable=g-import-not-at-top
+  assert runtime.open_file(out).num_classes == 10
+  assert sorted(os.listdir(folder)) == ['m.stablehlo', 'm.stablehlo.json']
+
+
+def test_issue29_export_full_disk_keeps_the_old_export(world, tmp_path):
+  """A write that fails half-way (EFBIG: RLIMIT_FSIZE below the new file's size, SIGXFSZ
+  ignored, in a child process) ends with exit 2 naming the file; the previous FILE and
+  FILE.json are byte-identical and no temporary file is left."""
+  folder = tmp_path / 'out'
+  out = str(folder / 'm.stablehlo')
+  assert _main(_export_argv(world, out)) == 0
+  before = _files(folder)
+  limit = len(before['m.stablehlo']) // 3
+  code = ('import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); '
+          f'resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); '
+          'from jkd import cli; sys.exit(cli.main(sys.argv[1:]))')
+  p = subprocess.run([sys.executable, '-c', code, *_export_argv(world, out, '--int8')],
+                     cwd=REPO, text=True, capture_output=True, timeout=600,
+                     env=dict(os.environ, PYTHONUNBUFFERED='1', JAX_ENABLE_COMPILATION_CACHE='0'))
+  err = ' '.join(p.stderr.split())
+  assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  assert 'm.stablehlo' in err and 'File too large' in err and 'unchanged' in err, err
+  assert _files(folder) == before
+
+
+def test_issue29_read_only_file_system(world, tmp_path, capfd, monkeypatch):
+  """EROFS at the write (a read-only file system, simulated at `tempfile.mkstemp`, where
+  `storage.write_bytes` starts: permissions do not stop root): `jkd export` and `jkd eval
+  --export FILE --workdir W` (eval.json) end with exit 2 naming the file; nothing changed."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / 'out'
+  out = str(folder / 'm.stablehlo')
+  assert _main(_export_argv(world, out)) == 0
+  before = _files(folder)
+  capfd.readouterr()
+
+  def read_only(*a, **k):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+  monkeypatch.setattr(tempfile, 'mkstemp', read_only)
+  assert _main(_export_argv(world, out, '--int8')) == 2
+  err = ' '.join(capfd.readouterr().err.split())
+  assert 'm.stablehlo' in err and 'read-only' in err and 'Traceback' not in err, err
+  assert _files(folder) == before
+  w = str(tmp_path / 'w')
+  shutil.copytree(world['good'], w, symlinks=True)
+  files = sorted(os.listdir(w))
+  assert _main(['eval', '--export', out, '--workdir', w, '--split', 'test[:16]']) == 2
+  err = ' '.join(capfd.readouterr().err.split())
+  assert 'eval.json' in err and 'read-only' in err and 'Traceback' not in err, err
+  assert sorted(os.listdir(w)) == files
+
+
+def test_issue29_compress_export_special_files(world, tmp_path, capfd):
+  """`jkd eval --workdir W --export` (the jax.export program of `jkd compress`) with a FIFO as
+  weights.bin or /dev/zero as model.jaxexport or manifest.json: exit 2 naming the file, at once
+  (these used to block or read forever)."""
+  for name, make in (('weights.bin', os.mkfifo),
+                     ('model.jaxexport', lambda p: os.symlink('/dev/zero', p)),
+                     ('manifest.json', lambda p: os.symlink('/dev/zero', p))):
+    w = str(tmp_path / name)
+    shutil.copytree(world['q8'], w, symlinks=True)
+    path = os.path.join(w, 'export', name)
+    os.remove(path)
+    make(path)
+    t0 = time.time()
+    assert _main(ev('--export', w=w)) == 2
+    err = ' '.join(capfd.readouterr().err.split())
+    assert name in err and 'not a regular file' in err and 'Traceback' not in err, err
+    assert time.time() - t0 < 60
+
+
+def test_issue29_export_into_a_workdir_takes_and_releases_its_lock(world, tmp_path, monkeypatch):
+  """`--out W/export/FILE` with W a workdir: the export holds W's lock while it writes (seen
+  from the write itself) and releases it after."""
+  from jkd import storage  # pylint: disable=g-import-not-at-top
+  w = str(tmp_path / 'w')
+  shutil.copytree(world['good'], w, symlinks=True)
+  seen = []
+  real = storage.write_bytes
+
+  def spy(path, data):
+    seen.append((os.path.basename(path), os.path.exists(os.path.join(w, 'jkd.lock'))))
+    real(path, data)
+  monkeypatch.setattr(storage, 'write_bytes', spy)
+  out = os.path.join(w, 'export', 'm.stablehlo')
+  assert _main(_export_argv(world, out)) == 0
+  assert seen == [('m.stablehlo', True), ('m.stablehlo.json', True)]
+  assert not os.path.exists(os.path.join(w, 'jkd.lock'))
+
+
+def test_issue29_rows_in_fresh_processes(world, tmp_path):
+  """Rows that reach the runtime's probe (a forked child) and the StableHLO reader, through
+  `python -m jkd.cli`: the same exit status and message, nothing printed at interpreter exit."""
+  by_id = {c.id: c for c in CASES}
+  for name in ('issue29_bench_export_truncated.onnx', 'issue29_eval_export_truncated.stablehlo',
+               'issue29_eval_export_json_other_channels.onnx'):
+    argv = _format(by_id[name].argv, world, tmp_path / name)
+    p = subprocess.run([sys.executable, '-m', 'jkd.cli', *argv], cwd=REPO, text=True,
+                       capture_output=True, timeout=300,
+                       env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    _check(by_id[name], p.returncode, p.stdout, ' '.join(p.stderr.split()), world)
+    head = f'jkd {argv[0]}:'
+    assert p.stderr.startswith(head + ' error:') and p.stderr.count(head) == 1, p.stderr
+    assert 'Exception ignored' not in p.stderr, p.stderr
+  assert snapshot(world['root']) == world['before']

@@ -211,7 +211,7 @@ def test_cli_export_bad_input_exits_2(trained, tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert words in ' '.join(out.stderr.split()) and 'Traceback' not in out.stderr
   out = run_jkd('eval', '--export', str(tmp_path / 'missing.onnx'))
-  assert out.returncode == 2 and 'does not exist' in out.stderr
+  assert out.returncode == 2 and 'does not exist' in ' '.join(out.stderr.split())
 
 
 def test_export_of_a_non_classifier_exits_2(tmp_path):

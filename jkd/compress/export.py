@@ -142,6 +142,20 @@ STORED_DTYPES = ('uint8', 'int8', 'int16', 'int32', 'float32')
 LOGICAL_DTYPES = ('int4', 'uint8', 'int8', 'int16', 'int32', 'float32')
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_PROGRAM_BYTES = 2 << 30  # a flatbuffer addresses at most 2 GiB
+
+
+def _read(path: str, limit: int) -> bytes:
+  """The bytes of a local regular file of at most `limit` bytes (`runtime.read_regular`: not a
+  FIFO or device, checked before reading), or of a bucket object."""
+  if storage.is_remote(path):
+    return storage.read_bytes(path)
+  from jkd.deploy.runtime import read_regular  # pylint: disable=g-import-not-at-top
+  return read_regular(path, limit, 'export file',
+                      fix='Run `jkd compress` again to rewrite the export.')
+
+
 def _damaged(path: str, what: str) -> UserError:
   return UserError(f'{path}: {what}. The export is damaged or was edited: run `jkd compress` '
                    'again to rewrite it (or restore it from where it came from).')
@@ -152,8 +166,8 @@ def read_manifest(export_dir: str) -> dict:
   the weights); UserError naming the field otherwise."""
   path = storage.join(export_dir, MANIFEST)
   try:
-    manifest = storage.read_json(path)
-  except (OSError, ValueError, UnicodeDecodeError) as e:
+    manifest = json.loads(_read(path, MAX_MANIFEST_BYTES))
+  except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
     raise _damaged(path, f'not readable JSON ({type(e).__name__}: {str(e)[:120]})') from None
   if not isinstance(manifest, dict) or not isinstance(manifest.get('tensors'), list):
     raise _damaged(path, 'no "tensors" list')
@@ -198,7 +212,9 @@ def load_tensors(export_dir: str) -> tuple[list[np.ndarray], dict]:
   manifest = read_manifest(export_dir)
   path = storage.join(export_dir, WEIGHTS)
   try:
-    blob = storage.read_bytes(path)
+    # At most one byte more than the manifest says: a longer file is refused without reading
+    # all of it (a FIFO or /dev/zero never ends).
+    blob = _read(path, manifest['weights_bytes'] + 1)
   except OSError as e:
     raise _damaged(path, f'not readable ({e.strerror or e})') from None
   if len(blob) != manifest['weights_bytes']:
@@ -220,8 +236,9 @@ def load_export(export_dir: str):
   """
   arrays, manifest = load_tensors(export_dir)
   path = storage.join(export_dir, PROGRAM)
+  data = _read(path, MAX_PROGRAM_BYTES)
   try:
-    exported = jax.export.deserialize(bytearray(storage.read_bytes(path)))
+    exported = jax.export.deserialize(bytearray(data))
   except Exception as e:  # pylint: disable=broad-except  (flatbuffer / version errors)
     raise _damaged(path, f'not a jax.export program ({type(e).__name__}: {str(e)[:150]})'
                    ) from None

@@ -21,10 +21,13 @@ def calibration_pixels(data_config, *, num_batches: int = 8, batch_size: int = 3
   Deterministic: the same config, counts and seed give the same array (a seeded permutation of
   the split, no augmentation). Raises UserError when the split cannot give that many images.
   """
-  from jkd import data
-  if num_batches < 1 or batch_size < 1:
-    raise UserError(f'Static int8 needs calibration data: got {num_batches} calibration '
-                    f'batches of {batch_size}; pass --calibration-batches N with N >= 1.')
+  from jkd import data, interrupt
+  if num_batches < 1:
+    raise UserError(f'--calibration-batches {num_batches}: static int8 needs calibration data; '
+                    'pass --calibration-batches N with N >= 1 (default 8).')
+  if batch_size < 1:
+    raise UserError(f'--calibration-batch-size {batch_size}: a calibration batch holds at least '
+                    'one image; pass --calibration-batch-size N with N >= 1 (default 32).')
   cfg = data_config.copy_and_resolve_references() if hasattr(
       data_config, 'copy_and_resolve_references') else data_config
   with cfg.unlocked() if hasattr(cfg, 'unlocked') else _null():
@@ -36,7 +39,10 @@ def calibration_pixels(data_config, *, num_batches: int = 8, batch_size: int = 3
   try:
     it = data.make_train_iterator(cfg, global_batch_size=batch_size, seed=seed,
                                   process_index=0, process_count=1)
-    batches = [next(it)['image'] for _ in range(num_batches)]
+    batches = []
+    for _ in range(num_batches):  # Between batches: a safe point for SIGTERM / SIGINT.
+      interrupt.check('while reading calibration images; nothing was written')
+      batches.append(next(it)['image'])
   except UserError as e:
     raise UserError(f'No calibration data: {e} Static int8 reads {num_batches} batches of '
                     f'{batch_size} training images; point config.data at the training set or '

@@ -94,8 +94,7 @@ def convert(clf, *, int8: bool = False, pixels: np.ndarray | None = None,
 
 
 def save(flatbuffer: bytes, path: str) -> int:
-  """Writes the flatbuffer; returns its size in bytes."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'wb') as f:
-    f.write(flatbuffer)
-  return os.path.getsize(path)
+  """Writes the flatbuffer atomically (`jkd.storage.write_bytes`); returns its size in bytes."""
+  from jkd import storage
+  storage.write_bytes(path, flatbuffer)
+  return len(flatbuffer)

@@ -107,12 +107,15 @@ def full_rank_constants(proto):
 
 
 class _Reader:
-  """ORT's CalibrationDataReader over calibration pixels, `batch` images per feed."""
+  """ORT's CalibrationDataReader over calibration pixels, `batch` images per feed. Between
+  feeds it is a safe point for SIGTERM / SIGINT (`interrupt.check`): nothing is written yet."""
 
   def __init__(self, pixels: np.ndarray, batch: int):
     self._feeds = iter([{INPUT: pixels[i:i + batch]} for i in range(0, len(pixels), batch)])
 
   def get_next(self):
+    from jkd import interrupt
+    interrupt.check('during int8 calibration; nothing was written')
     return next(self._feeds, None)
 
 
@@ -138,6 +141,8 @@ def quantize(float_proto, pixels: np.ndarray, *, method: str = 'minmax',
   if pixels is None or len(pixels) == 0:
     raise UserError('Static int8 needs calibration data and none was given: pass '
                     '--calibration-batches N (N >= 1) of a dataset with a training split.')
+  # ORT's quantizer reads and writes paths: a private directory (mkdtemp: 0700, a fresh name),
+  # read back into memory; the caller writes the result atomically.
   with tempfile.TemporaryDirectory() as tmp:
     src, pre, out = (os.path.join(tmp, n) for n in ('f.onnx', 'pre.onnx', 'q.onnx'))
     onnx.save(float_proto, src)
@@ -188,14 +193,20 @@ def compact(proto) -> None:
   proto.doc_string = ''
 
 
-def save(proto, path: str, metadata: dict | None = None) -> int:
-  """Writes `proto` (one self-contained file, `compact`ed) with `metadata` as ONNX
-  metadata_props; returns its size in bytes."""
-  import onnx
+def serialize(proto, metadata: dict | None = None) -> bytes:
+  """The bytes of `proto` (one self-contained file, `compact`ed) with `metadata` as ONNX
+  metadata_props."""
   compact(proto)
   for k, v in (metadata or {}).items():
     entry = proto.metadata_props.add()
     entry.key, entry.value = str(k), str(v)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  onnx.save(proto, path)
-  return os.path.getsize(path)
+  return proto.SerializeToString()
+
+
+def save(proto, path: str, metadata: dict | None = None) -> int:
+  """Writes `serialize(proto, metadata)` atomically (`jkd.storage.write_bytes`); returns its
+  size in bytes."""
+  from jkd import storage
+  data = serialize(proto, metadata)
+  storage.write_bytes(path, data)
+  return len(data)

@@ -6,8 +6,6 @@ dynamic-range int8 activations (each batch's absmax), XLA's integer dot/conv. An
 """
 from __future__ import annotations
 
-import os
-
 
 def serialize(clf, *, int8: bool = False) -> bytes:
   """`jax.export`-serialized `logits = f(pixels)` with a symbolic batch dimension."""
@@ -34,8 +32,7 @@ def _with_module(clf, module):
 
 
 def save(program: bytes, path: str) -> int:
-  """Writes the serialized program; returns its size in bytes."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'wb') as f:
-    f.write(program)
-  return os.path.getsize(path)
+  """Writes the serialized program atomically (`jkd.storage.write_bytes`); returns its size."""
+  from jkd import storage
+  storage.write_bytes(path, program)
+  return len(program)
