@@ -227,3 +227,19 @@ def test_unsupported_operation_is_named():
   from jkd.deploy import onnx as onnx_export
   err = onnx_export._unsupported(NotImplementedError("No plugin for primitive 'cumlogsumexp'"))
   assert "'cumlogsumexp'" in str(err) and 'stablehlo' in str(err)
+
+
+def test_file_exported_before_the_sha256_record_still_runs_with_a_warning(tmp_path, capfd):
+  """FILE.json from a jkd older than its sha256/bytes record: read, with a warning that nothing
+  checks the pair; a recorded checksum that differs is refused (tests/test_bad_input.py)."""
+  from jkd.deploy import runtime
+  fixtures = os.path.join(os.path.dirname(__file__), 'fixtures', 'deploy')
+  path = str(tmp_path / 'old.onnx')
+  with open(os.path.join(fixtures, 'tiny.onnx'), 'rb') as src, open(path, 'wb') as dst:
+    dst.write(src.read())
+  info = json.load(open(os.path.join(fixtures, 'tiny.onnx.json')))
+  del info['sha256'], info['bytes']
+  json.dump(info, open(path + '.json', 'w'))
+  logits = runtime.open_file(path)(np.zeros((2, *info['image_shape']), np.float32))
+  assert logits.shape == (2, info['num_classes'])
+  assert 'has no "sha256"' in capfd.readouterr().err

@@ -44,6 +44,7 @@ import select
 import signal
 import stat
 import statistics
+import sys
 import time
 import warnings
 
@@ -196,10 +197,12 @@ def check_info(info: dict, side: str) -> None:
   """Checks the fields of FILE.json that jkd reads (types and sane ranges)."""
   _field(info, side, 'format', lambda v: isinstance(v, str) and v in NAMES,
          f'one of {sorted(NAMES)}')
+  # Optional only for files exported before FILE.json recorded them (the reader warns).
   _field(info, side, 'bytes', lambda v: _is_int(v) and 0 < v <= MAX_FILE_BYTES,
-         'the size of FILE in bytes')
+         'the size of FILE in bytes', required=False)
   _field(info, side, 'sha256', lambda v: isinstance(v, str) and re.fullmatch(
-      '[0-9a-f]{64}', v) is not None, "FILE's sha256 as 64 hex digits (`jkd export` writes it)")
+      '[0-9a-f]{64}', v) is not None, "FILE's sha256 as 64 hex digits (`jkd export` writes it)",
+      required=False)
   shape = _field(info, side, 'image_shape', lambda v: isinstance(v, list) and len(v) == 3 and all(
       _is_int(d) for d in v) and 1 <= v[0] <= MAX_SIDE and 1 <= v[1] <= MAX_SIDE
       and 1 <= v[2] <= MAX_CHANNELS,
@@ -286,10 +289,14 @@ class Runner:
     side = sidecar(path)
     if self.info['format'] != self.format:
       raise _bad_info(side, 'format', f'says {self.info["format"]!r} for a {self.format} file')
-    if self.info['bytes'] != len(data) or self.info['sha256'] != hashlib.sha256(
+    if 'sha256' not in self.info:
+      print(f'warning: {show(side)} has no "sha256" (written by a jkd from before 2026-12): '
+            f'nothing checks that it describes this {show(path)}. Export again to record it.',
+            file=sys.stderr)
+    elif self.info.get('bytes') != len(data) or self.info['sha256'] != hashlib.sha256(
         data).hexdigest():
       raise UserError(f'{show(side)} describes another file than {show(path)} (field '
-                      f'"sha256"/"bytes": {self.info["bytes"]:,} bytes recorded, {len(data):,} '
+                      f'"sha256"/"bytes": {self.info.get("bytes", 0):,} bytes recorded, {len(data):,} '
                       'found, checksums differ): FILE was replaced or changed after `jkd export` '
                       'wrote it, or an export was cut off between its two files. Export again.')
     self.bytes = len(data)
