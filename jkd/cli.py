@@ -288,7 +288,9 @@ def _run_data(args, overrides: list[str]) -> dict:
                     'configs/folder/supervised.py) or pass --dir DIR.')
   if args.dir:
     config.data.dir = args.dir
-  workers = len(os.sched_getaffinity(0)) if args.workers is None else args.workers
+  workers = (min(len(os.sched_getaffinity(0)), prepare.MAX_WORKERS) if args.workers is None
+             else args.workers)
+  prepare.check_arguments(workers, args.shard_size)  # before the folder is even listed
   summary = prepare.prepare(config.data, args.out, workers=workers, strict=args.strict,
                             shard_size=args.shard_size)
   counts = ', '.join(f'{k} {v}' for k, v in summary['num_examples'].items())
