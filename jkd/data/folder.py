@@ -255,9 +255,9 @@ def _unique(paths: list[str], owner: dict[str, tuple[str, str, str]], label: str
     where = (f'under the classes {first[0]!r} and {label!r}' if first[1] == split else
              f'in the splits {first[1]!r} and {split!r}')
     raise UserError(
-        f'The same file is listed {where}: {first[2]} and {show} '
-        f'(one and the same file). A file belongs to one class, and the splits must not share files '
-        "(the eval split would score images trained on). Remove one of them.")
+        f'The same file is listed {where}: {first[2]} and {show} (one and the same file). A '
+        'file belongs to one class, and the splits must not share files (the eval split would '
+        'score images trained on). Remove one of them.')
   return kept
 
 

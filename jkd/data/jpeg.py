@@ -147,6 +147,9 @@ def read_file_stat(path: str) -> tuple[bytes, os.stat_result]:
 def _why(error: Exception) -> str:
   if isinstance(error, Image.UnidentifiedImageError):  # its message names a BytesIO object
     return f'not an image format jkd reads ({", ".join(FORMATS)})'
+  if isinstance(error, Image.DecompressionBombError):  # Pillow's own check, at open
+    return (f'{error} (jkd decodes at most {MAX_PIXELS:,} pixels per image: shrink it; Pillow '
+            'refuses more than 2 x PIL.Image.MAX_IMAGE_PIXELS whatever $JKD_MAX_IMAGE_PIXELS says)')
   return f'{type(error).__name__}: {error}'
 
 
