@@ -617,3 +617,27 @@ def test_prepare_into_a_locked_out_and_on_a_full_disk(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   assert sum(json.load(open(os.path.join(out, prepare.SUMMARY_FILE)))['num_examples'].values()) \
       == 80
+
+
+def test_prepare_onto_a_read_only_file_system(tmp_path):
+  """--out on a read-only mount (a bind mount remounted read-only, in a private mount
+  namespace: needs `unshare -m` and the right to mount, else skipped): exit 2, nothing written
+  and the earlier shards there untouched."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  root = _small_folder(tmp_path / 'p', per_class=6)
+  out = str(tmp_path / 'o')
+  prepare.prepare(_cfg(root), out, shard_size=4, progress=False)
+  os.remove(os.path.join(out, prepare.SUMMARY_FILE))  # as if killed before the metadata
+  before = {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)}
+  probe = subprocess.run(['unshare', '-m', 'sh', '-c', f'mount --bind {out} {out}'],
+                         capture_output=True) if shutil.which('unshare') else None
+  if probe is None or probe.returncode != 0:
+    pytest.skip('no private mount namespace here (unshare -m)')
+  script = (f'mount --bind {out} {out} && mount -o remount,ro,bind {out} && exec '
+            f'{sys.executable} -m jkd.cli data prepare --dir {root} --out {out} --workers 0 '
+            '--shard-size 4')
+  run = subprocess.run(['unshare', '-m', 'sh', '-c', script], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+  assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert f'--out {out} is not writable' in ' '.join(run.stderr.split())
+  assert {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)} == before

@@ -193,27 +193,32 @@ class _Walk:
     self.folders[key] = path
     return True
 
+  @staticmethod
+  def _entries(path: str) -> list[tuple[str, bool]]:
+    """(name, is a folder through links) of the entries of `path`, sorted, hidden ones
+    skipped (the file type comes from the directory listing: no stat per file)."""
+    with os.scandir(path) as entries:
+      return sorted((e.name, e.is_dir()) for e in entries if not e.name.startswith('.'))
+
   def subdirs(self, path: str) -> list[str]:
     """The names of the folders in `path` to walk, sorted (hidden ones skipped)."""
-    with os.scandir(path) as entries:
-      names = sorted(e.name for e in entries if not e.name.startswith('.'))
-    return [n for n in names if self.enter(os.path.join(path, n))]
+    return [n for n, is_dir in self._entries(path)
+            if is_dir and self.enter(os.path.join(path, n))]
 
   def images_under(self, path: str) -> list[str]:
     """Image files anywhere below the folder `path` (already entered), sorted per folder:
-    torchvision's walk, each real folder once."""
+    torchvision's walk (a folder's files, then its sub-folders), each real folder once."""
     found = []
     stack = [path]
     while stack:
       directory = stack.pop()
-      with os.scandir(directory) as entries:
-        names = sorted(e.name for e in entries if not e.name.startswith('.'))
       subdirs = []
-      for name in names:
+      for name, is_dir in self._entries(directory):
         full = os.path.join(directory, name)
-        if self.enter(full):
-          subdirs.append(full)
-        elif _is_image(name):
+        if is_dir:
+          if self.enter(full):
+            subdirs.append(full)
+        elif _is_image(name):  # broken links too: listed as unreadable when read
           _check_name(full)
           found.append(full)
       stack.extend(reversed(subdirs))

@@ -197,8 +197,13 @@ def _decode_pillow(data: bytes, mode: str, scale: int = 1) -> np.ndarray:
 def _from_wide(values: np.ndarray, mode: str) -> np.ndarray:
   """A 16-bit grayscale image [H, W] (0..65535) as uint8 [H, W, C]: round(v / 257), so 65535 is
   255 and the full range is kept (Pillow's convert would clip everything above 255 to white)."""
-  wide = np.clip(values.astype(np.int64), 0, 65535)
-  gray = ((wide + 128) // 257).astype(np.uint8)[..., None]
+  if values.dtype.kind == 'u' and values.itemsize <= 2:  # I;16: uint16 already in range
+    wide = values.astype(np.uint32)
+  else:  # mode I (int32): a 16-bit PNG read by an older Pillow
+    wide = np.clip(values, 0, 65535).astype(np.uint32)
+  wide += 128  # in place: 4 bytes a pixel at most, next to the decoded image
+  wide //= 257
+  gray = wide.astype(np.uint8)[..., None]
   return gray if mode == 'L' else np.repeat(gray, 3, axis=2)
 
 

@@ -8,10 +8,16 @@ and no TensorFlow through `tfds.builder_from_directory(OUT).as_data_source(split
 `ArrayRecordDataSource`, or `config.data.dir=OUT` in jkd, where `PreparedSource` hands the
 original bytes to the same decoder as the folder: the batches are identical both ways.
 
-Every file is read and decoded once; unreadable ones are listed (`bad_files` in
-`OUT/prepare.json`) and left out, or fail the run with `strict=True`. Shards are written one at a
-time (to a temporary name, then renamed) and recorded in `OUT/prepare_state.json`, so a killed
-run, started again with the same command, continues with the next shard.
+Every file is read and decoded once, within `jkd.data.jpeg`'s limits (pixels, file size,
+regular files only); unreadable ones are listed (`bad_files` in `OUT/prepare.json`) and left
+out, or fail the run with `strict=True`. Shards are written one at a time (to a fresh temporary
+name, fsynced, then renamed) and recorded in `OUT/prepare_state.json` (written atomically by
+`jkd.storage.write_json`) with a digest of their source files' size, mtime, inode and ctime, so
+a killed run, started again with the same command, continues with the next shard and writes
+again every shard whose images changed meanwhile. One prepare writes an OUT at a time (its
+`jkd.lock`, as a workdir's); SIGTERM/SIGINT stop it between images (exit 143/130, the complete
+shards kept); its decoding processes die with it, even when it is SIGKILLed; a full or
+read-only disk is exit 2 with the complete shards kept.
 """
 from __future__ import annotations
 
@@ -396,9 +402,12 @@ def _write_shard(pool, features, out: str, name: str, paths, labels, base: str, 
       if data is None:
         bad.append([path, error])
       else:
-        writer.write(features.serialize_example({
-            'image': data, 'label': int(label),
-            'file_name': os.path.relpath(path, base)}))
+        record = features.serialize_example({
+            'image': data, 'label': int(label), 'file_name': os.path.relpath(path, base)})
+        try:
+          writer.write(record)
+        except RuntimeError as e:  # ArrayRecord's failed write (full disk): an OSError here
+          raise OSError(f'{e}') from None
         records += 1
         gray += bool(is_gray)
       if bar and i % 16 == 0:
@@ -411,6 +420,9 @@ def _write_shard(pool, features, out: str, name: str, paths, labels, base: str, 
       raise OSError(f'{e}') from None
     writer = None
     _fsync(tmp)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600: readable as a plain file would be
     os.replace(tmp, os.path.join(out, name))
   except BaseException:
     if writer is not None:
