@@ -297,8 +297,8 @@ def _run_data(args, overrides: list[str]) -> dict:
   print(f'prepared {args.out}: {counts} images, {len(summary["classes"])} classes, mode '
         f'{summary["mode"]}, {len(summary["bad_files"])} unreadable files left out '
         f'({summary["wall_s"]}s). Train on it with --config.data.dir={args.out}')
-  for path, error in summary['bad_files'][:20]:
-    print(f'  unreadable: {path}: {error}')
+  for path, error in summary['bad_files'][:20]:  # names from outside: no raw escape codes
+    print(f'  unreadable: {path if path.isprintable() else repr(path)}: {error!s:.300}')
   return summary
 
 
