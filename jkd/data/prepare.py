@@ -77,9 +77,14 @@ class PreparedSource:
         split=base, decoders={'image': tfds.decode.SkipDecoding()})
     channels = features['image'].shape[-1] or 3
     meta = _read_json(os.path.join(root, META_FILE)) or {}
-    self.mode = meta.get('mode') or ('L' if channels == 1 else 'RGB')
-    self.class_names = tuple(features['label'].names)
+    mode = meta.get('mode')
+    self.mode = mode if mode in jpeg.MODES else ('L' if channels == 1 else 'RGB')
+    self.class_names = tuple(str(n) for n in (getattr(features['label'], 'names', None) or ()))
     self.num_classes = len(self.class_names)
+    if not 2 <= self.num_classes <= folder.MAX_CLASSES:
+      raise UserError(f'{root!r} declares {self.num_classes:,} classes (features.json): a '
+                      f'classifier needs 2 to {folder.MAX_CLASSES:,}. Prepare it again with '
+                      '`jkd data prepare`.')
     self.native_shape = (None, None, 1 if self.mode == 'L' else 3)
 
   def __len__(self) -> int:
@@ -88,8 +93,13 @@ class PreparedSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     example = self._source[self._slice.start + int(index)]
     name = example.get('file_name', b'')
-    return {'image': example['image'], 'label': np.int32(example['label']),
-            'path': name.decode() if isinstance(name, bytes) else str(name)}
+    name = name.decode('utf-8', 'replace') if isinstance(name, bytes) else str(name)
+    label = int(example['label'])
+    if not 0 <= label < self.num_classes:  # a record from outside: one-hot would be all zeros
+      raise UserError(f'{self.root!r}: the record of {name!r} has label {label}, outside the '
+                      f'{self.num_classes} classes of its features.json. Prepare it again with '
+                      '`jkd data prepare`.')
+    return {'image': example['image'], 'label': np.int32(label), 'path': name}
 
   def __repr__(self) -> str:
     return f'PreparedSource({self.root!r}, {len(self)} images, {self.num_classes} classes)'
