@@ -291,15 +291,17 @@ def _run_data(args, overrides: list[str]) -> dict:
                     'configs/folder/supervised.py) or pass --dir DIR.')
   if args.dir:
     config.data.dir = args.dir
-  workers = len(os.sched_getaffinity(0)) if args.workers is None else args.workers
+  workers = (min(len(os.sched_getaffinity(0)), prepare.MAX_WORKERS) if args.workers is None
+             else args.workers)
+  prepare.check_arguments(workers, args.shard_size)  # before the folder is even listed
   summary = prepare.prepare(config.data, args.out, workers=workers, strict=args.strict,
                             shard_size=args.shard_size)
   counts = ', '.join(f'{k} {v}' for k, v in summary['num_examples'].items())
   print(f'prepared {args.out}: {counts} images, {len(summary["classes"])} classes, mode '
         f'{summary["mode"]}, {len(summary["bad_files"])} unreadable files left out '
         f'({summary["wall_s"]}s). Train on it with --config.data.dir={args.out}')
-  for path, error in summary['bad_files'][:20]:
-    print(f'  unreadable: {path}: {error}')
+  for path, error in summary['bad_files'][:20]:  # names from outside: no raw escape codes
+    print(f'  unreadable: {path if path.isprintable() else repr(path)}: {error!s:.300}')
   return summary
 
 

@@ -65,6 +65,9 @@ def evaluate_workdir(workdir: str, *, config_spec: str | None = None, overrides=
   if step is not None:
     meta = ckpt.read_meta(step)
   kind = meta.get('kind')
+  if config.data.get('name') == 'folder' and kind in trainers.COMMANDS:
+    from jkd.data import folder  # pylint: disable=g-import-not-at-top
+    folder.check_model_classes(config.data, meta, workdir)
   if export:
     return _evaluate_export(workdir, config, meta)
   with interrupt.deferred():  # A signal stops it between steps, never inside a restore.

@@ -560,6 +560,59 @@ CASES = [
     *([C('issue29_export_out_read_only', 'export', '--workdir', '{good}', '--format', 'onnx',
          '--out', '{read_only}/m.onnx', words=['read_only', 'not writable'])]
       if os.geteuid() else []),
+    # ---- issue 29: folders, lists and `jkd data prepare` (the folders: _untrusted_folders)
+    C('folder_symlink_loop', 'data', 'prepare', '--dir', '{f_loop}', '--out', '{new}',
+      words=['{f_loop}/a/loop', 'loops back']),
+    C('folder_symlink_leaves_root', 'data', 'prepare', '--dir', '{f_outside}', '--out', '{new}',
+      words=['{f_outside}/a/ext', 'follow_links_outside']),
+    C('folder_splits_share_a_file', 'data', 'prepare', '--dir', '{f_overlap}', '--out', '{new}',
+      words=["splits 'train' and 'val'", '{f_overlap}/val/a/9.png']),
+    C('folder_one_class', 'train', '--config', FOLDER, '--workdir', '{new}',
+      '--config.data.dir={f_one}', words=['{f_one}', 'at least 2 classes']),
+    C('folder_class_name_not_utf8', 'data', 'prepare', '--dir', '{f_badname}', '--out', '{new}',
+      words=['{f_badname}/caf', 'not UTF-8']),
+    C('list_not_utf8', 'data', 'prepare', '--dir', '{f_lists}/latin.csv', '--out', '{new}',
+      words=['latin.csv, line 2', 'not UTF-8']),
+    C('list_label_huge', 'data', 'prepare', '--dir', '{f_lists}/huge.csv', '--out', '{new}',
+      words=['huge.csv, line 2', '20000000']),
+    C('list_label_negative', 'data', 'prepare', '--dir', '{f_lists}/neg.csv', '--out', '{new}',
+      words=['neg.csv, line 2', "'-3'"]),
+    C('list_labels_sparse', 'data', 'prepare', '--dir', '{f_lists}/sparse.csv', '--out', '{new}',
+      words=['sparse.csv', 'sparse', 'config.data.classes']),
+    C('list_label_empty', 'data', 'prepare', '--dir', '{f_lists}/empty.csv', '--out', '{new}',
+      words=['empty.csv, line 2', 'label is empty']),
+    C('list_file_under_two_labels', 'data', 'prepare', '--dir', '{f_lists}/dup.csv', '--out',
+      '{new}', words=['dup.csv, line 1', 'dup.csv, line 3', 'classes']),
+    C('list_file_in_two_splits', 'data', 'prepare', '--dir', '{f_lists}/splits.csv', '--out',
+      '{new}', words=['splits.csv, line 1', 'splits.csv, line 3', 'splits']),
+    C('list_label_not_in_classes', 'data', 'prepare', '--dir', '{f_lists}/names.csv', '--out',
+      '{new}', "--config.data.classes=('a', 'b')", words=['names.csv, line 3', 'zebra']),
+    C('list_jsonl_label_not_text', 'data', 'prepare', '--dir', '{f_lists}/object.jsonl',
+      '--out', '{new}', words=['object.jsonl, line 2', 'label']),
+    C('list_jsonl_too_deep', 'data', 'prepare', '--dir', '{f_lists}/deep.jsonl', '--out',
+      '{new}', words=['deep.jsonl, line 1', 'not JSON']),
+    C('list_csv_huge_field', 'data', 'prepare', '--dir', '{f_lists}/long.csv', '--out',
+      '{new}', words=['long.csv, line 2']),
+    C('classes_named_twice', 'data', 'prepare', '--dir', '{f_ok}', '--out', '{new}',
+      "--config.data.classes=('a', 'b', 'a')", words=['config.data.classes', "'a'"]),
+    C('folder_class_not_in_classes', 'data', 'prepare', '--dir', '{f_three}', '--out', '{new}',
+      "--config.data.classes=('a', 'b')", words=['config.data.classes', "'c'"]),
+    C('image_bomb_jpeg_strict', 'data', 'prepare', '--dir', '{f_bomb}', '--out', '{new}',
+      '--workers', '0', '--strict', words=['{f_bomb}/a/bomb.jpg', '40000x40000']),
+    C('image_fifo_strict', 'data', 'prepare', '--dir', '{f_fifo}', '--out', '{new}',
+      '--workers', '0', '--strict', words=['{f_fifo}/a/pipe.jpg', 'not a regular file']),
+    C('data_prepare_shard_size_zero', 'data', 'prepare', '--dir', '{f_ok}', '--out', '{new}',
+      '--shard-size', '0', words='--shard-size 0'),
+    C('data_prepare_workers_negative', 'data', 'prepare', '--dir', '{f_ok}', '--out', '{new}',
+      '--workers', '-3', words='--workers -3'),
+    C('data_prepare_out_is_a_file', 'data', 'prepare', '--dir', '{f_ok}', '--out', '{a_file}',
+      words=['--out', '{a_file}', 'is a file']),
+    C('data_prepare_out_under_a_file', 'data', 'prepare', '--dir', '{f_ok}', '--out',
+      '{a_file}/out', words=['--out', '{a_file}/out']),
+    C('data_prepare_out_locked', 'data', 'prepare', '--dir', '{f_ok}', '--out', '{locked}',
+      words=['{locked}', 'in use by', 'jkd train']),
+    C('eval_folder_with_other_classes', 'eval', '--workdir', '{good}', '--config', FOLDER,
+      '--config.data.dir={f_three}', words=['10 classes', '{f_three}', 'has 3']),
 ]
 
 
@@ -728,6 +781,7 @@ def get_config():
     d = _copy(w, 'q8', name)
     damage(lambda f, d=d: os.path.join(d, 'export', f))
   _issue29_export_files(w)
+  _untrusted_folders(w)
   w['before'] = snapshot(root)
   yield w
   holder.kill()
@@ -820,6 +874,80 @@ def _issue29_export_files(w):
     with open(os.path.join(xs, name), 'w') as f:
       json.dump(onnx_info, f)
   put('ansi\x1b[31mred.onnx', noise, matching(onnx_info, noise))
+
+
+def _untrusted_folders(w) -> None:
+  """Issue 29's bad image folders and lists, under `w['root']`: small (8x8 PNGs), each wrong in
+  one way; their paths go into `w` as f_<name>."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  def folder(name):
+    # A hidden folder: the cases that list all of {root} as a dataset skip it.
+    path = w[f'f_{name}'] = os.path.join(w['root'], '.issue29', name)
+    return path
+
+  def images(directory, n, shade=0):
+    os.makedirs(directory, exist_ok=True)
+    for i in range(n):
+      Image.fromarray(np.full((8, 8), (shade * 50 + i * 7) % 256, np.uint8)).save(
+          os.path.join(directory, f'{i}.png'))
+
+  for name, classes in (('ok', 'ab'), ('three', 'abc'), ('one', 'a')):
+    for k, c in enumerate(classes):
+      images(os.path.join(folder(name), c), 3, k)
+  loop = folder('loop')
+  images(f'{loop}/a', 3)
+  images(f'{loop}/b', 3, 1)
+  os.symlink('.', f'{loop}/a/loop')  # 30 files became 430 examples
+  outside = folder('outside')
+  images(f'{outside}/a', 3)
+  images(f'{outside}/b', 3, 1)
+  os.symlink(os.path.join(w['f_ok'], 'b'), f'{outside}/a/ext')
+  overlap = folder('overlap')
+  for split in ('train', 'val'):
+    images(f'{overlap}/{split}/a', 2)
+    images(f'{overlap}/{split}/b', 2, 1)
+  os.remove(f'{overlap}/val/a/1.png')
+  os.link(f'{overlap}/train/b/0.png', f'{overlap}/val/a/9.png')  # one file in both splits
+  bad = os.fsencode(folder('badname'))
+  images(os.path.join(w['f_badname'], 'b'), 2)
+  os.makedirs(os.path.join(bad, b'caf\xe9'))
+  shutil.copy(os.path.join(w['f_badname'], 'b', '0.png'), os.path.join(bad, b'caf\xe9', b'0.png'))
+  bomb = folder('bomb')
+  images(f'{bomb}/a', 2)
+  images(f'{bomb}/b', 2, 1)
+  import io  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buffer, 'JPEG')
+  jpeg = bytearray(buffer.getvalue())
+  sof = jpeg.find(b'\xff\xc0')
+  jpeg[sof + 5:sof + 9] = (40000).to_bytes(2, 'big') * 2  # 40000x40000 claimed by 700 bytes
+  with open(f'{bomb}/a/bomb.jpg', 'wb') as f:
+    f.write(jpeg)
+  fifo = folder('fifo')
+  images(f'{fifo}/a', 2)
+  images(f'{fifo}/b', 2, 1)
+  os.mkfifo(f'{fifo}/a/pipe.jpg')  # reading it would wait forever
+  lists = folder('lists')
+  images(f'{lists}/a', 3)
+  images(f'{lists}/b', 3, 1)
+  texts = {
+      'latin.csv': b'path,label\na/0.png,caf\xe9\nb/0.png,b\n',
+      'huge.csv': b'a/0.png,0\nb/0.png,20000000\n',
+      'neg.csv': b'a/0.png,0\nb/0.png,-3\n',
+      'sparse.csv': b'a/0.png,0\na/1.png,1\nb/0.png,5000\n',
+      'empty.csv': b'a/0.png,a\nb/0.png,\n',
+      'dup.csv': b'a/0.png,a\nb/0.png,b\na/0.png,b\n',
+      'splits.csv': b'a/0.png,a,train\nb/0.png,b,train\na/0.png,a,val\nb/1.png,b,val\n',
+      'names.csv': b'a/0.png,a\nb/0.png,b\nb/1.png,zebra\n',
+      'object.jsonl': b'{"path": "a/0.png", "label": "a"}\n{"path": "b/0.png", "label": {}}\n',
+      'deep.jsonl': b'[' * 50000 + b'\n',
+      'long.csv': b'a/0.png,a\n' + b'b/0.png,' + b'x' * 200000 + b'\n',
+  }
+  for name, data in texts.items():
+    with open(os.path.join(lists, name), 'wb') as f:
+      f.write(data)
 
 
 def _format(argv, world, tmp_path):

@@ -435,3 +435,209 @@ def test_per_class_report_for_any_dataset(tmp_path):
   many = np.random.default_rng(0).integers(0, 5, (120, 120))  # colours only, no tick labels
   assert os.path.getsize(figures.save_confusion_matrix(
       str(tmp_path / 'c.png'), many, [str(i) for i in range(120)])) > 1000
+
+
+# ---------------------------------------------------------------- files from outside (issue 29)
+
+
+def _small_folder(root, classes=('a', 'b'), per_class=4, shade=0):
+  """8x8 grayscale PNGs, a different value per (class, index, shade)."""
+  for k, name in enumerate(classes):
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    for i in range(per_class):
+      value = (shade * 97 + k * 40 + i * 9) % 256
+      Image.fromarray(np.full((8, 8), value, np.uint8)).save(os.path.join(root, name, f'{i}.png'))
+  return str(root)
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+  """A real 16-bit grayscale PNG (Pillow mode I;16): each pixel round(v / 257), where Pillow's
+  convert used to make 99.5% of them 255."""
+  values = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+  path = tmp_path / 'wide.png'
+  Image.fromarray(values).save(path)
+  data = path.read_bytes()
+  assert Image.open(io.BytesIO(data)).mode == 'I;16' and data[24] == 16  # IHDR bit depth
+  expected = np.round(values / 257).astype(np.uint8)
+  np.testing.assert_array_equal(jpeg.decode(data, 'L')[..., 0], expected)
+  np.testing.assert_array_equal(jpeg.decode(data, 'RGB'), np.repeat(expected[..., None], 3, 2))
+  crop = jpeg.decode_crop(data, (0, 0, 64, 64), (64, 64), 'L')
+  np.testing.assert_array_equal(crop[..., 0], expected)
+  assert jpeg.header(data) == (64, 64, True)
+
+
+def test_pixel_cap_refuses_every_format_before_decoding(tmp_path):
+  """A 40000x40000 JPEG header (700 bytes) and PNG / BMP headers claiming more than MAX_PIXELS
+  are refused from the header; a FIFO is not read."""
+  for fmt in ('JPEG', 'PNG', 'BMP', 'WEBP'):
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buffer, fmt)
+    data = bytearray(buffer.getvalue())
+    if fmt == 'JPEG':
+      sof = data.find(b'\xff\xc0')
+      data[sof + 5:sof + 9] = (40000).to_bytes(2, 'big') * 2
+    elif fmt == 'PNG':
+      import zlib  # pylint: disable=g-import-not-at-top
+      data[16:24] = (40000).to_bytes(4, 'big') * 2  # IHDR width, height, and its CRC
+      data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, 'big')
+    elif fmt == 'BMP':
+      data[18:26] = (40000).to_bytes(4, 'little') * 2
+    else:
+      continue  # WebP's header has 14-bit sides: at most 268 M pixels; decoded when it fits
+    with pytest.raises(jpeg.ImageReadError, match='1,?600,?000,?000 pixels'):
+      jpeg.decode(bytes(data))
+  os.mkfifo(tmp_path / 'pipe.jpg')
+  with pytest.raises(jpeg.ImageReadError, match='not a regular file'):
+    jpeg.read_file(str(tmp_path / 'pipe.jpg'))
+
+
+def test_lists_with_a_bom_and_links_reached_twice(tmp_path):
+  root = _small_folder(tmp_path / 'p')
+  (tmp_path / 'p' / 'bom.csv').write_text('path,label\na/0.png,a\na/1.png,a\nb/0.png,b\n'
+                                          'b/1.png,b\n', encoding='utf-8-sig')
+  idx = folder.index(_cfg(tmp_path / 'p' / 'bom.csv', holdout=0.0))
+  assert idx.classes == ('a', 'b') and len(idx.splits['train'][0]) == 4
+  # A second link to a file of the same class counts once; a hidden folder is skipped.
+  os.symlink(os.path.join(root, 'a', '0.png'), os.path.join(root, 'a', 'again.png'))
+  os.symlink(os.path.join(root, 'a'), os.path.join(root, 'b', '.hidden'))
+  idx = folder.index(_cfg(root, holdout=0.0))
+  assert len(idx.splits['train'][0]) == 8
+  # Named classes fix the label order and may name classes the data lacks.
+  idx = folder.index(_cfg(root, holdout=0.0, classes=('b', 'c', 'a')))
+  assert idx.classes == ('b', 'c', 'a')
+  labels = dict(zip(*idx.splits['train']))
+  assert labels[os.path.join(root, 'a', '1.png')] == 2
+  # A link out of the folder is refused unless asked for.
+  other = _small_folder(tmp_path / 'other', classes=('c',))
+  os.symlink(os.path.join(other, 'c'), os.path.join(root, 'c'))
+  with pytest.raises(UserError, match='leads out of the dataset folder'):
+    folder.index(_cfg(root, holdout=0.0))
+  idx = folder.index(_cfg(root, holdout=0.0, follow_links_outside=True))
+  assert idx.classes == ('a', 'b', 'c')
+
+
+def _records(out):
+  """{split: sorted (file_name, label, sha256 of the bytes)} of a prepared folder."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = json.load(open(os.path.join(out, prepare.SUMMARY_FILE)))
+  features = tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(None, None, 1 if info['mode'] == 'L' else 3)),
+      'label': tfds.features.ClassLabel(names=info['classes']),
+      'file_name': tfds.features.Text()})
+  found = {}
+  for name in sorted(os.listdir(out)):
+    if '.array_record-' not in name or '.tmp' in name:
+      continue
+    split = name.split('-')[1].split('.')[0]
+    reader = array_record_module.ArrayRecordReader(os.path.join(out, name))
+    for raw in reader.read_all():
+      example = features.deserialize_example_np(raw, decoders={
+          'image': tfds.decode.SkipDecoding()})
+      found.setdefault(split, []).append((
+          example['file_name'].decode(), int(example['label']),
+          hashlib.sha256(example['image']).hexdigest()))
+    reader.close()
+  return {k: sorted(v) for k, v in found.items()}
+
+
+def test_prepare_redoes_shards_whose_images_changed_and_follows_no_planted_link(tmp_path):
+  """Replacing every image (same names) after a killed prepare, and after a complete one: the
+  rerun packs the new bytes (it kept 40 old ones). Links planted at the names prepare writes
+  (the state's old temporary name, the metadata) are replaced, never followed."""
+  root = _small_folder(tmp_path / 'p', per_class=10)
+  out = str(tmp_path / 'o')
+  prepare.prepare(_cfg(root), out, shard_size=4, progress=False)
+  old = _records(out)
+  state = json.load(open(os.path.join(out, prepare.STATE_FILE)))
+  del state['shards']['train']['1']  # as if killed while writing shard 1
+  json.dump(state, open(os.path.join(out, prepare.STATE_FILE), 'w'))
+  time.sleep(0.01)
+  _small_folder(tmp_path / 'p', per_class=10, shade=1)  # every image replaced
+  victim = tmp_path / 'victim.txt'
+  victim.write_text('outside')
+  for name in (prepare.STATE_FILE + '.tmp', 'dataset_info.json', prepare.SUMMARY_FILE):
+    os.remove(os.path.join(out, name)) if os.path.lexists(os.path.join(out, name)) else None
+    os.symlink(victim, os.path.join(out, name))
+  prepare.prepare(_cfg(root), out, shard_size=4, progress=False)
+  assert victim.read_text() == 'outside'
+  assert not os.path.islink(os.path.join(out, 'dataset_info.json'))
+  fresh = str(tmp_path / 'fresh')
+  prepare.prepare(_cfg(root), fresh, shard_size=4, progress=False)
+  new = _records(out)
+  assert new == _records(fresh) and new != old
+  # After a complete prepare too: one image replaced, its shard written again.
+  time.sleep(0.01)
+  Image.fromarray(np.full((8, 8), 3, np.uint8)).save(os.path.join(root, 'b', '3.png'))
+  prepare.prepare(_cfg(root), out, shard_size=4, progress=False)
+  shutil_rm(fresh)
+  prepare.prepare(_cfg(root), fresh, shard_size=4, progress=False)
+  assert _records(out) == _records(fresh)
+  # Only the planted link is left of the temporary names (untouched: jkd never writes there).
+  assert [f for f in os.listdir(out) if '.tmp' in f] == [prepare.STATE_FILE + '.tmp']
+  assert victim.read_text() == 'outside'
+
+
+def shutil_rm(path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(path)
+
+
+def test_prepare_into_a_locked_out_and_on_a_full_disk(tmp_path):
+  """A second prepare into an --out that a running prepare holds exits 2 naming it; a full disk
+  (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG) exits 2 with no partial file, and
+  the same command then completes."""
+  import resource  # pylint: disable=g-import-not-at-top
+  from jkd import lock  # pylint: disable=g-import-not-at-top
+  root = _small_folder(tmp_path / 'p', per_class=40)
+  out = str(tmp_path / 'o')
+  held = lock.WorkdirLock(out, 'jkd data prepare')
+  held.acquire()
+  try:
+    run = run_jkd('data', 'prepare', '--dir', root, '--out', out, '--workers', '0')
+  finally:
+    held.release()
+  assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-2000:]
+  assert f'in use by jkd data prepare (pid {os.getpid()}' in ' '.join(run.stderr.split())
+
+  def full_disk():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+  argv = [sys.executable, '-m', 'jkd.cli', 'data', 'prepare', '--dir', root, '--out', out,
+          '--workers', '0', '--shard-size', '10']
+  run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       preexec_fn=full_disk)
+  assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert 'Cannot write to --out' in ' '.join(run.stderr.split())
+  assert not [f for f in os.listdir(out) if '.tmp' in f]
+  state = os.path.join(out, prepare.STATE_FILE)
+  assert not os.path.exists(state) or isinstance(json.load(open(state)), dict)
+  run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert sum(json.load(open(os.path.join(out, prepare.SUMMARY_FILE)))['num_examples'].values()) \
+      == 80
+
+
+def test_prepare_onto_a_read_only_file_system(tmp_path):
+  """--out on a read-only mount (a bind mount remounted read-only, in a private mount
+  namespace: needs `unshare -m` and the right to mount, else skipped): exit 2, nothing written
+  and the earlier shards there untouched."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  root = _small_folder(tmp_path / 'p', per_class=6)
+  out = str(tmp_path / 'o')
+  prepare.prepare(_cfg(root), out, shard_size=4, progress=False)
+  os.remove(os.path.join(out, prepare.SUMMARY_FILE))  # as if killed before the metadata
+  before = {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)}
+  probe = subprocess.run(['unshare', '-m', 'sh', '-c', f'mount --bind {out} {out}'],
+                         capture_output=True) if shutil.which('unshare') else None
+  if probe is None or probe.returncode != 0:
+    pytest.skip('no private mount namespace here (unshare -m)')
+  script = (f'mount --bind {out} {out} && mount -o remount,ro,bind {out} && exec '
+            f'{sys.executable} -m jkd.cli data prepare --dir {root} --out {out} --workers 0 '
+            '--shard-size 4')
+  run = subprocess.run(['unshare', '-m', 'sh', '-c', script], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+  assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert f'--out {out} is not writable' in ' '.join(run.stderr.split())
+  assert {f: open(os.path.join(out, f), 'rb').read() for f in os.listdir(out)} == before

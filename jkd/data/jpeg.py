@@ -18,6 +18,14 @@ Results are a pure function of (file bytes, box, output size, mode, resizer): bo
 the same pixels (libjpeg-turbo's scaled decode is what Pillow's `draft` does), so batches do not
 depend on which worker, process or host decodes them.
 
+Image files come from outside, so every decode is bounded: the header's width x height must
+be at most `MAX_PIXELS` (Pillow's own decompression-bomb limit, 178,956,970 pixels: about
+540 MB decoded as RGB; lower it with $JKD_MAX_IMAGE_PIXELS) before a single pixel is allocated,
+for JPEG as for every other format; only the formats of `FORMATS` are opened (never, say, an EPS
+file named .jpg, which Pillow would hand to Ghostscript); 16-bit grayscale PNGs are scaled to
+8 bits (v / 257) instead of being clipped at 255. Whatever else goes wrong in a decoder becomes an
+`ImageReadError`, the one error this module raises for bad bytes.
+
 References: Pillow `Image.draft`; TF's `decode_and_crop_jpeg`; simplejpeg
 (https://gitlab.com/jfolz/simplejpeg).
 """
@@ -25,6 +33,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 from typing import Sequence
 
 import numpy as np
@@ -46,7 +56,20 @@ MODES = ('RGB', 'L')
 RESIZERS = ('pillow', 'opencv')
 # Pillow modes without colour: such images read as one channel when the dataset is grayscale.
 GRAY_MODES = frozenset({'1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'})
+# Pillow modes of 16-bit grayscale images (a 16-bit PNG): scaled to 8 bits, not clipped.
+WIDE_MODES = frozenset({'I', 'I;16', 'I;16B', 'I;16L', 'I;16N'})
 _SCALES = (8, 4, 2, 1)
+# The most pixels (width x height) an image may claim: Pillow's DecompressionBombError limit
+# (2 x Image.MAX_IMAGE_PIXELS), applied to every format before anything is decoded. A 40000 x
+# 40000 JPEG (1.6 G pixels, 4.8 GB as RGB) is refused; a 100-megapixel photo is read.
+MAX_PIXELS_DEFAULT = 178_956_970
+MAX_PIXELS = int(os.environ.get('JKD_MAX_IMAGE_PIXELS') or MAX_PIXELS_DEFAULT)
+# The largest image file read into memory (a JPEG of MAX_PIXELS at the highest quality is well
+# below it); bigger files are refused before they are read.
+MAX_FILE_BYTES = 1 << 30
+# The file formats Pillow may open (whatever the file's extension says). Others it knows
+# (EPS through Ghostscript, PSD, TIFF...) are refused as unreadable.
+FORMATS = ('JPEG', 'PNG', 'WEBP', 'BMP', 'GIF')  # JPEG includes MPO (camera JPEGs)
 
 
 class ImageReadError(ValueError):
@@ -57,24 +80,76 @@ def header(data: bytes) -> tuple[int, int, bool]:
   """Returns (width, height, is_gray) of encoded image bytes, reading only the header.
 
   Raises:
-    ImageReadError: not a readable image.
+    ImageReadError: not a readable image, or larger than `MAX_PIXELS`.
   """
   if simplejpeg is not None and simplejpeg.is_jpeg(data):
     try:
       height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-      return int(width), int(height), colorspace == 'Gray'
     except ValueError:
       pass  # Pillow may still read it (and says why not otherwise).
+    else:
+      return _checked(int(width), int(height)) + (colorspace == 'Gray',)
   try:
-    with Image.open(io.BytesIO(data)) as image:
-      return image.size[0], image.size[1], image.mode in GRAY_MODES
+    with _open(data) as image:
+      return _checked(*image.size) + (image.mode in GRAY_MODES,)
+  except ImageReadError:
+    raise
   except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
     raise ImageReadError(_why(e)) from None
 
 
+def _checked(width: int, height: int) -> tuple[int, int]:
+  """(width, height) if the image may be decoded: both >= 1, at most `MAX_PIXELS` in all."""
+  if width < 1 or height < 1:
+    raise ImageReadError(f'the header claims a {width}x{height} image')
+  if width * height > MAX_PIXELS:
+    raise ImageReadError(
+        f'the header claims {width}x{height} = {width * height:,} pixels, more than the '
+        f'{MAX_PIXELS:,} jkd decodes (a decompression bomb, or a huge scan: shrink it, or raise '
+        'the limit with $JKD_MAX_IMAGE_PIXELS)')
+  return width, height
+
+
+def _open(data: bytes) -> Image.Image:
+  """Pillow's lazy open (header only) of one of `FORMATS`."""
+  return Image.open(io.BytesIO(data), formats=FORMATS)
+
+
+def read_file(path: str) -> bytes:
+  """The bytes of the image file `path` (`read_file_stat`)."""
+  return read_file_stat(path)[0]
+
+
+def read_file_stat(path: str) -> tuple[bytes, os.stat_result]:
+  """(bytes, stat of the same open file) of the image file `path`: a regular file of at most
+  `MAX_FILE_BYTES` (never a FIFO, a device such as /dev/zero behind a link, or a directory:
+  those would hang or never end). The stat is that of the bytes read (size, mtime_ns), so a
+  record of it says which version of the file was read.
+
+  Raises:
+    ImageReadError: not a regular file, or too big.
+    OSError: it cannot be opened or read.
+  """
+  fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_CLOEXEC', 0))
+  with os.fdopen(fd, 'rb') as f:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+      raise ImageReadError('not a regular file (a device, FIFO or directory)')
+    if info.st_size > MAX_FILE_BYTES:
+      raise ImageReadError(f'{info.st_size:,} bytes, more than the {MAX_FILE_BYTES:,} an image '
+                           'file may have')
+    data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
+  if len(data) > MAX_FILE_BYTES:
+    raise ImageReadError(f'more than the {MAX_FILE_BYTES:,} bytes an image file may have')
+  return data, info
+
+
 def _why(error: Exception) -> str:
   if isinstance(error, Image.UnidentifiedImageError):  # its message names a BytesIO object
-    return 'not an image format Pillow reads (JPEG, PNG, WebP...)'
+    return f'not an image format jkd reads ({", ".join(FORMATS)})'
+  if isinstance(error, Image.DecompressionBombError):  # Pillow's own check, at open
+    return (f'{error} (jkd decodes at most {MAX_PIXELS:,} pixels per image: shrink it; Pillow '
+            'refuses more than 2 x PIL.Image.MAX_IMAGE_PIXELS whatever $JKD_MAX_IMAGE_PIXELS says)')
   return f'{type(error).__name__}: {error}'
 
 
@@ -101,15 +176,35 @@ def _decode_jpeg(data: bytes, mode: str, scale: int, width: int, height: int) ->
 
 def _decode_pillow(data: bytes, mode: str, scale: int = 1) -> np.ndarray:
   try:
-    with Image.open(io.BytesIO(data)) as image:
-      if scale > 1 and image.format == 'JPEG':
+    with _open(data) as image:
+      _checked(*image.size)
+      if scale > 1 and image.format in ('JPEG', 'MPO'):
         image.draft(mode, (image.size[0] // scale, image.size[1] // scale))
+      if image.mode in WIDE_MODES:
+        return _from_wide(np.asarray(image), mode)
       if image.mode != mode:
         image = image.convert(mode)
       array = np.asarray(image)
+  except ImageReadError:
+    raise
   except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
     raise ImageReadError(_why(e)) from None
+  if array.dtype != np.uint8 or array.ndim not in (2, 3):
+    raise ImageReadError(f'decoded as {array.dtype} {array.shape}, not 8-bit pixels')
   return array[..., None] if array.ndim == 2 else array
+
+
+def _from_wide(values: np.ndarray, mode: str) -> np.ndarray:
+  """A 16-bit grayscale image [H, W] (0..65535) as uint8 [H, W, C]: round(v / 257), so 65535 is
+  255 and the full range is kept (Pillow's convert would clip everything above 255 to white)."""
+  if values.dtype.kind == 'u' and values.itemsize <= 2:  # I;16: uint16 already in range
+    wide = values.astype(np.uint32)
+  else:  # mode I (int32): a 16-bit PNG read by an older Pillow
+    wide = np.clip(values, 0, 65535).astype(np.uint32)
+  wide += 128  # in place: 4 bytes a pixel at most, next to the decoded image
+  wide //= 257
+  gray = wide.astype(np.uint8)[..., None]
+  return gray if mode == 'L' else np.repeat(gray, 3, axis=2)
 
 
 def decode(data: bytes, mode: str = 'RGB') -> np.ndarray:
