@@ -78,7 +78,8 @@ def describe(holder: dict) -> str:
 class WorkdirLock:
   """The lock of one workdir. `acquire` / `release`, or `with hold(workdir):`."""
 
-  def __init__(self, workdir: str, command: str = ''):
+  def __init__(self, workdir: str, command: str = '', flag: str = '--workdir'):
+    self.flag = flag  # How the user named the directory, for the messages: --workdir, --out.
     self.workdir = storage.resolve(workdir)
     self.path = storage.join(self.workdir, LOCK_FILE)
     self.record = _holder_record(command)
@@ -103,14 +104,14 @@ class WorkdirLock:
       if alive is None:
         raise UserError(
             f'{self.workdir} is in use by {describe(holder)}: one run writes a workdir at a '
-            'time. Wait for it to finish, or use another --workdir. If that run is gone (its '
+            f'time. Wait for it to finish, or use another {self.flag}. If that run is gone (its '
             f'machine was lost), delete {self.path} and run again.')
       if alive:
         raise UserError(
             f'{self.workdir} is in use by {describe(holder)}: one run writes a workdir at a '
             'time, and this one was refused (nothing was written). Wait for that run to finish '
             f'or stop it (kill {holder.get("pid")}; it saves a checkpoint), or use another '
-            '--workdir.')
+            f'{self.flag}.')
       log(f'[lock] taking over the stale lock of {describe(holder) if holder else "a run"}, '
           f'which no longer runs ({self.path}).')
       self._remove_stale()
@@ -146,8 +147,8 @@ class WorkdirLock:
     except FileExistsError:
       return False
     except OSError as e:
-      raise UserError(f'Cannot create the workdir lock {self.path} ({e.strerror}): the '
-                      '--workdir must be a directory this user can write.') from e
+      raise UserError(f'Cannot create the lock {self.path} ({e.strerror}): the '
+                      f'{self.flag} must be a directory this user can write.') from e
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()

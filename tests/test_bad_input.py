@@ -610,7 +610,7 @@ CASES = [
     C('data_prepare_out_under_a_file', 'data', 'prepare', '--dir', '{f_ok}', '--out',
       '{a_file}/out', words=['--out', '{a_file}/out']),
     C('data_prepare_out_locked', 'data', 'prepare', '--dir', '{f_ok}', '--out', '{locked}',
-      words=['{locked}', 'in use by', 'jkd train']),
+      words=['{locked}', 'in use by', 'jkd train', 'another --out']),
     C('eval_folder_with_other_classes', 'eval', '--workdir', '{good}', '--config', FOLDER,
       '--config.data.dir={f_three}', words=['10 classes', '{f_three}', 'has 3']),
 ]

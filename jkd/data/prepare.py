@@ -264,7 +264,7 @@ def prepare(cfg, out: str, *, workers: int = 0, strict: bool = False, shard_size
   idx = folder.index(cfg)
   storage.ensure_dir(out, '--out')
   with interrupt.deferred():
-    lock = lock_lib.WorkdirLock(out, 'jkd data prepare')
+    lock = lock_lib.WorkdirLock(out, 'jkd data prepare', flag='--out')
     lock.acquire(log=lambda m: print(m, file=sys.stderr))
     try:
       state = _write_shards(idx, out, workers, shard_size, progress)
