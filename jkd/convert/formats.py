@@ -82,7 +82,7 @@ MAX_FILE_BYTES = 64 << 30
 # constant: torch writes its members stored (ratio 1) and np.savez too; np.savez_compressed of
 # float weights compresses about 1.1x. Deflate reaches 1000x, so a bomb is refused.
 MAX_ZIP_RATIO = 16
-ZIP_SLACK_BYTES = 256 << 20
+ZIP_SLACK_BYTES = 64 << 20
 MAX_ZIP_MEMBERS = 1 << 20
 MAX_HEADER_BYTES = 100 << 20    # a safetensors JSON header, a .pth's data.pkl
 MAX_DIMS = 32
@@ -531,7 +531,7 @@ def _global(module: Any, name: Any, path: str) -> _Global:
   raise _refused(path, f'{module[:80]}.{name[:80]}', _Unsupported)
 
 
-def _reduce(fn: Any, args: Any, storages: _Storages, path: str):
+def _reduce(fn: Any, args: Any, storages: _Storages, path: str, name: Any = None):
   """REDUCE (fn(*args)) for the few callables a state dict uses."""
   if not isinstance(fn, _Global) or not isinstance(args, tuple):
     raise UserError(f'{path!r}: its pickle calls {str(fn)[:80]}, not a known rebuild '
@@ -545,7 +545,8 @@ def _reduce(fn: Any, args: Any, storages: _Storages, path: str):
     if len(args) < 4:
       raise UserError(f'{path!r}: a tensor rebuild has {len(args)} arguments, not 4 or more: '
                       'the file is damaged.')
-    return rebuild_tensor(args[0], args[1], args[2], args[3], path)
+    return rebuild_tensor(args[0], args[1], args[2], args[3], path,
+                          name if isinstance(name, str) else None)
   if key in _PARAMETER_REBUILDS:
     if not args or not isinstance(args[0], np.ndarray):
       raise UserError(f'{path!r}: a parameter rebuild is not given a tensor: the file is '
@@ -554,7 +555,8 @@ def _reduce(fn: Any, args: Any, storages: _Storages, path: str):
   raise _refused(path, f'a call of {fn}', _Unsupported)
 
 
-def rebuild_tensor(flat: Any, offset: Any, size: Any, stride: Any, path: str) -> np.ndarray:
+def rebuild_tensor(flat: Any, offset: Any, size: Any, stride: Any, path: str,
+                   name: str | None = None) -> np.ndarray:
   """torch._utils._rebuild_tensor_v2 on a flat numpy storage, bounds proven first.
 
   The tensor of `size` reads flat[offset + sum(i_k * stride_k)] for every index i. It is built
@@ -562,8 +564,9 @@ def rebuild_tensor(flat: Any, offset: Any, size: Any, stride: Any, path: str) ->
   elements than the storage (a stride-0 claim cannot multiply memory), and its largest index
   offset + sum((size_k - 1) * stride_k) is inside the storage: then every element it reads
   lies in `flat`, and the strided view below (on exactly that range) is a copy of them.
+  `name` (the state-dict key the pickle pushed just before, when there is one) is for messages.
   """
-  where = f'{path!r}: a tensor'
+  where = f'{path!r}: tensor {name[:100]!r}' if name else f'{path!r}: a tensor'
   if not isinstance(flat, np.ndarray) or flat.ndim != 1:
     raise UserError(f'{where} is rebuilt from {type(flat).__name__}, not a storage: the file is '
                     'damaged.')
@@ -672,7 +675,7 @@ def _unpickle(pkl: bytes, storages: _Storages, path: str) -> Any:
         stack.append(_global(module, attr, path))
       elif name == 'REDUCE':
         args, fn = stack.pop(), stack.pop()
-        stack.append(_reduce(fn, args, storages, path))
+        stack.append(_reduce(fn, args, storages, path, stack[-1] if stack else None))
       elif name == 'BUILD':
         state = stack.pop()
         # An OrderedDict's attributes (torch's `_metadata` of a state dict): not needed.
