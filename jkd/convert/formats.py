@@ -395,7 +395,8 @@ def _npy(raw: bytes, where: str) -> np.ndarray:
                     shape[::-1]).transpose()
   else:
     arr = _copy_out(raw, start, dtype.newbyteorder('>') if swap else dtype, shape)
-  return np.ascontiguousarray(arr.astype(dtype) if swap else arr)
+  arr = arr.astype(dtype) if swap else arr
+  return np.array(arr, order='C')  # (np.ascontiguousarray would make a 0-d array 1-d)
 
 
 # ---------------------------------------------------------------- PyTorch
