@@ -390,3 +390,17 @@ def get_config():
   line = next(l for l in out.stdout.splitlines() if l.startswith(f'init_from {w}'))
   assert 'head_dist' in line and 'head' in line, line
   assert json.load(open(os.path.join(ft, 'summary.json')))['status'] == 'ok'
+
+
+def test_an_import_cut_off_before_its_report_is_replaced(deit_workdir, tmp_path):
+  """A step-0 checkpoint without import.json is an import killed between the two writes (the
+  report is written last): the next import into that workdir replaces it."""
+  w, path = deit_workdir
+  cut = str(tmp_path / 'cut')
+  shutil.copytree(w, cut)
+  os.remove(os.path.join(cut, 'import.json'))
+  out = run_jkd('import', '--checkpoint', path, '--workdir', cut, '--config.model.num_heads=3')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'replacing an import that was cut off' in out.stdout, out.stdout
+  report = json.load(open(os.path.join(cut, 'import.json')))
+  assert report['workdir'] == cut and os.listdir(os.path.join(cut, 'checkpoints')) == ['0']

@@ -163,10 +163,32 @@ def _sigkill_trial(baseline, name, delay):
   return state
 
 
-def test_sigterm_midway_exits_143_leaving_nothing_or_a_complete_import(baseline):
-  """One moment in the normal tier: half-way through the import."""
-  assert _sigterm_trial(baseline, 'term_half', baseline[2] / 2) in ('none', 'complete',
-                                                                     'finished')
+def test_two_imports_at_once_and_a_sigterm(tmp_path):
+  """The normal tier, three imports at once: two into one workdir (exactly one succeeds, the
+  other is refused with exit 2 by the lock or the finished import, never a crash inside
+  Orbax), and one stopped by SIGTERM two seconds after it installed its handlers (exit 143,
+  nothing or a complete import left)."""
+  sys.path.insert(0, HERE)
+  from test_import import _fixture  # pylint: disable=g-import-not-at-top
+  _, _, path = _fixture('deit_fmnist', tmp_path)
+  shared, term = str(tmp_path / 'shared'), str(tmp_path / 'term')
+  a, b, c = _start(path, shared), _start(path, shared), _start(path, term)
+  _wait_for_handlers(c)
+  time.sleep(2.0)
+  sent = c.poll() is None
+  c.send_signal(signal.SIGTERM)
+  results = [p.communicate(timeout=600) + (p.returncode,) for p in (a, b, c)]
+  for out, err, _ in results:
+    _clean(out, err)
+  codes = sorted(r[2] for r in results[:2])
+  assert codes == [0, 2], [(r[2], r[1][-1500:]) for r in results[:2]]
+  refused = next(r[1] for r in results[:2] if r[2] == 2)
+  assert 'in use by' in refused or 'already holds checkpoints' in refused, refused
+  assert _state(shared) == 'complete'
+  _, err, code = results[2]
+  if sent and code != 0:
+    assert code == 143 and 'stopped by signal 15' in err, (code, err[-2000:])
+  assert _state(term) in ('none', 'complete'), _state(term)
 
 
 @pytest.mark.slow
