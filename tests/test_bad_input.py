@@ -504,6 +504,10 @@ CASES = [
       words=['pth_truncated.pth', 'truncated']),
     C('import_pth_bool_size', *imp('{ck29}/pth_bool_size.pth'),
       words=['pth_bool_size.pth', 'size', 'True']),
+    C('import_pth_storage_viewed_200_times', *imp('{ck29}/pth_repeated.pth'),
+      words=['pth_repeated.pth', 'twice the archive']),
+    C('import_safetensors_tensors_share_bytes', *imp('{ck29}/st_overlap.safetensors'),
+      words=['st_overlap.safetensors', 'overlapping data_offsets']),
     C('import_npz_truncated', *imp('{ck29}/npz_truncated.npz'),
       words=['npz_truncated.npz', 'truncated']),
     C('import_npz_object_array', *imp('{ck29}/npz_object.npz'),
@@ -733,6 +737,8 @@ def _issue29_checkpoints(w):
   with zipfile.ZipFile(os.path.join(d, 'pth_bool_size.pth'), 'w') as z:
     z.writestr('archive/data.pkl', pkl)
     z.writestr('archive/data/0', a.tobytes())
+  big = TensorSpec.of(np.zeros(1 << 18, np.float32))  # 1 MB, rebuilt 200 times: 200 MB
+  write_pth(os.path.join(d, 'pth_repeated.pth'), {f'w{i}': big for i in range(200)})
   with zipfile.ZipFile(os.path.join(d, 'pth_bomb.pth'), 'w', zipfile.ZIP_DEFLATED) as z:
     z.writestr('archive/data.pkl', pickle_state_dict({'w': TensorSpec.of(a)}))
     z.writestr('archive/data/0', bytes(100 << 20))  # 100 MB of zeros in 100 kB
@@ -754,6 +760,10 @@ def _issue29_checkpoints(w):
   save_file({'w': a}, os.path.join(d, 'st_ok.safetensors'))
   with open(os.path.join(d, 'st_ok.safetensors'), 'rb') as f:
     data = f.read()
+  header = json.dumps({n: {'dtype': 'F32', 'shape': [12], 'data_offsets': [0, 48]}
+                       for n in ('v', 'w')}).encode()  # two tensors over the same 48 bytes
+  with open(os.path.join(d, 'st_overlap.safetensors'), 'wb') as f:
+    f.write(len(header).to_bytes(8, 'little') + header + a.tobytes())
   for name, old, new in (('st_offsets', b'[0,48]', b'[0,4800000]'),
                          ('st_dtype', b'"F32"', b'"F99"')):
     assert old in data, (old, data[:100])

@@ -22,6 +22,8 @@ file claims against what it holds before it reads a byte on that claim:
     (offset + sum((size_i - 1) * stride_i)) lies inside that storage, with non-negative
     integer sizes, strides and offset and no more elements than the storage holds (a stride-0
     tensor cannot expand 4 bytes into gigabytes);
+  - all the tensors of a `.pth` together hold at most twice its archive's bytes (a storage
+    viewed thousands of times is refused), and safetensors tensors may not share bytes;
   - safetensors offsets and npy headers must describe exactly the bytes that are there, with
     numeric dtypes only (no object arrays, no pickles).
 So file bytes can never turn into an out-of-bounds read, and memory stays a small multiple of
@@ -288,7 +290,7 @@ def _read_safetensors(data: bytes, path: str) -> dict[str, np.ndarray]:
   """Every tensor of a safetensors file, after checking its dtype, shape and byte range."""
   header, start = _safetensors_header(data, path)
   body = len(data) - start
-  out = {}
+  out, total = {}, 0
   for name, entry in header.items():
     if name == '__metadata__':
       continue
@@ -311,6 +313,10 @@ def _read_safetensors(data: bytes, path: str) -> dict[str, np.ndarray]:
       raise UserError(f'{where}: data_offsets [{begin}, {end}] do not hold a {dtype} tensor of '
                       f'shape {tuple(shape)} ({nbytes} bytes) inside the {body} data bytes: the '
                       'file is damaged.')
+    total += nbytes
+    if total > body:  # Tensors may not share bytes: entries over one range multiply memory.
+      raise UserError(f'{path!r}: its tensors claim {total:,} bytes in all, more than its '
+                      f'{body:,} data bytes (overlapping data_offsets): the file is damaged.')
     out[name] = _copy_out(data, start + begin, dt, shape)
   return out
 
@@ -474,6 +480,18 @@ class _Storages:
   def __init__(self, archive: zipfile.ZipFile, prefix: str, path: str):
     self.archive, self.prefix, self.path = archive, prefix, path
     self.cache: dict[str, np.ndarray] = {}
+    # Tensors may view a storage more than once (tied weights, q/k/v views of one fused
+    # parameter), but a pickle that rebuilds one storage thousands of times would multiply
+    # memory: all tensors together may hold at most twice the archive's bytes (+ 64 MiB).
+    self.budget = 2 * sum(i.file_size for i in archive.infolist()) + (64 << 20)
+
+  def spend(self, nbytes: int, where: str) -> None:
+    """Counts a rebuilt tensor's bytes against the budget."""
+    self.budget -= nbytes
+    if self.budget < 0:
+      raise UserError(f'{where}: the pickle rebuilds more tensor bytes than twice the archive '
+                      'holds (a storage viewed over and over): the file is damaged or made to '
+                      'exhaust memory.')
 
   def load(self, pid) -> np.ndarray:
     where = f'{self.path!r}: storage reference {str(pid)[:120]}'
@@ -546,8 +564,10 @@ def _reduce(fn: Any, args: Any, storages: _Storages, path: str, name: Any = None
     if len(args) < 4:
       raise UserError(f'{path!r}: a tensor rebuild has {len(args)} arguments, not 4 or more: '
                       'the file is damaged.')
-    return rebuild_tensor(args[0], args[1], args[2], args[3], path,
-                          name if isinstance(name, str) else None)
+    tensor = rebuild_tensor(args[0], args[1], args[2], args[3], path,
+                            name if isinstance(name, str) else None)
+    storages.spend(tensor.nbytes, f'{path!r}: tensor {str(name)[:100]!r}')
+    return tensor
   if key in _PARAMETER_REBUILDS:
     if not args or not isinstance(args[0], np.ndarray):
       raise UserError(f'{path!r}: a parameter rebuild is not given a tensor: the file is '
