@@ -127,7 +127,7 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], str]:
 # ---------------------------------------------------------------- the file itself
 
 
-def read_file(path: str, what: str = '--checkpoint') -> bytes:
+def read_file(path: str, what: str = 'The checkpoint file') -> bytes:
   """The bytes of a regular file (local or a bucket object), refused before it is opened if it
   is a directory, a symlink loop, a FIFO, a device or a socket, or larger than
   `MAX_FILE_BYTES`. At most its stat size is read: a file that grows or shrinks meanwhile
