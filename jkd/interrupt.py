@@ -20,7 +20,9 @@ stops a process at once, and the previous checkpoints stay intact (Orbax saves a
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -40,7 +42,7 @@ class Interrupted(SystemExit):
     return self.message
 
 
-_state = {'signum': None, 'depth': 0, 'previous': None}
+_state = {'signum': None, 'depth': 0, 'previous': None, 'unraisable': None}
 
 
 def _handle(signum, frame) -> None:
@@ -61,6 +63,8 @@ def _install() -> bool:
   fresh = _state['previous'] is None
   if fresh:
     _state['previous'] = {}
+    _state['unraisable'] = sys.unraisablehook
+    sys.unraisablehook = _unraisable
   for sig in SIGNALS:
     # Always set again: a handler installed from C (jax's preemption notifier) replaces ours at
     # the OS level while `signal.getsignal` still reports ours.
@@ -75,7 +79,29 @@ def _uninstall() -> None:
     return
   for sig, handler in previous.items():
     signal.signal(sig, handler)
-  _state.update(previous=None, signum=None)
+  if sys.unraisablehook is _unraisable and _state['unraisable'] is not None:
+    sys.unraisablehook = _state['unraisable']
+  _state.update(previous=None, signum=None, unraisable=None)
+
+
+def _unraisable(unraisable) -> None:
+  """sys.unraisablehook: an `Interrupted` raised where Python cannot propagate it (the handler
+  ran inside a gc callback of XLA's or a finalizer, which print "Exception ignored ...") is
+  not printed; the signal is delivered again a moment later, so that it stops the command from
+  ordinary code (at most a few times while such callbacks run)."""
+  if isinstance(unraisable.exc_value, Interrupted):
+    signum = unraisable.exc_value.signum
+
+    def again():
+      if _state['previous'] is not None and _state['depth'] == 0:  # Still ours, still at once.
+        os.kill(os.getpid(), signum)
+
+    timer = threading.Timer(0.01, again)
+    timer.daemon = True
+    timer.start()
+    return
+  previous = _state['unraisable'] or sys.__unraisablehook__
+  previous(unraisable)
 
 
 def install() -> None:

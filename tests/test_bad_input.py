@@ -75,6 +75,11 @@ def ev(*extra, w='{good}'):
   return ('eval', '--workdir', w, *extra)
 
 
+def imp(checkpoint, *extra, w='{new}'):
+  return ('import', '--checkpoint', checkpoint, '--workdir', w, '--config.model.num_heads=3',
+          *extra)
+
+
 CASES = [
     # ---- command line
     C('no_command', words='COMMAND'),
@@ -613,6 +618,55 @@ CASES = [
       words=['{locked}', 'in use by', 'jkd train', 'another --out']),
     C('eval_folder_with_other_classes', 'eval', '--workdir', '{good}', '--config', FOLDER,
       '--config.data.dir={f_three}', words=['10 classes', '{f_three}', 'has 3']),
+    # ---- issue 29: checkpoint readers and jkd import
+    C('import_pth_tensor_beyond_storage', *imp('{ck29}/pth_oob.pth'),
+      words=['pth_oob.pth', "'blocks.0.mlp.fc1.weight'", 'larger than its storage']),
+    C('import_pth_stride_zero_expansion', *imp('{ck29}/pth_stride0.pth'),
+      words=['pth_stride0.pth', 'larger than its storage']),
+    C('import_pth_negative_stride', *imp('{ck29}/pth_negative_stride.pth'),
+      words=['pth_negative_stride.pth', 'stride', 'non-negative integer']),
+    C('import_pth_huge_offset', *imp('{ck29}/pth_offset.pth'),
+      words=['pth_offset.pth', 'offset', 'never reads outside a storage']),
+    C('import_pth_numel_beyond_bytes', *imp('{ck29}/pth_numel.pth'),
+      words=['pth_numel.pth', 'claims 100 elements', 'holds 48 bytes']),
+    C('import_pth_deflate_bomb', *imp('{ck29}/pth_bomb.pth'),
+      words=['pth_bomb.pth', 'decompression bomb']),
+    C('import_pth_truncated', *imp('{ck29}/pth_truncated.pth'),
+      words=['pth_truncated.pth', 'truncated']),
+    C('import_pth_bool_size', *imp('{ck29}/pth_bool_size.pth'),
+      words=['pth_bool_size.pth', 'size', 'True']),
+    C('import_pth_storage_viewed_200_times', *imp('{ck29}/pth_repeated.pth'),
+      words=['pth_repeated.pth', 'twice the archive']),
+    C('import_safetensors_tensors_share_bytes', *imp('{ck29}/st_overlap.safetensors'),
+      words=['st_overlap.safetensors', 'overlapping data_offsets']),
+    C('import_npz_truncated', *imp('{ck29}/npz_truncated.npz'),
+      words=['npz_truncated.npz', 'truncated']),
+    C('import_npz_object_array', *imp('{ck29}/npz_object.npz'),
+      words=['npz_object.npz', 'dtype object']),
+    C('import_npz_shape_beyond_bytes', *imp('{ck29}/npz_shape.npz'),
+      words=['npz_shape.npz', '(40000, 40000)']),
+    C('import_safetensors_offsets_beyond_data', *imp('{ck29}/st_offsets.safetensors'),
+      words=['st_offsets.safetensors', 'data_offsets']),
+    C('import_safetensors_dtype_unknown', *imp('{ck29}/st_dtype.safetensors'),
+      words=['st_dtype.safetensors', 'dtype', 'F99']),
+    C('import_checkpoint_is_directory', *imp('{ck29}'), words=['ck29', 'is a directory']),
+    C('import_checkpoint_symlink_loop', *imp('{ck29}/loop.pth'),
+      words=['loop.pth', 'symlink loop']),
+    C('import_checkpoint_fifo', *imp('{ck29}/fifo.pth'), words=['fifo.pth', 'not a regular file']),
+    C('import_checkpoint_dev_zero', *imp('/dev/zero'), words=['/dev/zero', 'not a regular file']),
+    C('import_qkv_one_dimensional', *imp('{ck29}/qkv_1d.safetensors'),
+      words=['blocks.0.attn.qkv.weight', '(6912,)', '2-D']),
+    C('import_patch_embed_wrong_shape', *imp('{ck29}/patch_shape.safetensors'),
+      words=['patch_embed/proj/kernel', '(8, 7, 3, 48)', '(8, 8, 3, 48)']),
+    C('import_mlp_wrong_shape', *imp('{ck29}/mlp_shape.safetensors'),
+      words=['encoder/block1/mlp/fc1/kernel', '(48, 96)', '(48, 192)']),
+    C('import_nan_weights', *imp('{ck29}/nan.safetensors'),
+      words=['nan.safetensors', 'NaN', 'blocks.0.attn.proj.weight']),
+    C('import_into_workdir_a_run_holds', *imp(MAE_PTH, w='{locked}'),
+      words=['{locked}', 'in use by', 'jkd train']),
+    C('distill_teacher_checkpoint_beyond_storage',
+      *distill('--config.teacher.checkpoint={ck29}/pth_oob.pth', teacher=None),
+      words=['pth_oob.pth', 'larger than its storage']),
 ]
 
 
@@ -782,6 +836,7 @@ def get_config():
     damage(lambda f, d=d: os.path.join(d, 'export', f))
   _issue29_export_files(w)
   _untrusted_folders(w)
+  _issue29_checkpoints(w)
   w['before'] = snapshot(root)
   yield w
   holder.kill()
@@ -948,6 +1003,80 @@ def _untrusted_folders(w) -> None:
   for name, data in texts.items():
     with open(os.path.join(lists, name), 'wb') as f:
       f.write(data)
+
+
+def _issue29_checkpoints(w):
+  """Checkpoint files that lie (issue 29) in w['ck29']: tensors beyond their storage, zip bombs,
+  damaged zips and headers, a directory, a FIFO, a symlink loop, and timm ViTs whose tensors
+  have the wrong shapes or NaN."""
+  import io  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from import_weights import generate  # pylint: disable=g-import-not-at-top
+  from pth_writer import TensorSpec, pickle_state_dict, write_pth  # pylint: disable=g-import-not-at-top
+  d = w['ck29'] = os.path.join(w['root'], 'ck29')
+  os.makedirs(d)
+  one = TensorSpec.of(np.ones(1, np.float32))
+  a = np.arange(12, dtype=np.float32).reshape(3, 4)
+  specs = {
+      'pth_oob': dict(one.__dict__, size=(192, 48), stride=(48, 1)),
+      'pth_stride0': dict(one.__dict__, size=(40000, 40000), stride=(0, 0)),
+      'pth_negative_stride': dict(TensorSpec.of(a).__dict__, stride=(-4, 1)),
+      'pth_offset': dict(TensorSpec.of(a).__dict__, offset=2**40),
+      'pth_numel': dict(TensorSpec.of(a).__dict__, numel=100),
+  }
+  for name, fields in specs.items():
+    write_pth(os.path.join(d, f'{name}.pth'), {'blocks.0.mlp.fc1.weight': TensorSpec(**fields)})
+  pkl = pickle_state_dict({'w': TensorSpec.of(a)}).replace(b'(K\x03K\x04t', b'(\x88K\x04t')
+  with zipfile.ZipFile(os.path.join(d, 'pth_bool_size.pth'), 'w') as z:
+    z.writestr('archive/data.pkl', pkl)
+    z.writestr('archive/data/0', a.tobytes())
+  big = TensorSpec.of(np.zeros(1 << 18, np.float32))  # 1 MB, rebuilt 200 times: 200 MB
+  write_pth(os.path.join(d, 'pth_repeated.pth'), {f'w{i}': big for i in range(200)})
+  with zipfile.ZipFile(os.path.join(d, 'pth_bomb.pth'), 'w', zipfile.ZIP_DEFLATED) as z:
+    z.writestr('archive/data.pkl', pickle_state_dict({'w': TensorSpec.of(a)}))
+    z.writestr('archive/data/0', bytes(100 << 20))  # 100 MB of zeros in 100 kB
+  with open(MAE_PTH, 'rb') as f:
+    data = f.read()
+  with open(os.path.join(d, 'pth_truncated.pth'), 'wb') as f:
+    f.write(data[:len(data) // 2])
+  np.savez(os.path.join(d, 'npz_ok.npz'), w=a)
+  with open(os.path.join(d, 'npz_ok.npz'), 'rb') as f:
+    data = f.read()
+  with open(os.path.join(d, 'npz_truncated.npz'), 'wb') as f:
+    f.write(data[:len(data) - 30])
+  np.savez(os.path.join(d, 'npz_object.npz'), w=np.array([{'x': 1}], dtype=object))
+  npy = io.BytesIO()  # An npy header that claims 6.4 GB over 48 bytes of data.
+  np.lib.format.write_array_header_1_0(npy, {'descr': '<f4', 'fortran_order': False,
+                                             'shape': (40000, 40000)})
+  with zipfile.ZipFile(os.path.join(d, 'npz_shape.npz'), 'w') as z:
+    z.writestr('w.npy', npy.getvalue() + a.tobytes())
+  save_file({'w': a}, os.path.join(d, 'st_ok.safetensors'))
+  with open(os.path.join(d, 'st_ok.safetensors'), 'rb') as f:
+    data = f.read()
+  header = json.dumps({n: {'dtype': 'F32', 'shape': [12], 'data_offsets': [0, 48]}
+                       for n in ('v', 'w')}).encode()  # two tensors over the same 48 bytes
+  with open(os.path.join(d, 'st_overlap.safetensors'), 'wb') as f:
+    f.write(len(header).to_bytes(8, 'little') + header + a.tobytes())
+  for name, old, new in (('st_offsets', b'[0,48]', b'[0,4800000]'),
+                         ('st_dtype', b'"F32"', b'"F99"')):
+    assert old in data, (old, data[:100])
+    with open(os.path.join(d, f'{name}.safetensors'), 'wb') as f:
+      f.write(data.replace(old, new))
+  os.symlink(os.path.join(d, 'loop.pth'), os.path.join(d, 'loop.pth'))
+  os.mkfifo(os.path.join(d, 'fifo.pth'))
+  with open(os.path.join(REPO, 'tests', 'fixtures', 'import', 'timm_vit.json')) as f:
+    spec = json.load(f)
+  good = generate(spec, {})
+  bad = {'qkv_1d': {'blocks.0.attn.qkv.weight': good['blocks.0.attn.qkv.weight'].reshape(-1)},
+         'patch_shape': {'patch_embed.proj.weight': good['patch_embed.proj.weight'][..., :7]},
+         'mlp_shape': {'blocks.1.mlp.fc1.weight': good['blocks.1.mlp.fc1.weight'][:96]},
+         'nan': {'blocks.0.attn.proj.weight': np.where(
+             np.eye(48, dtype=bool), np.float32(np.nan), good['blocks.0.attn.proj.weight'])}}
+  for name, changed in bad.items():
+    save_file({k: np.ascontiguousarray(v) for k, v in {**good, **changed}.items()},
+              os.path.join(d, f'{name}.safetensors'))
 
 
 def _format(argv, world, tmp_path):

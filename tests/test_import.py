@@ -359,3 +359,48 @@ def test_teacher_checkpoint_is_imported_once_into_the_run(tmp_path):
   assert refused.returncode == 2 and 'keeps its teacher' in refused.stderr, refused.stderr
   both = run_jkd(*args, f'--config.teacher.workdir={imported}')
   assert both.returncode == 2 and 'both set' in both.stderr, both.stderr
+
+
+def test_distilled_deit_fine_tunes_on_new_classes(tmp_path):
+  """Issue 29 (a new user's path): an imported distilled DeiT (two heads) fine-tuned on another
+  class count. `init_from` replaces `head_dist` as it replaces `head` (both start fresh); it
+  used to refuse the run because head_dist's shape differs."""
+  _, _, path = _fixture('timm_deit_distilled', tmp_path)
+  w = str(tmp_path / 'deit')
+  report = convert.save_workdir(path, w, overrides=['model.num_heads=3'], log=lambda *_: None)
+  assert report['model']['distill_token'] and report['fresh'] == []
+  config = tmp_path / 'five_classes.py'
+  config.write_text(f'''import ml_collections
+from jkd.data import default_data_config
+from jkd.defaults import base_config, shrink_for_tests
+
+def get_config():
+  c = base_config()
+  c.data = default_data_config('synthetic')
+  c.data.update(num_classes=5, image_size=32, channels=3, train_split='train[:64]',
+                eval_split='test[:32]')
+  c.model = ml_collections.ConfigDict({report['model']!r})
+  shrink_for_tests(c, total_steps=2, log_every=1, checkpoint_every=2, warmup_steps=1)
+  return c
+''')
+  ft = str(tmp_path / 'ft')
+  out = run_jkd('train', '--config', str(config), '--workdir', ft, f'--config.init_from={w}',
+                '--config.model.distill_token=true')
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = next(l for l in out.stdout.splitlines() if l.startswith(f'init_from {w}'))
+  assert 'head_dist' in line and 'head' in line, line
+  assert json.load(open(os.path.join(ft, 'summary.json')))['status'] == 'ok'
+
+
+def test_an_import_cut_off_before_its_report_is_replaced(deit_workdir, tmp_path):
+  """A step-0 checkpoint without import.json is an import killed between the two writes (the
+  report is written last): the next import into that workdir replaces it."""
+  w, path = deit_workdir
+  cut = str(tmp_path / 'cut')
+  shutil.copytree(w, cut)
+  os.remove(os.path.join(cut, 'import.json'))
+  out = run_jkd('import', '--checkpoint', path, '--workdir', cut, '--config.model.num_heads=3')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'replacing an import that was cut off' in out.stdout, out.stdout
+  report = json.load(open(os.path.join(cut, 'import.json')))
+  assert report['workdir'] == cut and os.listdir(os.path.join(cut, 'checkpoints')) == ['0']

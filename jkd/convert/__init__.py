@@ -20,22 +20,23 @@ docs/pretrained.md has the workflow end to end.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from jkd import masking, models, storage
-from jkd.config import apply_override, load_config
-from jkd.convert import formats, posemb, resnet, vit
-from jkd.convert.vit import Converted
+from jkd import storage
+from jkd.convert import formats
 from jkd.errors import UserError
 
-LAYOUTS = {**vit.LAYOUTS, **resnet.LAYOUTS}
+if TYPE_CHECKING:
+  import flax.linen as nn
+  import ml_collections
+  from jkd.convert.vit import Converted
+
+# jax, flax and the converters are imported where used: `jkd.convert.formats` (the file
+# readers) must import without jax (tests/test_fuzz_checkpoints.py runs it in small processes).
 # A MIM model's masking defaults (the papers'), for `jkd eval` and MIM distillation.
 MIM_DEFAULTS = {'mae': {'mask_ratio': 0.75, 'norm_pix_loss': True, 'mask_patch_size': 0},
                 'simmim': {'mask_ratio': 0.6, 'norm_pix_loss': False, 'mask_patch_size': 32}}
@@ -49,12 +50,30 @@ def convert(tensors: dict, model: dict | None = None) -> Converted:
     model: fields the tensors cannot say or the user wants instead ({'name': 'vit_s16'},
       {'num_heads': 3}, ...).
   """
-  found = [name for name, (detect, _) in LAYOUTS.items() if detect(tensors)]
+  layouts = _layouts()
+  found = [name for name, (detect, _) in layouts.items() if detect(tensors)]
   if not found:
     raise UserError('The checkpoint\'s tensors match no layout jkd imports (timm / Hugging Face '
                     'ViT and DeiT, official MAE and SimMIM, big_vision ViT, torchvision / timm '
                     f'ResNet). It holds: {formats.describe(tensors)}.')
-  return LAYOUTS[found[0]][1](tensors, dict(model or {}))
+  from jkd.convert import vit  # pylint: disable=g-import-not-at-top
+  return vit.translate(found[0], layouts[found[0]][1], tensors, dict(model or {}))
+
+
+def _layouts() -> dict:
+  """layout name -> (detector, converter), ViTs first."""
+  from jkd.convert import resnet, vit  # pylint: disable=g-import-not-at-top
+  return {**vit.LAYOUTS, **resnet.LAYOUTS}
+
+
+def __getattr__(name: str):
+  """`LAYOUTS` and the converter modules, imported on first use (they import jax)."""
+  if name == 'LAYOUTS':
+    return _layouts()
+  if name in ('vit', 'resnet', 'posemb'):
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module(f'jkd.convert.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 @dataclasses.dataclass
@@ -76,6 +95,7 @@ class Imported:
 def default_config(converted: Converted) -> ml_collections.ConfigDict:
   """A run config for a converted model with no data of its own: synthetic images of the
   checkpoint's size, channels and classes (replace `config.data` to evaluate or train)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top,redefined-outer-name
   from jkd.data import default_data_config  # pylint: disable=g-import-not-at-top
   from jkd.defaults import base_config  # pylint: disable=g-import-not-at-top
   c = base_config()
@@ -110,6 +130,8 @@ def make_config(converted: Converted, config_spec: str | None = None,
   """The run config of an import: `config_spec`'s (a jkd config file, e.g. the dataset to
   evaluate or fine-tune on) or `default_config`'s, with the converted model, then `overrides`.
   """
+  import ml_collections  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from jkd.config import apply_override, load_config  # pylint: disable=g-import-not-at-top
   config = load_config(config_spec) if config_spec else default_config(converted)
   base = ml_collections.ConfigDict(config.get('model') or {})
   config.model = ml_collections.ConfigDict(converted.model)
@@ -127,6 +149,10 @@ def make_config(converted: Converted, config_spec: str | None = None,
 
 def _init(module: nn.Module, method: str | None, shape, seed: int) -> dict:
   """Fresh variables (unboxed numpy) of `module` for images of `shape`."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jkd import masking  # pylint: disable=g-import-not-at-top
   key = jax.random.key(seed)
   x = jnp.zeros((1, *shape), jnp.float32)
   if method == 'mae':
@@ -160,6 +186,11 @@ def _unflatten(flat: dict) -> dict:
   return out
 
 
+# Top-level params that start fresh when their shape differs from the checkpoint's: the heads,
+# for another class count.
+RESHAPED_FRESH = ('head', 'head_dist')
+
+
 def build(converted: Converted, config: ml_collections.ConfigDict, *, seed: int = 0,
           source: dict | None = None) -> Imported:
   """The jkd module of `config.model` with the converted tensors in its variables.
@@ -174,7 +205,8 @@ def build(converted: Converted, config: ml_collections.ConfigDict, *, seed: int 
     mapped (of them, loaded from the file), params (the model's parameter count), dropped (file
     tensors not used), fresh (model variables not from the file), resized, notes.
   """
-  from jkd import data  # pylint: disable=g-import-not-at-top
+  from jkd import data, models  # pylint: disable=g-import-not-at-top
+  from jkd.convert import posemb, vit  # pylint: disable=g-import-not-at-top
   from jkd.trainers import common  # pylint: disable=g-import-not-at-top
   info = data.get_info(config.data)
   shape = common.input_shape(info, config.data)
@@ -202,6 +234,15 @@ def build(converted: Converted, config: ml_collections.ConfigDict, *, seed: int 
         old, new = vit._grid_of(value.shape[1]), vit._grid_of(leaf.shape[1])
         value = posemb.resample(np.asarray(value, np.float32), (new, new), (old, old))
         resized.append(f'pos_embedding {old}x{old} -> {new}x{new} patches (bicubic, as timm)')
+      if value is not None and tuple(value.shape) != tuple(leaf.shape) and (
+          collection != 'params' or path.split('/')[0] not in RESHAPED_FRESH):
+        # Only a head may start fresh for another shape (another class count): any other
+        # tensor of the wrong shape is a checkpoint that does not fit, never re-initialised.
+        raise UserError(
+            f'The checkpoint\'s tensor for {name} has shape {tuple(value.shape)}, but the model '
+            f'{config.model.get("name")!r} needs {tuple(leaf.shape)}: the file is damaged or '
+            'another architecture. Check --model and --config.model (width, depth, heads, patch '
+            'size, MLP width); nothing was written.')
       if value is None or tuple(value.shape) != tuple(leaf.shape):
         fresh.append(name + ('' if value is None else
                              f' (checkpoint {tuple(value.shape)}, model {tuple(leaf.shape)})'))
@@ -228,8 +269,28 @@ def read(path: str, model: dict | None = None) -> tuple[Converted, dict]:
   """(converted, source facts {path, format, tensors, names}) of a checkpoint file."""
   tensors, fmt = formats.read_tensors(path)
   converted = convert(tensors, model)
+  _check_finite({n: tensors[n] for n in converted.used if n in tensors}, path)
+  _check_finite({**converted.params, **{f'{c}/{k}': v for c, tree in converted.model_state.items()
+                                        for k, v in tree.items()}}, path)
   return converted, {'checkpoint': storage.resolve(path), 'format': fmt,
                      'tensors': len(tensors), 'names': sorted(tensors)}
+
+
+def _check_finite(tensors: dict, path: str) -> None:
+  """Refuses a checkpoint whose float tensors (those used, by their names in the file, then
+  as translated) hold NaN or inf: a model that computes NaN would otherwise surface later as a
+  diverged distillation blamed on its learning rate."""
+  bad = []
+  for name in sorted(tensors):
+    value = np.asarray(tensors[name])
+    if value.dtype.kind in 'biu':
+      continue
+    if not np.isfinite(value.astype(np.float32, copy=False)).all():
+      bad.append(f'{name} {tuple(value.shape)}')
+  if bad:
+    raise UserError(f'{path!r} holds NaN or infinite weights in {len(bad)} tensor(s): '
+                    f'{", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}. The file is damaged '
+                    'or the model diverged before it was saved; import another checkpoint.')
 
 
 def load(path: str, model: str | None = None, **overrides: Any) -> tuple[nn.Module, dict]:
@@ -266,47 +327,93 @@ def save_workdir(path: str, workdir: str, *, model: str | None = None,
   (`jkd train`'s for a classifier, `jkd pretrain`'s for an MAE / SimMIM model), with the config
   (`make_config`) in its metadata: everything that reads a workdir reads it.
 
+  Safe to stop and to run twice: the file is read and converted before the workdir is touched;
+  then the workdir lock (`jkd.lock`) is taken, so a run or another import writing there refuses
+  this one (or this one refuses them); the checkpoint is written, then `import.json`, which
+  marks the import complete. SIGTERM/SIGINT (`jkd.interrupt`) stop it at the next safe point:
+  before the checkpoint (nothing written) or after `import.json` (a complete import). An import
+  killed between the two (SIGKILL) leaves a step-0 checkpoint without `import.json`, which the
+  next import into that workdir replaces.
+
   Raises:
-    UserError: a file jkd cannot read or convert, or a workdir that already holds checkpoints.
+    UserError: a file jkd cannot read or convert, a workdir that already holds checkpoints, or
+      one that another jkd command holds.
   """
-  from jkd import loop  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import jax  # pylint: disable=g-import-not-at-top
+  from jkd import interrupt, lock, loop, models  # pylint: disable=g-import-not-at-top
   # The two trainer modules themselves, not the `jkd.trainers` registry: its `Trainer.train`
   # imports `config.teacher.checkpoint` through this function.
   from jkd.trainers import pretrain, supervised  # pylint: disable=g-import-not-at-top
-  from jkd.checkpoint import RunCheckpointer, checkpoint_dir  # pylint: disable=g-import-not-at-top
+  from jkd.checkpoint import RunCheckpointer  # pylint: disable=g-import-not-at-top
   workdir = storage.resolve(workdir)
-  if storage.isdir(checkpoint_dir(workdir)) and RunCheckpointer(
-      workdir, create=False).latest_step() is not None:
-    raise UserError(f'{workdir} already holds checkpoints: import into a new --workdir (the '
-                    'existing checkpoints were left untouched).')
-  given = {**({'name': model} if model else {}), **_model_overrides(overrides)}
-  converted, source = read(path, given)
-  config = make_config(converted, config_spec, overrides)
-  imported = build(converted, config, source=source)
-  task = (pretrain if converted.method else supervised).build_task(config, workdir)
-  init_key, _ = loop.run_keys(config)
-  state = jax.jit(lambda k: nn.meta.unbox(task.init_state(k)))(init_key)
-  state = state.replace(params=imported.variables['params'],
-                        model_state={k: v for k, v in imported.variables.items()
-                                     if k != 'params'})
-  report = {**imported.report, 'workdir': workdir}
-  meta = dict(task.meta, kind=task.kind, params=report['params'], config=config.to_dict(),
-              model_defaults=models.MODEL_DEFAULTS_VERSION,
-              imported={k: report[k] for k in ('checkpoint', 'format', 'layout')})
-  storage.makedirs(workdir)
-  ckpt = RunCheckpointer(workdir)
-  try:
-    ckpt.save(0, state, task.train_iterator.get_state(), meta)
-    ckpt.wait()
-  finally:
-    ckpt.close()
-  close = getattr(task.train_iterator, 'close', None)
-  if close:
-    close()
-  if jax.process_index() == 0:
-    storage.write_json(storage.join(workdir, 'import.json'), report)
-  log(format_report(report))
+  with interrupt.deferred(), contextlib.ExitStack() as held:
+    # An existing workdir is locked first (a run there is named at once); a new one only once
+    # the file is converted, so that a file jkd refuses leaves no directory behind.
+    locked = storage.isdir(workdir)
+    if locked:
+      held.enter_context(lock.hold(workdir, command='jkd import', log=log))
+    _existing_import(workdir)  # Refused early (checked again under the lock).
+    given = {**({'name': model} if model else {}), **_model_overrides(overrides)}
+    converted, source = read(path, given)
+    interrupt.check('while reading the checkpoint file; nothing was written')
+    config = make_config(converted, config_spec, overrides)
+    imported = build(converted, config, source=source)
+    task = (pretrain if converted.method else supervised).build_task(config, workdir)
+    try:
+      init_key, _ = loop.run_keys(config)
+      state = jax.jit(lambda k: nn.meta.unbox(task.init_state(k)))(init_key)
+      state = state.replace(params=imported.variables['params'],
+                            model_state={k: v for k, v in imported.variables.items()
+                                         if k != 'params'})
+      report = {**imported.report, 'workdir': workdir}
+      meta = dict(task.meta, kind=task.kind, params=report['params'], config=config.to_dict(),
+                  model_defaults=models.MODEL_DEFAULTS_VERSION,
+                  imported={k: report[k] for k in ('checkpoint', 'format', 'layout')})
+      interrupt.check('while converting the checkpoint; nothing was written')
+      if not locked:
+        held.enter_context(lock.hold(workdir, command='jkd import', log=log))
+      if _existing_import(workdir) == 'cut off':
+        log(f'{workdir}: replacing an import that was cut off before its import.json')
+        storage.remove_tree(storage.join(workdir, 'checkpoints'))
+      interrupt.check('before writing the checkpoint; nothing was written')
+      ckpt = RunCheckpointer(workdir)
+      try:
+        ckpt.save(0, state, task.train_iterator.get_state(), meta)
+        ckpt.wait()
+      finally:
+        ckpt.close()
+      # import.json last: it marks the import complete (a signal meanwhile waits for it).
+      if jax.process_index() == 0:
+        storage.write_json(storage.join(workdir, 'import.json'), report)
+    finally:
+      close = getattr(task.train_iterator, 'close', None)
+      if close:
+        close()
+    log(format_report(report))
+    interrupt.check('after the import was complete (checkpoint and import.json written)')
   return report
+
+
+def _existing_import(workdir: str) -> str | None:
+  """None for a workdir without checkpoints; 'cut off' for one that holds only the step-0
+  checkpoint of an import killed before its import.json (replaced by the next import);
+  else a UserError: the workdir already holds a run or a complete import."""
+  from jkd.checkpoint import RunCheckpointer, checkpoint_dir  # pylint: disable=g-import-not-at-top
+  if not storage.isdir(checkpoint_dir(workdir)):
+    return None
+  ckpt = RunCheckpointer(workdir, create=False)
+  step = ckpt.latest_step()
+  if step is None:
+    return None
+  if step == 0 and not storage.exists(storage.join(workdir, 'import.json')):
+    try:
+      if 'imported' in ckpt.read_meta(0):
+        return 'cut off'
+    except UserError:
+      pass
+  raise UserError(f'{workdir} already holds checkpoints: import into a new --workdir (the '
+                  'existing checkpoints were left untouched).')
 
 
 def format_report(r: dict) -> str:

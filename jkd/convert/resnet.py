@@ -19,17 +19,17 @@ _NAMES = {((2, 2, 2, 2), 'basic'): 'resnet18', ((3, 4, 6, 3), 'basic'): 'resnet3
 
 
 def _bn(t: _Tensors, params: dict, state: dict, src: str, dst: str) -> None:
-  params[f'{dst}/scale'] = t[f'{src}.weight']
-  params[f'{dst}/bias'] = t[f'{src}.bias']
-  state[f'{dst}/mean'] = t[f'{src}.running_mean']
-  state[f'{dst}/var'] = t[f'{src}.running_var']
+  params[f'{dst}/scale'] = t.take(f'{src}.weight', 1)
+  params[f'{dst}/bias'] = t.take(f'{src}.bias', 1)
+  state[f'{dst}/mean'] = t.take(f'{src}.running_mean', 1)
+  state[f'{dst}/var'] = t.take(f'{src}.running_var', 1)
   t.get(f'{src}.num_batches_tracked')  # Read and dropped (jkd's BatchNorm has no counter).
 
 
 def convert(tensors: dict, given: dict) -> Converted:
   """torchvision / timm ResNet tensors -> a jkd ResNet."""
   t = _Tensors(tensors)
-  stem = t['conv1.weight']
+  stem = t.take('conv1.weight', 4)
   if stem.shape[2] != 7:
     raise UserError(f'The ResNet stem is a {stem.shape[2]}x{stem.shape[3]} conv: jkd imports the '
                     'ImageNet ResNets (7x7 stem; deep stems such as timm\'s resnet50d are not '
@@ -59,16 +59,16 @@ def convert(tensors: dict, given: dict) -> Converted:
     for j in range(size):
       src, dst = f'layer{s}.{j}', f'stage{s}_block{j}'
       for c in convs:
-        params[f'{dst}/{c}/kernel'] = _conv(t[f'{src}.{c}.weight'])
+        params[f'{dst}/{c}/kernel'] = _conv(t.take(f'{src}.{c}.weight', 4))
         _bn(t, params, state, f'{src}.bn{c[-1]}', f'{dst}/bn{c[-1]}')
       if f'{src}.downsample.0.weight' in t:
-        params[f'{dst}/proj_conv/kernel'] = _conv(t[f'{src}.downsample.0.weight'])
+        params[f'{dst}/proj_conv/kernel'] = _conv(t.take(f'{src}.downsample.0.weight', 4))
         _bn(t, params, state, f'{src}.downsample.1', f'{dst}/proj_bn')
   classes = 0
   if 'fc.weight' in t:
-    params['head/kernel'] = _t(t['fc.weight'])
-    params['head/bias'] = t['fc.bias']
-    classes = t.all['fc.weight'].shape[0]
+    params['head/kernel'] = _t(t.take('fc.weight', 2))
+    params['head/bias'] = t.take('fc.bias', 1)
+    classes = t.dim('fc.weight', 0, 2)
   return Converted('resnet', None, cfg, params, {'batch_stats': state}, None, channels, classes,
                    t.used, ['BatchNorm running statistics -> batch_stats'])
 

@@ -70,6 +70,10 @@ def _conv(w: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.asarray(w).transpose(2, 3, 1, 0))
 
 
+# The last source tensor a converter read: named when a translation fails on a shape.
+_LAST_READ: list = [None]
+
+
 class _Tensors:
   """The source tensors, recording which were used."""
 
@@ -84,10 +88,49 @@ class _Tensors:
       raise UserError(f'the checkpoint lacks the tensor {name!r} its layout needs: it is '
                       'incomplete, or another architecture.')
     self.used.add(name)
+    _LAST_READ[0] = (name, tuple(np.shape(self.all[name])))
     return np.asarray(self.all[name])
+
+  def take(self, name, ndim: int) -> np.ndarray:
+    """The tensor `name`, which must have `ndim` dimensions (a Linear weight 2, a bias 1, a
+    conv weight 4...)."""
+    value = self[name]
+    if value.ndim != ndim:
+      raise UserError(f'The checkpoint\'s tensor {name!r} has shape {tuple(value.shape)}, but '
+                      f'its layout needs a {ndim}-D tensor there: the file is damaged or another '
+                      'architecture.')
+    return value
+
+  def dim(self, name, axis: int, ndim: int) -> int:
+    """One size of the tensor `name` (checked to have `ndim` dims), without marking it used."""
+    if name not in self.all:
+      raise UserError(f'the checkpoint lacks the tensor {name!r} its layout needs: it is '
+                      'incomplete, or another architecture.')
+    shape = tuple(np.shape(self.all[name]))
+    if len(shape) != ndim:
+      raise UserError(f'The checkpoint\'s tensor {name!r} has shape {shape}, but its layout '
+                      f'needs a {ndim}-D tensor there: the file is damaged or another '
+                      'architecture.')
+    return int(shape[axis])
 
   def get(self, name):
     return self[name] if name in self.all else None
+
+
+def translate(layout: str, converter: Callable, tensors: dict, given: dict) -> 'Converted':
+  """`converter(tensors, given)`, with a shape the translation cannot use (a 1-D weight where
+  a matrix belongs, a qkv that does not split) turned into a UserError naming the tensor."""
+  _LAST_READ[0] = None
+  try:
+    return converter(tensors, given)
+  except UserError:
+    raise
+  except (IndexError, ValueError, TypeError, ZeroDivisionError, KeyError) as e:
+    last = _LAST_READ[0]
+    where = f' at the tensor {last[0]!r} of shape {last[1]}' if last else ''
+    raise UserError(f'The checkpoint\'s tensors do not fit the {layout} layout{where} '
+                    f'({type(e).__name__}: {str(e)[:200]}): the file is damaged or another '
+                    'architecture. Nothing was written.') from None
 
 
 # ---------------------------------------------------------------- model configs
@@ -161,31 +204,35 @@ def _grid_of(n: int) -> int:
 def _attention(t: _Tensors, out: dict, dst: str, heads: int, *, qkv: str, proj: str,
                q_bias: str | None = None, v_bias: str | None = None) -> None:
   """torch fused qkv (3D, D) [+ bias (3D,) or q/v biases] and proj (D, D) -> jkd Attention."""
-  w = t[f'{qkv}.weight']
+  w = t.take(f'{qkv}.weight', 2)
   d = w.shape[1]
+  if w.shape[0] != 3 * d:
+    raise UserError(f'The checkpoint\'s tensor {qkv + ".weight"!r} has shape {tuple(w.shape)}, '
+                    f'but a fused q, k, v weight of width {d} is ({3 * d}, {d}): the file is '
+                    'damaged or another architecture.')
   hd = w.shape[0] // 3 // heads
   if w.shape[0] % (3 * heads):
     raise UserError(f'{qkv}.weight {w.shape} does not split into q, k, v of {heads} heads: '
                     'check --config.model.num_heads.')
-  bias = t.get(f'{qkv}.bias')
+  bias = t.take(f'{qkv}.bias', 1) if f'{qkv}.bias' in t else None
   if bias is None and q_bias and q_bias in t:  # BEiT / SimMIM: q and v biases, k has none.
     bias = np.concatenate([t[q_bias], np.zeros_like(t[q_bias]), t[v_bias]])
   for i, name in enumerate(('query', 'key', 'value')):
     out[f'{dst}/{name}/kernel'] = _t(w[i * d:(i + 1) * d]).reshape(d, heads, hd)
     b = np.zeros(heads * hd, w.dtype) if bias is None else bias[i * d:(i + 1) * d]
     out[f'{dst}/{name}/bias'] = np.asarray(b).reshape(heads, hd)
-  out[f'{dst}/out/kernel'] = _t(t[f'{proj}.weight']).reshape(heads, hd, -1)
-  out[f'{dst}/out/bias'] = t[f'{proj}.bias']
+  out[f'{dst}/out/kernel'] = _t(t.take(f'{proj}.weight', 2)).reshape(heads, hd, -1)
+  out[f'{dst}/out/bias'] = t.take(f'{proj}.bias', 1)
 
 
 def _norm(t: _Tensors, out: dict, src: str, dst: str, weight='weight', bias='bias') -> None:
-  out[f'{dst}/scale'] = t[f'{src}.{weight}']
-  out[f'{dst}/bias'] = t[f'{src}.{bias}']
+  out[f'{dst}/scale'] = t.take(f'{src}.{weight}', 1)
+  out[f'{dst}/bias'] = t.take(f'{src}.{bias}', 1)
 
 
 def _dense(t: _Tensors, out: dict, src: str, dst: str) -> None:
-  out[f'{dst}/kernel'] = _t(t[f'{src}.weight'])
-  out[f'{dst}/bias'] = t[f'{src}.bias']
+  out[f'{dst}/kernel'] = _t(t.take(f'{src}.weight', 2))
+  out[f'{dst}/bias'] = t.take(f'{src}.bias', 1)
 
 
 def _timm_block(t: _Tensors, out: dict, src: str, dst: str, heads: int) -> None:
@@ -224,13 +271,13 @@ def _timm_vit(tensors: dict, given: dict) -> Converted:
   _unsupported(tensors, ('reg_token', 'attn.q_norm', 'attn.k_norm', 'attn_pool'),
                'register tokens, q/k norms or attention pooling')
   t = _Tensors(tensors)
-  w = t['patch_embed.proj.weight']
+  w = t.take('patch_embed.proj.weight', 4)
   width, channels, patch = w.shape[0], w.shape[1], w.shape[2]
   depth = _count(tensors, r'blocks\.(\d+)\.')
   has_cls, has_dist = 'cls_token' in t, 'dist_token' in t
   fc_norm = 'fc_norm.weight' in t
   layer_scale = 'blocks.0.ls1.gamma' in t or 'blocks.0.gamma_1' in t
-  classes = t.all['head.weight'].shape[0] if 'head.weight' in t else 0
+  classes = t.dim('head.weight', 0, 2) if 'head.weight' in t else 0
   pool = 'gap' if (fc_norm or not has_cls) else 'token'
   fields = {'pool': pool, 'posemb': 'learn', 'class_token': has_cls if pool == 'gap' else None,
             'fc_norm': fc_norm, 'distill_token': has_dist,
@@ -238,14 +285,14 @@ def _timm_vit(tensors: dict, given: dict) -> Converted:
             'layer_scale': 1e-6 if layer_scale else 0.}
   fields = {k: v for k, v in fields.items() if v is not None}
   cfg = model_config(patch=patch, width=width, depth=depth,
-                     mlp_dim=t.all['blocks.0.mlp.fc1.weight'].shape[0], num_heads=None,
+                     mlp_dim=t.dim('blocks.0.mlp.fc1.weight', 0, 2), num_heads=None,
                      given=given, **fields)
   heads = cfg.get('num_heads') or models.field_default(cfg['name'], 'num_heads')
   out, notes = {}, []
   out['patch_embed/proj/kernel'] = _conv(w)
   out['patch_embed/proj/bias'] = t['patch_embed.proj.bias']
   prefix = int(has_cls) + int(has_dist)
-  pos = t['pos_embed']
+  pos = t.take('pos_embed', 3)
   # timm's no_embed_class (DeiT III): the table covers the patches only. A square count tells
   # which (N + 1 and N + 2 are never both squares with N).
   if prefix and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
@@ -257,7 +304,7 @@ def _timm_vit(tensors: dict, given: dict) -> Converted:
   out['pos_embedding'] = pos[:, prefix_pos:]
   tokens = [('cls', 'cls_token')] * has_cls + [('dist_token', 'dist_token')] * has_dist
   for i, (dst, src) in enumerate(tokens):
-    out[dst] = t[src] + (pos[0, i][None, None] if prefix_pos else 0)
+    out[dst] = t.take(src, 3) + (pos[0, i][None, None] if prefix_pos else 0)
   if tokens and prefix_pos:
     notes.append('position entries of the class/distillation tokens folded into the tokens')
   for i in range(depth):
@@ -295,31 +342,32 @@ def _hf_vit(tensors: dict, given: dict) -> Converted:
   t = _Tensors({k: v for k, (_, v) in renamed.items()})
   base = 'vit.' if 'vit.embeddings.cls_token' in t else ''
   e = f'{base}embeddings'
-  w = t[f'{e}.patch_embeddings.projection.weight']
+  w = t.take(f'{e}.patch_embeddings.projection.weight', 4)
   width, channels, patch = w.shape[0], w.shape[1], w.shape[2]
   L = f'{base}layers'
   depth = _count(t.all, rf'{re.escape(L)}\.(\d+)\.')
-  classes = t.all['classifier.weight'].shape[0] if 'classifier.weight' in t else 0
+  classes = t.dim('classifier.weight', 0, 2) if 'classifier.weight' in t else 0
   cfg = model_config(patch=patch, width=width, depth=depth,
-                     mlp_dim=t.all[f'{L}.0.mlp.fc1.weight'].shape[0],
+                     mlp_dim=t.dim(f'{L}.0.mlp.fc1.weight', 0, 2),
                      num_heads=None, given=given, pool='token', posemb='learn',
                      norm_eps=float(given.pop('norm_eps', 1e-12)))
   heads = cfg.get('num_heads') or models.field_default(cfg['name'], 'num_heads')
   out = {'patch_embed/proj/kernel': _conv(w),
          'patch_embed/proj/bias': t[f'{e}.patch_embeddings.projection.bias']}
-  pos = t[f'{e}.position_embeddings']
-  out['cls'] = t[f'{e}.cls_token'] + pos[0, :1][None]
+  pos = t.take(f'{e}.position_embeddings', 3)
+  out['cls'] = t.take(f'{e}.cls_token', 3) + pos[0, :1][None]
   out['pos_embedding'] = pos[:, 1:]
   for i in range(depth):
     src, dst = f'{L}.{i}', f'encoder/block{i}'
     _norm(t, out, f'{src}.layernorm_before', f'{dst}/ln1')
     for theirs, ours in (('q_proj', 'query'), ('k_proj', 'key'), ('v_proj', 'value')):
-      out[f'{dst}/attn/{ours}/kernel'] = _t(t[f'{src}.attention.{theirs}.weight']).reshape(
-          width, heads, -1)
-      out[f'{dst}/attn/{ours}/bias'] = t[f'{src}.attention.{theirs}.bias'].reshape(heads, -1)
-    out[f'{dst}/attn/out/kernel'] = _t(t[f'{src}.attention.o_proj.weight']).reshape(
+      out[f'{dst}/attn/{ours}/kernel'] = _t(t.take(f'{src}.attention.{theirs}.weight',
+                                                    2)).reshape(width, heads, -1)
+      out[f'{dst}/attn/{ours}/bias'] = t.take(f'{src}.attention.{theirs}.bias', 1).reshape(
+          heads, -1)
+    out[f'{dst}/attn/out/kernel'] = _t(t.take(f'{src}.attention.o_proj.weight', 2)).reshape(
         heads, -1, width)
-    out[f'{dst}/attn/out/bias'] = t[f'{src}.attention.o_proj.bias']
+    out[f'{dst}/attn/out/bias'] = t.take(f'{src}.attention.o_proj.bias', 1)
     _norm(t, out, f'{src}.layernorm_after', f'{dst}/ln2')
     _dense(t, out, f'{src}.mlp.fc1', f'{dst}/mlp/fc1')
     _dense(t, out, f'{src}.mlp.fc2', f'{dst}/mlp/fc2')
@@ -351,35 +399,35 @@ def _fixed_table(pos: np.ndarray, grid: int, what: str) -> str:
 
 def _mae_pretrain(tensors: dict, given: dict) -> Converted:
   t = _Tensors(tensors)
-  w = t['patch_embed.proj.weight']
+  w = t.take('patch_embed.proj.weight', 4)
   width, channels, patch = w.shape[0], w.shape[1], w.shape[2]
   depth = _count(tensors, r'blocks\.(\d+)\.')
   dec_depth = _count(tensors, r'decoder_blocks\.(\d+)\.')
-  dec_width = t.all['decoder_embed.weight'].shape[0]
-  pos = t['pos_embed']
+  dec_width = t.dim('decoder_embed.weight', 0, 2)
+  pos = t.take('pos_embed', 3)
   grid = _grid_of(pos.shape[1] - 1)
   table = _fixed_table(pos[:, 1:], grid, 'The encoder position table')
-  if _fixed_table(t['decoder_pos_embed'][:, 1:], grid, 'The decoder position table') != table:
+  if _fixed_table(t.take('decoder_pos_embed', 3)[:, 1:], grid, 'The decoder position table') != table:
     raise UserError('The encoder and decoder position tables differ: not an MAE checkpoint.')
   dec_heads = given.pop('decoder_heads', None) or (16 if dec_width % 16 == 0 else None)
   if dec_heads is None:
     raise UserError(f'The MAE decoder width {dec_width} has no standard head count: pass '
                     '--config.model.decoder_heads=H.')
   cfg = model_config(patch=patch, width=width, depth=depth,
-                     mlp_dim=t.all['blocks.0.mlp.fc1.weight'].shape[0], num_heads=None,
+                     mlp_dim=t.dim('blocks.0.mlp.fc1.weight', 0, 2), num_heads=None,
                      given=given, cls_token=True, posemb=table, decoder_width=dec_width,
                      decoder_depth=dec_depth, decoder_heads=dec_heads,
-                     decoder_mlp_dim=t.all['decoder_blocks.0.mlp.fc1.weight'].shape[0])
+                     decoder_mlp_dim=t.dim('decoder_blocks.0.mlp.fc1.weight', 0, 2))
   for field in ('pool', 'class_token', 'fc_norm', 'distill_token'):
     cfg.pop(field, None)
   heads = cfg.get('num_heads') or models.field_default(cfg['name'], 'num_heads')
   out = {'patch_embed/proj/kernel': _conv(w), 'patch_embed/proj/bias': t['patch_embed.proj.bias'],
-         'cls': t['cls_token'] + pos[0, :1][None]}
+         'cls': t.take('cls_token', 3) + pos[0, :1][None]}
   for i in range(depth):
     _timm_block(t, out, f'blocks.{i}', f'encoder/block{i}', heads)
   _norm(t, out, 'norm', 'encoder/encoder_norm')
   _dense(t, out, 'decoder_embed', 'decoder/embed')
-  out['decoder/mask_token'] = t['mask_token']
+  out['decoder/mask_token'] = t.take('mask_token', 3)
   for i in range(dec_depth):
     _timm_block(t, out, f'decoder_blocks.{i}', f'decoder/blocks/block{i}', dec_heads)
   _norm(t, out, 'decoder_norm', 'decoder/blocks/encoder_norm')
@@ -395,10 +443,10 @@ def _mae_pretrain(tensors: dict, given: dict) -> Converted:
 
 def _simmim(tensors: dict, given: dict) -> Converted:
   t = _Tensors(tensors)
-  w = t['encoder.patch_embed.proj.weight']
+  w = t.take('encoder.patch_embed.proj.weight', 4)
   width, channels, patch = w.shape[0], w.shape[1], w.shape[2]
   depth = _count(tensors, r'encoder\.blocks\.(\d+)\.')
-  dec = t['decoder.0.weight']                    # (stride^2 * C, D, 1, 1)
+  dec = t.take('decoder.0.weight', 4)            # (stride^2 * C, D, 1, 1)
   stride = math.isqrt(dec.shape[0] // channels)
   if stride != patch:
     raise UserError(f'The SimMIM decoder predicts {stride}x{stride} pixels per token but the '
@@ -411,16 +459,16 @@ def _simmim(tensors: dict, given: dict) -> Converted:
             'rel_pos_bias': 'shared' if shared else 'block' if per_block else 'none',
             'layer_scale': 0.1 if layer_scale else 0.}
   cfg = model_config(patch=patch, width=width, depth=depth,
-                     mlp_dim=t.all['encoder.blocks.0.mlp.fc1.weight'].shape[0], num_heads=None,
+                     mlp_dim=t.dim('encoder.blocks.0.mlp.fc1.weight', 0, 2), num_heads=None,
                      given=given, **fields)
   for field in ('pool', 'class_token', 'fc_norm', 'distill_token'):
     cfg.pop(field, None)
   heads = cfg.get('num_heads') or models.field_default(cfg['name'], 'num_heads')
   table_rows = None
   if shared:
-    table_rows = t.all['encoder.rel_pos_bias.relative_position_bias_table'].shape[0]
+    table_rows = t.dim('encoder.rel_pos_bias.relative_position_bias_table', 0, 2)
   elif per_block:
-    table_rows = t.all['encoder.blocks.0.attn.relative_position_bias_table'].shape[0]
+    table_rows = t.dim('encoder.blocks.0.attn.relative_position_bias_table', 0, 2)
   if pos is not None:
     grid = _grid_of(pos.shape[1] - 1)
   elif table_rows is not None:  # (2g - 1)^2 + 3 rows
@@ -470,17 +518,17 @@ def _big_vision(tensors: dict, given: dict) -> Converted:
     tensors['pos_embedding'] = tensors.pop('Transformer/posembed_input/pos_embedding')
   _unsupported(tensors, ('MAPHead_0', 'pre_logits/'), 'a MAP head or a representation layer')
   t = _Tensors(tensors)
-  w = t['embedding/kernel']                      # (p, p, C, D) already
+  w = t.take('embedding/kernel', 4)              # (p, p, C, D) already
   patch, channels, width = w.shape[0], w.shape[2], w.shape[3]
   depth = _count(tensors, r'Transformer/encoderblock_(\d+)/')
   b0 = 'Transformer/encoderblock_0'
-  q = t.all[f'{b0}/MultiHeadDotProductAttention_0/query/kernel']
-  classes = t.all['head/kernel'].shape[1] if 'head/kernel' in t else 0
+  q_heads = t.dim(f'{b0}/MultiHeadDotProductAttention_0/query/kernel', 1, 3)
+  classes = t.dim('head/kernel', 1, 2) if 'head/kernel' in t else 0
   has_cls = 'cls' in t
   posemb = 'learn' if 'pos_embedding' in t else 'sincos2d_bv'
   cfg = model_config(patch=patch, width=width, depth=depth,
-                     mlp_dim=t.all[f'{b0}/MlpBlock_0/Dense_0/kernel'].shape[1],
-                     num_heads=q.shape[1], given=given, pool='token' if has_cls else 'gap',
+                     mlp_dim=t.dim(f'{b0}/MlpBlock_0/Dense_0/kernel', 1, 2),
+                     num_heads=q_heads, given=given, pool='token' if has_cls else 'gap',
                      posemb=posemb, gelu_approximate=True)
   out = {'patch_embed/proj/kernel': w, 'patch_embed/proj/bias': t['embedding/bias']}
   if posemb == 'learn':
@@ -504,7 +552,7 @@ def _big_vision(tensors: dict, given: dict) -> Converted:
   if classes:
     out['head/kernel'] = t['head/kernel']
     out['head/bias'] = t['head/bias']
-  n = t.all['pos_embedding'].shape[1] if posemb == 'learn' else None
+  n = t.dim('pos_embedding', 1, 3) if posemb == 'learn' else None
   return Converted('big_vision', None, cfg, out, {}, _grid_of(n) * patch if n else None,
                    channels, classes, t.used, ['tanh-approximate GELU, as big_vision'])
 

@@ -294,7 +294,7 @@ FRESH_PARTS = ('head', 'head_dist', 'pos_embedding', 'cls', 'dist_token')
 
 
 def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
-                   skip: tuple[str, ...] = ('head',), into: str | None = None,
+                   skip: tuple[str, ...] = ('head', 'head_dist'), into: str | None = None,
                    posemb: str | None = None, model_name: str | None = None, log=print):
   """Initialises `state.params` (and BatchNorm stats) from another run's latest checkpoint.
 
@@ -307,7 +307,8 @@ def load_init_from(workdir: str, state, *, params_prefix: tuple[str, ...] = (),
   Args:
     params_prefix: path inside the source params to take (e.g. ('encoder',) for the encoder
       of a pretraining model).
-    skip: top-level names of the model that keep their fresh initialisation.
+    skip: top-level names of the model that keep their fresh initialisation (by default the
+      classifier heads, DeiT's distillation head too: a fine-tune on new classes replaces both).
     into: the key of `state.params` that holds the model (a distilled student sits under
       'student', beside its projectors, which stay fresh); None: all of `state.params`.
     posemb: this model's position embedding; a fixed table that differs from the one the
