@@ -316,3 +316,21 @@ def test_mixup_and_cutmix(mix):
     np.testing.assert_allclose(mixed, lam[0] * images + (1 - lam[0]) * images[::-1], atol=1e-5)
   same, same_labels = mix(jax.random.key(1), images, labels, 0.0)
   assert same is images and same_labels is labels
+
+
+def test_encoded_dataset_images_are_capped_before_decoding():
+  """TFDS-style encoded image bytes go through the folder reader's pixel cap: a PNG whose header
+  claims 40000x40000 is refused from its header, not decoded into 4.8 GB."""
+  import io
+  import struct
+  import zlib
+  from PIL import Image
+  from jkd.data import augment, jpeg
+  buffer = io.BytesIO()
+  Image.fromarray(np.zeros((4, 5), np.uint8)).save(buffer, 'PNG')
+  assert augment.decode(buffer.getvalue()).shape == (4, 5, 3)
+  bomb = bytearray(buffer.getvalue())
+  bomb[16:24] = struct.pack('>II', 40000, 40000)  # IHDR width, height; then its CRC
+  bomb[29:33] = struct.pack('>I', zlib.crc32(bytes(bomb[12:29])))
+  with pytest.raises(jpeg.ImageReadError, match='178,956,970'):
+    augment.decode(bytes(bomb))

@@ -66,7 +66,8 @@ def decode(image) -> np.ndarray:
   if isinstance(image, (bytes, np.bytes_)):
     import io  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    image = np.asarray(Image.open(io.BytesIO(image)).convert('RGB'))
+    jpeg.header(bytes(image))  # The pixel cap from the header first: no decompression bombs.
+    image = np.asarray(Image.open(io.BytesIO(image), formats=jpeg.FORMATS).convert('RGB'))
   image = np.asarray(image, dtype=np.uint8)
   return image[..., None] if image.ndim == 2 else image
 
