@@ -166,8 +166,8 @@ def _worker_init(parent: int) -> None:
   """A decoding process: ends with its parent; leaves SIGINT/SIGTERM to the parent (a Ctrl-C
   reaches the whole process group; the parent stops the pool at a safe point)."""
   import signal  # pylint: disable=g-import-not-at-top
-  from jkd.data import workers as workers_lib  # pylint: disable=g-import-not-at-top
-  workers_lib.die_with_parent(parent)
+  from jkd.data.lifetime import die_with_parent  # pylint: disable=g-import-not-at-top
+  die_with_parent(parent)
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, signal.SIG_IGN)
 
