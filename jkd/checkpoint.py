@@ -9,9 +9,11 @@ checkpoint saved on one mesh restores onto another.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any, Sequence
@@ -56,16 +58,35 @@ class RunCheckpointer:
                 'meta': ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_handlers=handlers)
+    if create and not any(isinstance(f, _DropWriteRefusals) for f in _ABSL.filters):
+      _ABSL.addFilter(_DropWriteRefusals())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
     meta = dict(meta, format_version=FORMAT_VERSION, step=int(step))
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    with self._writing():
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta)), force=True)
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """A save (or the wait for an async one) that the file system refuses — full, too large a
+    file, read-only, no permission — is a UserError naming the directory: the steps saved before
+    are intact, and the next run removes the unfinished step's temporary directory."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (TensorStore raises ValueError)
+      text = read_error(e) + ' ' + str(e)[:4000]
+      if not any(m in text for m in _WRITE_REFUSALS):
+        raise
+      raise UserError(f'A checkpoint could not be written in {self.directory} ({_refusal(text)}): '
+                      'the disk is full, a file size limit was hit, or the directory is '
+                      'read-only. The checkpoints saved before are intact; free space or fix '
+                      'the permissions, then run the same command again.') from None
 
   def restore(self, abstract_state: Any, *, expect_kind: str | None = None,
               step: int | None = None) -> tuple[Any, dict, dict]:
@@ -171,13 +192,17 @@ class RunCheckpointer:
     log(f'resume_from_step={step}: moved the newer steps {", ".join(map(str, newer))} to {aside}')
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     if self.manager is not None:
-      self.manager.wait_until_finished()
-      self.manager.close()
-      self.manager = None
+      manager, self.manager = self.manager, None
+      with self._writing():
+        try:
+          manager.wait_until_finished()
+        finally:
+          manager.close()
 
 
 def load_arrays(workdir: str, step: int | None = None) -> tuple[dict, dict]:
@@ -304,6 +329,28 @@ def _spec(spec: tuple) -> str:
   return f'{dtype}{list(shape)}'
 
 
+# How the OS's write refusals read in Orbax / TensorStore errors (ENOSPC, EFBIG, EROFS, EACCES).
+_WRITE_REFUSALS = ('No space left', 'File too large', 'Read-only file system', 'Permission denied',
+                   "os_error_code='28'", "os_error_code='27'", "os_error_code='30'",
+                   "os_error_code='13'")
+
+
+def _refusal(text: str) -> str:
+  """The OS's words in a write failure ('Failed to write 52944 bytes to file 14: File too large')."""
+  match = re.search(r"Failed to write [^\[\]\"]*|No space left on device|Read-only file system|"
+                    r"Permission denied", text)
+  return match.group(0).strip() if match else text.splitlines()[0][:200]
+
+
+class _DropWriteRefusals(logging.Filter):
+  """Drops absl's copy of a refused checkpoint write (Orbax's save thread logs it with a
+  traceback): `RunCheckpointer._writing` reports it as one paragraph."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage() + str(record.exc_info and record.exc_info[1])
+    return not any(m in text for m in _WRITE_REFUSALS)
+
+
 def read_error(error: BaseException) -> str:
   """The first line of the root cause of an Orbax / TensorStore read failure, shortened."""
   cause = error
@@ -332,6 +379,7 @@ def _is_read_noise(text: str) -> bool:
 
 
 _QUIET = {'installed': False}
+_ABSL = logging.getLogger('absl')
 
 
 class quiet_failed_reads:  # pylint: disable=invalid-name  (used as a context manager)

@@ -315,3 +315,31 @@ def test_metrics_have_one_line_per_step_after_sigkill_and_resume(tmp_path):
   assert out.returncode == 0 and f'resumed from {w}/checkpoints at step {saved}' in out.stdout
   lines = _one_line_per_step(w)
   assert [l['step'] for l in lines if 'split' not in l] == list(range(1, 201))
+
+
+def _full_disk():
+  """preexec_fn: writes past 20 kB fail with EFBIG, as on a full disk (ENOSPC reads the same)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+def test_checkpoint_on_a_full_disk_is_one_paragraph_and_the_rerun_completes(tmp_path):
+  """A checkpoint that the file system refuses (train, import): exit 2 and one paragraph naming
+  the directory and the OS's words, no Orbax traceback; the same command then completes."""
+  mae = os.path.join(REPO, 'tests', 'fixtures', 'import', 'mae_pretrain.pth')
+  commands = {
+      'train': ['train', '--config', f'{REPO}/configs/fashion_mnist/supervised.py:tiny',
+                '--workdir', str(tmp_path / 'run')],
+      'import': ['import', '--checkpoint', mae, '--workdir', str(tmp_path / 'imported'),
+                 '--config.model.num_heads=4'],
+  }
+  for name, argv in commands.items():
+    full = subprocess.run([sys.executable, '-m', 'jkd.cli', *argv], cwd=REPO, text=True,
+                          capture_output=True, preexec_fn=_full_disk, timeout=600)
+    assert full.returncode == 2, (name, full.stderr[-2000:])
+    assert 'Traceback' not in full.stderr and 'File too large' in full.stderr, full.stderr[-2000:]
+    # (jax's compilation cache may warn that it cannot write either.)
+    assert f'jkd {name}: error: A checkpoint could not be written' in full.stderr
+    again = run_jkd(*argv)
+    assert again.returncode == 0, (name, again.stderr[-2000:])
