@@ -215,7 +215,7 @@ def _bench_export(args) -> dict:
 
 def _run_export(args, overrides: list[str]) -> dict:
   from jkd.deploy.export import export
-  from jkd.deploy.runtime import show
+  from jkd.deploy.exported_file import show
   if overrides:
     raise UserError('jkd export takes no --config overrides: it exports the model the workdir '
                     'holds.')

@@ -147,11 +147,11 @@ MAX_PROGRAM_BYTES = 2 << 30  # a flatbuffer addresses at most 2 GiB
 
 
 def _read(path: str, limit: int) -> bytes:
-  """The bytes of a local regular file of at most `limit` bytes (`runtime.read_regular`: not a
-  FIFO or device, checked before reading), or of a bucket object."""
+  """The bytes of a local regular file of at most `limit` bytes (`read_regular`: not a FIFO
+  or device, checked before reading), or of a bucket object."""
   if storage.is_remote(path):
     return storage.read_bytes(path)
-  from jkd.deploy.runtime import read_regular  # pylint: disable=g-import-not-at-top
+  from jkd.deploy.exported_file import read_regular  # pylint: disable=g-import-not-at-top
   return read_regular(path, limit, 'export file',
                       fix='Run `jkd compress` again to rewrite the export.')
 

@@ -35,6 +35,7 @@ import time
 
 from jkd import interrupt
 from jkd.deploy import calibration, runtime
+from jkd.deploy.exported_file import show, sidecar
 from jkd.errors import UserError
 
 FORMATS = ('onnx', 'tflite', 'stablehlo')
@@ -56,7 +57,7 @@ def _is_int(v) -> bool:
 def check_settings(fmt: str, int8: bool, settings: dict) -> dict:
   """The export settings (defaults filled in), each checked; UserError naming the flag."""
   if fmt not in FORMATS:
-    raise UserError(f'--format {runtime.show(fmt)} is unknown: use {", ".join(FORMATS)}.')
+    raise UserError(f'--format {show(fmt)} is unknown: use {", ".join(FORMATS)}.')
   s = {**default_settings(), **{k: v for k, v in settings.items() if v is not None}}
   calibration.check_method(s['calibration_method'])
   ranges = {'calibration_batches': (1, MAX_CALIBRATION_IMAGES, 'batches of training images '
@@ -97,17 +98,17 @@ def check_out(out: str, fmt: str) -> str:
   or can be created in a writable directory. UserError naming --out otherwise."""
   text = os.fspath(out)
   if not text or '://' in text:
-    raise UserError(f'--out {runtime.show(text)}: give a local file path (jkd export writes '
+    raise UserError(f'--out {show(text)}: give a local file path (jkd export writes '
                     'local files; copy them to a bucket afterwards).')
   if not text.endswith(EXTENSIONS[fmt]):
-    raise UserError(f'--out {runtime.show(text)}: a {fmt} file must end in {EXTENSIONS[fmt]} '
+    raise UserError(f'--out {show(text)}: a {fmt} file must end in {EXTENSIONS[fmt]} '
                     '(jkd eval and bench pick the runtime by it).')
   path = os.path.abspath(os.path.expanduser(text))
-  for p, what in ((path, '--out'), (runtime.sidecar(path), f'--out {runtime.show(text)}: its '
+  for p, what in ((path, '--out'), (sidecar(path), f'--out {show(text)}: its '
                                     'description FILE.json')):
     if os.path.isdir(p) and not os.path.islink(p):
-      raise UserError(f'{what} {runtime.show(p)} is a directory: name a file to write, e.g. '
-                      f'{runtime.show(os.path.join(p, "model" + EXTENSIONS[fmt]))}.')
+      raise UserError(f'{what} {show(p)} is a directory: name a file to write, e.g. '
+                      f'{show(os.path.join(p, "model" + EXTENSIONS[fmt]))}.')
   # Nothing is created here (the lock of a workdir is not taken yet): the nearest existing
   # folder on the way must be a writable directory; the rest is created at the write.
   folder = os.path.dirname(path)
@@ -115,10 +116,10 @@ def check_out(out: str, fmt: str) -> str:
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise UserError(f'--out {runtime.show(text)} cannot be created: {runtime.show(existing)}, '
+    raise UserError(f'--out {show(text)} cannot be created: {show(existing)}, '
                     'a part of its folder, is a file, not a directory. Write under a directory.')
   if not os.access(existing, os.W_OK | os.X_OK):
-    raise UserError(f'--out {runtime.show(text)}: its folder {runtime.show(existing)} is not '
+    raise UserError(f'--out {show(text)}: its folder {show(existing)} is not '
                     'writable (read-only directory or file system). Write to a folder this user '
                     'can write.')
   return path
@@ -212,7 +213,7 @@ def _export(workdir, fmt, path, int8, clf, s, fmt_lib) -> dict:
     data = stablehlo.serialize(clf, int8=int8)
   info = describe(clf, fmt, path, data, int8, s, export_s=time.perf_counter() - t0,
                   fmt_lib=fmt_lib)
-  interrupt.check(f'before writing {runtime.show(path)}; nothing was written (the previous '
+  interrupt.check(f'before writing {show(path)}; nothing was written (the previous '
                   'file, if any, is unchanged)')
   _commit(path, data, info)
   return info
@@ -252,7 +253,7 @@ def _commit(path: str, data: bytes, info: dict) -> None:
   """Writes FILE (`data`) and then FILE.json (`info`, whose sha256 names `data`), each
   atomically. If FILE.json cannot be written, the previous FILE is put back (a hard link to it
   is kept aside until then), so the pair stays the previous export."""
-  side = runtime.sidecar(path)
+  side = sidecar(path)
   text = sidecar_text(info)
   aside = _keep_aside(path)
   try:
@@ -307,7 +308,7 @@ def _write(path: str, data: bytes) -> None:
 def write_error(path: str, e: OSError) -> UserError:
   """The UserError of a failed atomic write of `path`: the previous file is unchanged."""
   fix = _FIXES.get(e.errno, 'check the path and its folder')
-  return UserError(f'Could not write {runtime.show(path)} ({e.strerror or e}): {fix}, then run '
+  return UserError(f'Could not write {show(path)} ({e.strerror or e}): {fix}, then run '
                    'the command again. The previous file, if any, is unchanged (jkd writes a '
                    'temporary file and renames it).')
 
@@ -330,11 +331,11 @@ def check_result_path(path: str) -> None:
     return
   folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path) and not os.path.islink(path):
-    raise UserError(f'{runtime.show(path)} is a directory: jkd writes its result file there; '
+    raise UserError(f'{show(path)} is a directory: jkd writes its result file there; '
                     'move the directory away.')
   if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-    raise UserError(f'{runtime.show(path)} cannot be written: its folder '
-                    f'{runtime.show(folder)} is missing or not writable (read-only directory or '
+    raise UserError(f'{show(path)} cannot be written: its folder '
+                    f'{show(folder)} is missing or not writable (read-only directory or '
                     'file system). Pass --workdir DIR, a folder this user can write.')
 
 
@@ -371,17 +372,17 @@ def evaluate_file(path: str, *, workdir: str | None = None, data_config=None,
     data_config = ml_collections.ConfigDict((meta.get('config') or {}).get('data') or {})
   elif data_config is None:
     if not info.get('data'):
-      raise UserError(f'No data to evaluate {runtime.show(path)} on: '
-                      f'{runtime.show(runtime.sidecar(path))} has no "data" field; pass --workdir '
+      raise UserError(f'No data to evaluate {show(path)} on: '
+                      f'{show(sidecar(path))} has no "data" field; pass --workdir '
                       '(the run it was exported from) or --config.')
     try:
       data_config = ml_collections.ConfigDict(info['data'])
       validate.check(ml_collections.ConfigDict({'data': data_config}), 'eval')
     except UserError as e:
-      raise UserError(f'{runtime.show(runtime.sidecar(path))}, field "data": {e}') from None
+      raise UserError(f'{show(sidecar(path))}, field "data": {e}') from None
     except Exception as e:  # pylint: disable=broad-except  (ConfigDict of odd keys and values)
-      raise UserError(f'{runtime.show(runtime.sidecar(path))}: field "data" is not a data '
-                      f'config ({type(e).__name__}: {runtime.show(str(e)[:120])}); pass '
+      raise UserError(f'{show(sidecar(path))}: field "data" is not a data '
+                      f'config ({type(e).__name__}: {show(str(e)[:120])}); pass '
                       '--workdir or --config.') from None
   split = split or data_config.get('eval_split', 'test')
   t0 = time.perf_counter()
