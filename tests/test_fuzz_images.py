@@ -10,7 +10,7 @@ huge lines, deep JSON nesting and JSON values of every type.
 Each batch of cases runs in a child process under RLIMIT_AS (3 GiB) and a per-case alarm (a
 case still running after `CASE_TIMEOUT_S` kills the child: a hang). The child calls the readers
 directly (`jpeg.header`, `jpeg.decode`, `jpeg.eval_crop`, `jpeg.train_crop`,
-`prepare.check_file`; `folder._read_list` and `folder._index_list`) and reports each case as
+`prepare.check_file`; `lists.read` and `lists.index`) and reports each case as
 'ok' (a result of the promised type and shape), 'refused' (the documented refusal type:
 `jpeg.ImageReadError` for images, `UserError` for lists), or 'error' (any other exception: a
 traceback for the user). A child that dies by a signal during a case is a crash. The test
@@ -263,7 +263,7 @@ import os, signal, sys, traceback
 import numpy as np
 signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a case past its time kills the child: a hang
 kind, folder_path, start, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-from jkd.data import folder, jpeg, prepare
+from jkd.data import jpeg, labelling, lists, prepare
 from jkd.errors import UserError
 names = sorted(n for n in os.listdir(folder_path) if n.startswith('case_'))
 
@@ -290,9 +290,9 @@ def check_image(path, i):
 def check_list(path, i):
   given = ('ant', 'bee', 'cat') if i % 5 == 0 else None
   try:
-    folder._read_list(path)
-    layout, classes, splits = folder._index_list(path, 0.3, 0, given)
-    assert 1 <= len(classes) <= folder.MAX_CLASSES and all(isinstance(c, str) for c in classes)
+    lists.read(path)
+    layout, classes, splits = lists.index(path, 0.3, 0, given)
+    assert 1 <= len(classes) <= labelling.MAX_CLASSES and all(isinstance(c, str) for c in classes)
     for paths, labels in splits.values():
       assert len(paths) == len(labels) and labels.dtype == np.int32
       assert ((labels >= 0) & (labels < len(classes))).all()
