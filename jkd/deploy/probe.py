@@ -10,6 +10,7 @@ runtime in the parent. Not for StableHLO: jax cannot run in a forked process.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import select
 import signal
@@ -35,6 +36,7 @@ def run_in_child(path: str, fmt: str, attempt) -> None:
     code = 3
     try:
       os.close(read)
+      faulthandler.disable()  # A runtime's abort here is reported by the parent, not dumped.
       for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
       _limit_memory(PROBE_MEMORY)
