@@ -607,7 +607,8 @@ def test_prepare_into_a_locked_out_and_on_a_full_disk(tmp_path):
   argv = [sys.executable, '-m', 'jkd.cli', 'data', 'prepare', '--dir', root, '--out', out,
           '--workers', '0', '--shard-size', '10']
   run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       preexec_fn=full_disk)
+                       preexec_fn=full_disk,
+                       env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE='0'))
   assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-3000:]
   assert 'Cannot write to --out' in ' '.join(run.stderr.split())
   assert not [f for f in os.listdir(out) if '.tmp' in f]
