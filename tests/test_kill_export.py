@@ -56,7 +56,7 @@ def _handlers_installed(pid) -> bool:
 
 
 def _start(workdir, out, int8):
-  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  env = dict(os.environ, PYTHONUNBUFFERED='1', JAX_ENABLE_COMPILATION_CACHE='0')
   proc = subprocess.Popen(_argv(workdir, out, int8), cwd=REPO, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   while not _handlers_installed(proc.pid) and proc.poll() is None:

@@ -87,7 +87,7 @@ def _start(root, out, workers=WORKERS):
       [sys.executable, '-m', 'jkd.cli', 'data', 'prepare', '--dir', root, '--out', out,
        '--workers', workers, '--shard-size', SHARD], cwd=REPO, text=True,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-      env=dict(os.environ, PYTHONUNBUFFERED='1'))
+      env=dict(os.environ, PYTHONUNBUFFERED='1', JAX_ENABLE_COMPILATION_CACHE='0'))
 
 
 def _stop(proc, sig, out) -> tuple[int, str]:
