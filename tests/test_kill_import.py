@@ -36,7 +36,8 @@ def _command(path, workdir):
 def _start(path, workdir):
   return subprocess.Popen(_command(path, workdir), cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True,
-                          env=dict(os.environ, PYTHONUNBUFFERED='1', JAX_ENABLE_COMPILATION_CACHE='0'))
+                          env=dict(os.environ, PYTHONUNBUFFERED='1',
+                                   JAX_ENABLE_COMPILATION_CACHE='0'))
 
 
 def _handles_sigterm(pid) -> bool:
