@@ -76,4 +76,9 @@ def initialize(env: Mapping[str, str] | None = None) -> bool:
         'set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID in every '
         'process (launch/local.sh does this on one machine), or JKD_DISTRIBUTED=off to run '
         'alone.') from None
+  if jax.default_backend() == 'cpu' and jax.process_count() > 1:
+    # jax's persistent compilation cache deadlocks CPU (gloo) collectives across processes: with
+    # a warm cache the first step of a 2-process run blocked forever (jax 0.12.1), so a
+    # multi-process CPU run compiles afresh (seconds for what runs on CPUs).
+    jax.config.update('jax_enable_compilation_cache', False)
   return True
