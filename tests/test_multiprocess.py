@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -125,6 +126,9 @@ def _signal_a_training_run(workdir, deliver):
                            *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   seen = []
+  # A run that never reaches step 3 (a collective deadlock) is killed rather than waited on.
+  watchdog = threading.Timer(300, proc.kill)
+  watchdog.start()
   try:
     for line in proc.stdout:  # Until both processes are training.
       seen.append(line)
@@ -133,6 +137,7 @@ def _signal_a_training_run(workdir, deliver):
     deliver(proc)
     rest, _ = proc.communicate(timeout=300)
   finally:
+    watchdog.cancel()
     if proc.poll() is None:
       proc.kill()
   log = ''.join(seen) + rest
