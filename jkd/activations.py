@@ -25,8 +25,9 @@ def vit_activation_bytes(model: nn.Module, image_shape: Sequence[int], local_bat
     per block   2·((12 + b)·L·D + 16·L)     two LayerNorms: x², x − mean, normalised x (fp32),
                                             the output (b bytes), four fp32 per-token statistics
               + 4b·L·A / t                  q, k, v and the attention output
-              + ((4 + b)·H·L² + 8·H·L) / t  attention='xla': fp32 exp(logits − max) and the
-                                            b-byte probabilities, plus softmax sums; 'cudnn'
+              + (4 + b')·H·L² / t           attention='xla': the fp32 softmax output and,
+                                            below fp32, its b-byte cast (b' = b if b < 4
+                                            else 0); 'cudnn'
                                             (flash attention) keeps only the log-sum-exp,
                                             4·H·L / t (not checked here: needs a GPU)
               + 4b·L·F / t                  fc1 output, GELU's scaled input, erfc and output
@@ -81,7 +82,8 @@ def _blocks_train_bytes(n: int, d: int, f: int, heads: int, b: int, depth: int, 
     return 0, 0
   t_heads = tensor if heads % tensor == 0 else 1  # The rules drop axes that do not divide.
   t_mlp = tensor if f % tensor == 0 else 1
-  probs = 4 * heads * n if flash else (4 + b) * heads * n * n + 8 * heads * n
+  # jax.nn.softmax keeps only its fp32 output; below fp32 the b-byte probabilities too.
+  probs = 4 * heads * n if flash else (4 + (b if b < 4 else 0)) * heads * n * n
   block = (2 * ((12 + b) * n * d + 16 * n) + (4 * b * n * a + probs) / t_heads
            + 4 * b * n * f / t_mlp)
   kept = {'none': block, 'full': b * n * d,

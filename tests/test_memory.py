@@ -36,10 +36,6 @@ TEMP_RATIO = (0.7, 1.1)
 # formula counts ~6% more bytes than jax.ad_checkpoint.saved_residuals (1,667,456 vs 1,566,080
 # for the ViT of the first case); it fails the same at 3cb0b8c, before issue 29's work. strict:
 # it must start passing (formula updated) to be removed.
-RESIDUALS_DRIFT = pytest.mark.xfail(strict=True, reason='saved residuals changed with current '
-                                    'jax/flax; jkd.memory formulas need updating (see note)')
-
-
 def _case_config(overrides, mesh):
   from jkd.config import load_config
   config = load_config('configs/bench/vit_s16.py:cpu',
@@ -118,7 +114,6 @@ def _saved_residual_bytes(model, batch, size):
   return _residual_bytes_per_example(loss, params, images, batch)
 
 
-@RESIDUALS_DRIFT
 @pytest.mark.parametrize('dtype, overrides', [
     ('float32', {'depth': 2}),
     ('bfloat16', {'depth': 1, 'pool': 'token', 'num_heads': 4}),
@@ -134,7 +129,6 @@ def test_activation_formula_equals_saved_residuals(dtype, overrides):
       model, batch, 32)
 
 
-@RESIDUALS_DRIFT
 @pytest.mark.parametrize('remat, heads', [('full', {}), ('dots', {}),
                                            ('dots', {'num_heads': 2, 'head_dim': 16})])
 def test_remat_activation_formula_equals_saved_residuals(remat, heads):
@@ -202,7 +196,6 @@ def _mim_saved_residual_bytes(method, model, ratio, batch, size):
   return _residual_bytes_per_example(loss, params, images, batch)
 
 
-@RESIDUALS_DRIFT
 @pytest.mark.parametrize('method, dtype, overrides', [
     ('mae', 'float32', {'depth': 2, 'decoder_depth': 1}),
     ('mae', 'bfloat16', {'depth': 1, 'decoder_depth': 2, 'cls_token': True}),
