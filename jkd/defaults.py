@@ -9,6 +9,7 @@ from jkd.optim import default_optim_config
 def base_config() -> ml_collections.ConfigDict:
   """The shared run settings; a config file fills in `model` and `data` and adjusts the rest."""
   c = ml_collections.ConfigDict()
+  c.task = 'classification'    # What the model predicts (jkd.tasks): the second axis.
   c.seed = 0
   c.rng_impl = 'rbg'           # or 'threefry2x32' (portable bits, slower compile).
   c.batch_size = 128

@@ -5,11 +5,11 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
-from jkd import figures, interrupt, loop, parallel, storage, trainers, xla_cpu
+from jkd import figures, interrupt, loop, parallel, storage, tasks, trainers, xla_cpu
 from jkd.checkpoint import RunCheckpointer, checkpoint_dir
 from jkd.errors import UserError
+from jkd.tasks.classification import per_class  # noqa: F401 (API: jkd.evaluate.per_class)
 
 
 def _config_from_meta(meta: dict) -> ml_collections.ConfigDict:
@@ -97,14 +97,14 @@ def _evaluate_checkpoint(workdir, ckpt, config, meta, kind, step) -> dict:
                           else None, keep_arrays=True)
   if single:
     interrupt.check('during the evaluation; eval.json was not written')
-  confusion = results.pop('confusion', None)
+  confusion = results.get('confusion')
+  task_kind = tasks.get(config)
+  report = task_kind.report(results, meta.get('class_names'))
   out = {'split': config.data.eval_split, 'step': int(state.step), 'kind': kind,
          'model': meta.get('model'), **results,
          'wall_s': round(time.perf_counter() - t0, 2)}
-  if 'accuracy' in out:
-    out['test_accuracy'] = out['accuracy']
-  if confusion is not None:
-    out.update(per_class(confusion, meta.get('class_names')))
+  out.update(task_kind.summary(results))
+  out.update(report)
   if jax.process_index() == 0:
     if confusion is not None:
       out['confusion_png'] = figures.save_confusion_matrix(
@@ -113,20 +113,6 @@ def _evaluate_checkpoint(workdir, ckpt, config, meta, kind, step) -> dict:
                 f'{100 * out.get("accuracy", 0):.1f}% ({out["examples"]} images)')
     storage.write_json(storage.join(workdir, 'eval.json'), out)
   return out
-
-
-def per_class(confusion, class_names=None) -> dict:
-  """{'class_names', 'per_class_accuracy' (name -> accuracy, None for a class with no example),
-  'confusion' (rows = true class, columns = predicted, integer counts)} from [K, K] counts."""
-  counts = np.rint(np.asarray(confusion)).astype(np.int64)
-  names = list(class_names or [])
-  if len(names) != len(counts):  # runs saved before class names were recorded: numbers
-    names = [str(i) for i in range(len(counts))]
-  totals = counts.sum(1)
-  return {'class_names': names,
-          'per_class_accuracy': {n: (round(float(counts[i, i] / totals[i]), 6) if totals[i]
-                                     else None) for i, n in enumerate(names)},
-          'confusion': counts.tolist()}
 
 
 def _evaluate_export(workdir: str, config, meta: dict) -> dict:

@@ -19,6 +19,7 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
+from jkd import tasks
 from jkd.errors import UserError
 
 # A rule returns None when the value is fine, else what it must be ("an integer >= 1").
@@ -118,6 +119,7 @@ def strings(v):
 # key -> (rule, what it is / how to fix it). Checked wherever the key exists.
 RUN_RULES: dict[str, tuple[Rule, str]] = {
     'seed': (integer(0), 'the seed of every random draw, e.g. 0'),
+    'task': (one_of(*tasks.TASKS), 'what the model predicts (jkd.tasks)'),
     'rng_impl': (one_of(*RNG_IMPLS), "jax's PRNG; 'rbg' (fast) or 'threefry2x32' (portable)"),
     'batch_size': (integer(1), 'the global batch size, e.g. 128'),
     'eval_batch_size': (integer(1), 'the eval batch size, e.g. 1000'),
