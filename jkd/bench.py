@@ -165,18 +165,7 @@ def _time_job(config, settings, trainer: trainers.Trainer, inputs: dict, workdir
   lowered = step_fn.lower(state, *args)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-
-  for _ in range(int(settings.warmup_steps)):
-    state, metrics = compiled(state, *args)
-  jax.block_until_ready((state, metrics) if settings.warmup_steps else state)
-  times = []
-  for _ in range(int(settings.repeats)):
-    t0 = time.perf_counter()
-    for _ in range(int(settings.steps)):
-      state, metrics = compiled(state, *args)
-    jax.block_until_ready((state, metrics))
-    times.append((time.perf_counter() - t0) / int(settings.steps))
-  final_loss = float(jax.device_get(metrics['loss']))
+  times, final_loss = _time_steps(compiled, state, args, settings)
 
   step_s = statistics.median(times)
   batch_size = task.global_batch_size
@@ -222,12 +211,33 @@ def _time_job(config, settings, trainer: trainers.Trainer, inputs: dict, workdir
     result['quant'] = config.quant.to_dict()
     result['prune'] = config.prune.to_dict()
   if jax.process_index() == 0:
-    storage.write_json(storage.join(workdir, 'bench.json'), result)
-    print(format_table(result))
-    if not np.isfinite(final_loss):
-      print(f'warning: the loss is {final_loss} after the timed steps; the timing stands but '
-            'the step is numerically broken at these settings (on CPU use dtype float32).')
+    _report(result, final_loss, workdir)
   return result
+
+
+def _time_steps(compiled, state, args: tuple, settings) -> tuple[list[float], float]:
+  """Runs `settings.warmup_steps` untimed steps, then times `settings.repeats` runs of
+  `settings.steps` steps: (seconds per step of each repeat, the last step's loss)."""
+  for _ in range(int(settings.warmup_steps)):
+    state, metrics = compiled(state, *args)
+  jax.block_until_ready((state, metrics) if settings.warmup_steps else state)
+  times = []
+  for _ in range(int(settings.repeats)):
+    t0 = time.perf_counter()
+    for _ in range(int(settings.steps)):
+      state, metrics = compiled(state, *args)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - t0) / int(settings.steps))
+  return times, float(jax.device_get(metrics['loss']))
+
+
+def _report(result: dict, final_loss: float, workdir: str) -> None:
+  """Writes `bench.json` and prints the table (process 0)."""
+  storage.write_json(storage.join(workdir, 'bench.json'), result)
+  print(format_table(result))
+  if not np.isfinite(final_loss):
+    print(f'warning: the loss is {final_loss} after the timed steps; the timing stands but '
+          'the step is numerically broken at these settings (on CPU use dtype float32).')
 
 
 def _shrink_for_cpu(c: ml_collections.ConfigDict) -> None:

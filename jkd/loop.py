@@ -338,174 +338,228 @@ def _diverged_message(e: _Diverged, config, last_saved: int | None) -> str:
 
 
 def _run(task, config, workdir, mesh, ckpt, writer, start_wall) -> dict:
-  single = jax.process_count() == 1
-  init_key, step_key = run_keys(config)
-  state, state_shardings = init_sharded(task.init_state, init_key, mesh)
-  # The kept model's size: a distilled student's, without its projectors.
-  n_params = param_count(model_params(state.params, task.meta.get('params_prefix', ())))
-  restore_step = _restore_step(ckpt, config)
-  if restore_step is not None:
-    _check_same_model(ckpt, task, restore_step)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, state_shardings)
-    state, data_state, _ = ckpt.restore(abstract, expect_kind=task.kind, step=restore_step)
-    if config.get('resume_from_step'):
-      ckpt.discard_after(restore_step, log=writer.info)
-    if data_state:
-      task.train_iterator.set_state(data_state)
-    writer.info(f'resumed from {ckpt.directory} at step {int(state.step)}')
-  elif task.on_init is not None:
-    state = task.on_init(state)
-  writer.resume(int(state.step))
-  writer.info(f'{n_params:,} parameters; mesh {dict(mesh.shape)}; {jax.device_count()} '
-              f'{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es); '
-              f'global batch {task.global_batch_size}')
+  run = _Run(task, config, workdir, mesh, ckpt, writer, start_wall)
+  try:
+    run.start()
+    run.train_steps()
+    run.last_save_and_eval()
+  except _Diverged as e:
+    run.fail(e)
+  return run.finish()
 
-  patience = int(config.get('nan_patience', 0) or 0)
-  step_task = dataclasses.replace(task, train_step=_skip_nonfinite(task.train_step)
-                                  ) if patience else task
-  step_fn, extra_args = jit_train_step(step_task, mesh, state_shardings)
-  eval_fn = (jax.jit(task.eval_step, out_shardings=parallel.replicated(mesh))
-             if task.eval_step is not None else None)
 
-  log_every = max(int(config.get('log_every', 50)), 1)
-  eval_every = int(config.get('eval_every', 0))
-  ckpt_every = int(config.get('checkpoint_every', 0))
-  # Multi-process runs agree on stopping every this many steps (see `_stop_agreed`).
-  stop_check_every = max(int(config.get('stop_check_every', 10)), 1)
-  meta = dict(task.meta, kind=task.kind, params=n_params, config=config.to_dict(),
-              model_defaults=models.MODEL_DEFAULTS_VERSION)
-  step = start_step = int(state.step)
-  last_saved = ckpt.latest_step()
-  throughput, pending, unchecked, last_loss = Throughput(), [], [], float('nan')
-  divergence = _Divergence(patience, writer.info)
-  eval_results: dict[str, float] = {}
+class _Run:
+  """One call of `run` once its mesh, checkpointer and writer exist: the state, the step
+  reached, the last step saved, the metrics not yet logged or checked for finiteness, and what
+  saves, stops, evaluates and trains it. Every process calls `_stop_agreed` at the same points
+  (`start`, every `stop_check_every` steps of `train_steps`, `last_save_and_eval`, `finish`)."""
 
-  def save(at_step: int) -> None:
-    nonlocal last_saved
-    if last_saved == at_step:  # Already saved (a signal on a checkpoint step).
+  def __init__(self, task: Task, config, workdir: str, mesh, ckpt: RunCheckpointer,
+               writer: MetricWriter, start_wall: float):
+    self.task, self.config, self.workdir, self.mesh = task, config, workdir, mesh
+    self.ckpt, self.writer, self.start_wall = ckpt, writer, start_wall
+    self.single = jax.process_count() == 1
+    init_key, self.step_key = run_keys(config)
+    state, state_shardings = init_sharded(task.init_state, init_key, mesh)
+    # The kept model's size: a distilled student's, without its projectors.
+    self.n_params = param_count(model_params(state.params, task.meta.get('params_prefix', ())))
+    self.state = self._restore_or_init(state, state_shardings)
+    writer.resume(int(self.state.step))
+    writer.info(f'{self.n_params:,} parameters; mesh {dict(mesh.shape)}; {jax.device_count()} '
+                f'{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es); '
+                f'global batch {task.global_batch_size}')
+
+    patience = int(config.get('nan_patience', 0) or 0)
+    step_task = dataclasses.replace(task, train_step=_skip_nonfinite(task.train_step)
+                                    ) if patience else task
+    self.step_fn, self.extra_args = jit_train_step(step_task, mesh, state_shardings)
+    self.eval_fn = (jax.jit(task.eval_step, out_shardings=parallel.replicated(mesh))
+                    if task.eval_step is not None else None)
+
+    self.log_every = max(int(config.get('log_every', 50)), 1)
+    self.eval_every = int(config.get('eval_every', 0))
+    self.ckpt_every = int(config.get('checkpoint_every', 0))
+    # Multi-process runs agree on stopping every this many steps (see `_stop_agreed`).
+    self.stop_check_every = max(int(config.get('stop_check_every', 10)), 1)
+    self.meta = dict(task.meta, kind=task.kind, params=self.n_params, config=config.to_dict(),
+                     model_defaults=models.MODEL_DEFAULTS_VERSION)
+    self.step = self.start_step = int(self.state.step)
+    self.last_saved = ckpt.latest_step()
+    self.throughput, self.last_loss = Throughput(), float('nan')
+    self.pending: list = []  # Metrics of the steps since the last log line.
+    self.unchecked: list[tuple[int, Any]] = []  # (step, metrics) not yet checked finite.
+    self.divergence = _Divergence(patience, writer.info)
+    self.eval_results: dict[str, float] = {}
+
+  def _restore_or_init(self, state: TrainState, state_shardings) -> TrainState:
+    """The state of the checkpoint to resume from (the data iterator goes to its position), or
+    the fresh `state` after `task.on_init` when there is none."""
+    task, ckpt, config = self.task, self.ckpt, self.config
+    restore_step = _restore_step(ckpt, config)
+    if restore_step is not None:
+      _check_same_model(ckpt, task, restore_step)
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              state, state_shardings)
+      state, data_state, _ = ckpt.restore(abstract, expect_kind=task.kind, step=restore_step)
+      if config.get('resume_from_step'):
+        ckpt.discard_after(restore_step, log=self.writer.info)
+      if data_state:
+        task.train_iterator.set_state(data_state)
+      self.writer.info(f'resumed from {ckpt.directory} at step {int(state.step)}')
+    elif task.on_init is not None:
+      state = task.on_init(state)
+    return state
+
+  def save(self, at_step: int) -> None:
+    if self.last_saved == at_step:  # Already saved (a signal on a checkpoint step).
       return
-    divergence.check(unchecked)
-    unchecked.clear()
-    if not bool(_all_finite(state)):  # Finite metrics, but the update overflowed.
+    self.divergence.check(self.unchecked)
+    self.unchecked.clear()
+    if not bool(_all_finite(self.state)):  # Finite metrics, but the update overflowed.
       raise _Diverged(at_step, ['params'], {'params': np.float32('nan')}, 1)
-    ckpt.save(at_step, state, task.train_iterator.get_state(), meta)
-    last_saved = at_step
+    self.ckpt.save(at_step, self.state, self.task.train_iterator.get_state(), self.meta)
+    self.last_saved = at_step
 
-  def stop(at_step: int, where: str = '') -> None:
+  def stop(self, at_step: int, where: str = '') -> None:
     """Saves the step reached (if any step ran) and raises Interrupted."""
     signum = interrupt.received() or signal.SIGTERM  # Another process's signal stopped this one.
-    if at_step > start_step:
-      save(at_step)
-    ckpt.wait()
-    if last_saved is None:
+    if at_step > self.start_step:
+      self.save(at_step)
+    self.ckpt.wait()
+    if self.last_saved is None:
       text = (f'stopped by signal {int(signum)} {where or "during start-up"}, before step 1; '
               'nothing to save. Run the same command again to start.')
     else:
       text = (f'stopped by signal {int(signum)} at step {at_step}{" " + where if where else ""};'
-              f' checkpoint saved (step {last_saved}). Run the same command again to resume.')
-    writer.info(text)
+              f' checkpoint saved (step {self.last_saved}). Run the same command again to '
+              'resume.')
+    self.writer.info(text)
     raise interrupt.Interrupted(signum, text)
 
-  def run_eval(at_step: int) -> dict[str, float] | None:
-    if eval_fn is None or task.eval_batches is None:
+  def run_eval(self, at_step: int) -> dict[str, float] | None:
+    """The eval's results (also logged), {} without an eval, None if a signal stopped it."""
+    if self.eval_fn is None or self.task.eval_batches is None:
       return {}
     t0 = time.perf_counter()
-    results = evaluate(eval_fn, state, task.eval_batches(), mesh, extra_args,
-                       should_stop=(lambda: interrupt.received() is not None) if single else None)
+    results = evaluate(self.eval_fn, self.state, self.task.eval_batches(), self.mesh,
+                       self.extra_args, should_stop=(lambda: interrupt.received() is not None)
+                       if self.single else None)
     if results is None:
       return None
-    writer.write(at_step, {'split': config.get('eval_split_name', 'test'), **results})
+    self.writer.write(at_step, {'split': self.config.get('eval_split_name', 'test'), **results})
     shown = '  '.join(f'{k} {v:.4f}' for k, v in results.items() if k != 'examples')
-    writer.info(f'eval at step {at_step}: {shown}  ({time.perf_counter() - t0:.1f}s)')
+    self.writer.info(f'eval at step {at_step}: {shown}  ({time.perf_counter() - t0:.1f}s)')
     return results
 
-  try:
+  def _periodic_eval(self, at_step: int) -> None:
+    results = self.run_eval(at_step)
+    if results is None:
+      self.stop(at_step, 'during an evaluation')
+    self.eval_results = results
+
+  def start(self) -> None:
+    """Stops on a signal received during set-up; runs the resumed step's eval if a stop
+    interrupted it."""
+    step = self.step
     if _stop_agreed():
-      stop(step, 'during start-up')
-    if (eval_every and step % eval_every == 0 and 0 < step < task.total_steps
-        and _eval_owed(writer, step, config.get('eval_split_name', 'test'))):
+      self.stop(step, 'during start-up')
+    if (self.eval_every and step % self.eval_every == 0 and 0 < step < self.task.total_steps
+        and _eval_owed(self.writer, step, self.config.get('eval_split_name', 'test'))):
       # The run was stopped during this step's eval: run it now, as an uninterrupted run did.
-      results = run_eval(step)
-      if results is None:
-        stop(step, 'during an evaluation')
-      eval_results = results
-    throughput.start()
+      self._periodic_eval(step)
+
+  def train_steps(self) -> None:
+    """Steps to `task.total_steps`, logging, saving, evaluating and stopping on the way."""
+    task = self.task
+    self.throughput.start()
     first = True
-    while step < task.total_steps:
-      batch = parallel.global_batch(next(task.train_iterator), mesh)
-      state, metrics = step_fn(state, batch, step_key, *extra_args)
-      step += 1
-      pending.append(metrics)
-      unchecked.append((step, metrics))
-      throughput.add(task.global_batch_size)
+    while self.step < task.total_steps:
+      batch = parallel.global_batch(next(task.train_iterator), self.mesh)
+      self.state, metrics = self.step_fn(self.state, batch, self.step_key, *self.extra_args)
+      self.step += 1
+      step = self.step
+      self.pending.append(metrics)
+      self.unchecked.append((step, metrics))
+      self.throughput.add(task.global_batch_size)
       if first:  # Exclude compilation from the throughput figures.
         jax.block_until_ready(metrics)
-        throughput.start()
+        self.throughput.start()
         first = False
       # The previous step is (almost always) done by now: checking it costs no pipeline stall.
-      divergence.check(unchecked[:-1])
-      del unchecked[:-1]
-      if step % log_every == 0 or step == task.total_steps:
-        divergence.check(unchecked)
-        unchecked.clear()
-        host = jax.device_get(pending)
-        avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        pending = []
-        rate = throughput.rate()
-        last_loss = avg['loss']
-        eta = (task.total_steps - step) * task.global_batch_size / rate if rate else 0.0
-        writer.write(step, {**avg, 'examples_per_sec': rate})
-        writer.progress(step, avg['loss'], rate, eta)
-      if ckpt_every and step % ckpt_every == 0 and step < task.total_steps:
-        save(step)
-      if eval_every and step % eval_every == 0 and step < task.total_steps:
-        results = run_eval(step)
-        if results is None:
-          stop(step, 'during an evaluation')
-        eval_results = results
-      if _stop_agreed(step, stop_check_every):
-        stop(step)
+      self.divergence.check(self.unchecked[:-1])
+      del self.unchecked[:-1]
+      if step % self.log_every == 0 or step == task.total_steps:
+        self._log(step)
+      if self.ckpt_every and step % self.ckpt_every == 0 and step < task.total_steps:
+        self.save(step)
+      if self.eval_every and step % self.eval_every == 0 and step < task.total_steps:
+        self._periodic_eval(step)
+      if _stop_agreed(step, self.stop_check_every):
+        self.stop(step)
 
-    save(step)
-    ckpt.wait()
+  def _log(self, step: int) -> None:
+    """Checks, averages and writes the metrics of the steps since the last log line."""
+    self.divergence.check(self.unchecked)
+    self.unchecked.clear()
+    host = jax.device_get(self.pending)
+    avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    self.pending = []
+    rate = self.throughput.rate()
+    self.last_loss = avg['loss']
+    eta = (self.task.total_steps - step) * self.task.global_batch_size / rate if rate else 0.0
+    self.writer.write(step, {**avg, 'examples_per_sec': rate})
+    self.writer.progress(step, avg['loss'], rate, eta)
+
+  def last_save_and_eval(self) -> None:
+    step = self.step
+    self.save(step)
+    self.ckpt.wait()
     if _stop_agreed():
-      stop(step, 'after the last step (the final evaluation runs when the command is run again)')
-    results = run_eval(step)
+      self.stop(step, 'after the last step (the final evaluation runs when the command is run '
+                'again)')
+    results = self.run_eval(step)
     if results is None or _stop_agreed():
-      stop(step, 'during the final evaluation (it runs again when the command is run again)')
-    eval_results = results or eval_results
-  except _Diverged as e:
-    ckpt.wait()
-    message = _diverged_message(e, config, last_saved)
-    writer.info(message)
+      self.stop(step, 'during the final evaluation (it runs again when the command is run '
+                'again)')
+    self.eval_results = results or self.eval_results
+
+  def fail(self, e: _Diverged) -> None:
+    """Marks the run failed in summary.json and raises TrainingDiverged."""
+    self.ckpt.wait()
+    message = _diverged_message(e, self.config, self.last_saved)
+    self.writer.info(message)
     if jax.process_index() == 0:
-      storage.write_json(storage.join(workdir, 'summary.json'), {
-          'kind': task.kind, 'status': 'failed', 'error': message, 'failed_at_step': e.step,
-          'nonfinite': e.bad, 'steps': last_saved or 0, 'checkpoint_step': last_saved,
-          'wall_s': round(time.time() - start_wall, 2), 'params': n_params,
-          'model': task.meta.get('model')})
+      storage.write_json(storage.join(self.workdir, 'summary.json'), {
+          'kind': self.task.kind, 'status': 'failed', 'error': message, 'failed_at_step': e.step,
+          'nonfinite': e.bad, 'steps': self.last_saved or 0, 'checkpoint_step': self.last_saved,
+          'wall_s': round(time.time() - self.start_wall, 2), 'params': self.n_params,
+          'model': self.task.meta.get('model')})
     raise TrainingDiverged(message) from None
 
-  summary = {
-      'kind': task.kind,
-      'status': 'ok',
-      'steps': step,
-      'wall_s': round(time.time() - start_wall, 2),
-      'params': n_params,
-      'examples_per_sec': round(throughput.overall(), 1),
-      'final_train_loss': last_loss,
-      **({'test_accuracy': eval_results['accuracy']} if 'accuracy' in eval_results else {}),
-      'eval': eval_results,
-      'model': task.meta.get('model'),
-  }
-  if task.on_finish is not None:
-    summary.update(task.on_finish(state, eval_results) or {})
-  if _stop_agreed():
-    stop(step, 'while finishing (export, figures); they are redone when the command is run '
-         'again')
-  if jax.process_index() == 0:
-    storage.write_json(storage.join(workdir, 'summary.json'), summary)
-  writer.info(f'done in {format_duration(summary["wall_s"])}: ' + ', '.join(
-      f'{k}={v}' for k, v in summary.items() if k in ('test_accuracy', 'steps', 'examples_per_sec')))
-  return summary
+  def finish(self) -> dict:
+    """The summary of a completed run (with `task.on_finish`'s items), written to
+    summary.json."""
+    eval_results = self.eval_results
+    summary = {
+        'kind': self.task.kind,
+        'status': 'ok',
+        'steps': self.step,
+        'wall_s': round(time.time() - self.start_wall, 2),
+        'params': self.n_params,
+        'examples_per_sec': round(self.throughput.overall(), 1),
+        'final_train_loss': self.last_loss,
+        **({'test_accuracy': eval_results['accuracy']} if 'accuracy' in eval_results else {}),
+        'eval': eval_results,
+        'model': self.task.meta.get('model'),
+    }
+    if self.task.on_finish is not None:
+      summary.update(self.task.on_finish(self.state, eval_results) or {})
+    if _stop_agreed():
+      self.stop(self.step, 'while finishing (export, figures); they are redone when the command '
+                'is run again')
+    if jax.process_index() == 0:
+      storage.write_json(storage.join(self.workdir, 'summary.json'), summary)
+    self.writer.info(f'done in {format_duration(summary["wall_s"])}: ' + ', '.join(
+        f'{k}={v}' for k, v in summary.items()
+        if k in ('test_accuracy', 'steps', 'examples_per_sec')))
+    return summary

@@ -209,11 +209,7 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
   h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
   image_shape = (int(h), int(w), int(channels))
   sizes = resolve_mesh(mesh, num_devices)
-  shards = sizes['data'] * sizes['fsdp']
-  if global_batch % shards:
-    raise UserError(f'global batch {global_batch} does not divide by the {shards} batch shards '
-                    f'(data×fsdp) of the mesh {sizes}.')
-  local = global_batch // shards
+  local = _local_batch(global_batch, sizes)
   gathered = {'tensor': sizes['tensor']}  # What a device holds once fsdp is all-gathered.
 
   s_cfg = model_config(student, dtype)
@@ -237,15 +233,9 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
   if teacher is not None:
     t_cfg = model_config(teacher, teacher_dtype or (
         None if isinstance(teacher, Mapping) and 'dtype' in teacher else s_cfg.dtype))
-    t_model = _model(t_cfg, num_classes)
-    t_abstract, t_state = abstract_variables(t_cfg, num_classes, image_shape)
-    t_count = param_count(t_abstract)
-    from jkd.teacher import storage_dtype  # pylint: disable=g-import-not-at-top
-    t_params = (sharded_bytes(t_abstract, sizes, rules, storage_dtype(t_model))
-                + sharded_bytes(t_state, sizes, rules, jnp.float32))
-    if sizes['fsdp'] > 1:  # Stored in its compute dtype: only the fsdp all-gather copies it.
-      copies += sharded_bytes(t_abstract, gathered, rules, t_model.dtype)
-    t_acts = vit_activation_bytes(t_model, image_shape, local, sizes['tensor'], train=False)
+    t_count, t_params, t_copies, t_acts = _teacher_bytes(t_cfg, num_classes, image_shape, local,
+                                                         sizes, rules)
+    copies += t_copies
   return Estimate(
       student=s_cfg.name, teacher=t_cfg.name if t_cfg else None, mesh=sizes,
       global_batch=int(global_batch), local_batch=local, image_shape=image_shape,
@@ -255,6 +245,32 @@ def estimate(student: str | Mapping, *, teacher: str | Mapping | None = None,
       optimizer=optimizer, teacher_params=t_params, weight_copies=copies,
       activations=activations, teacher_activations=t_acts,
       inputs=local * (math.prod(image_shape) + 4) + RNG_KEY_BYTES)
+
+
+def _local_batch(global_batch: int, sizes: Mapping[str, int]) -> int:
+  """Examples per device: `global_batch` split over the mesh axes data×fsdp."""
+  shards = sizes['data'] * sizes['fsdp']
+  if global_batch % shards:
+    raise UserError(f'global batch {global_batch} does not divide by the {shards} batch shards '
+                    f'(data×fsdp) of the mesh {sizes}.')
+  return global_batch // shards
+
+
+def _teacher_bytes(t_cfg: ml_collections.ConfigDict, num_classes: int, image_shape: tuple,
+                   local: int, sizes: Mapping[str, int], rules) -> tuple[int, int, int, int | None]:
+  """The frozen teacher's part of `estimate`, per device: (parameter count, bytes as `jkd
+  distill` places it, bytes of its fsdp all-gathered weights, inference activation bytes)."""
+  t_model = _model(t_cfg, num_classes)
+  t_abstract, t_state = abstract_variables(t_cfg, num_classes, image_shape)
+  t_count = param_count(t_abstract)
+  from jkd.teacher import storage_dtype  # pylint: disable=g-import-not-at-top
+  t_params = (sharded_bytes(t_abstract, sizes, rules, storage_dtype(t_model))
+              + sharded_bytes(t_state, sizes, rules, jnp.float32))
+  copies = 0
+  if sizes['fsdp'] > 1:  # Stored in its compute dtype: only the fsdp all-gather copies it.
+    copies = sharded_bytes(t_abstract, {'tensor': sizes['tensor']}, rules, t_model.dtype)
+  t_acts = vit_activation_bytes(t_model, image_shape, local, sizes['tensor'], train=False)
+  return t_count, t_params, copies, t_acts
 
 
 # ---------------------------------------------------------------- what XLA reports

@@ -1,5 +1,5 @@
 """The shape of the code (docs/architecture.md): no import cycle inside jkd/, no test doubles in
-production code, short trainers, one trainer registry, one frozen-teacher object."""
+production code, short trainers and functions, one trainer registry, one frozen-teacher object."""
 import ast
 import os
 
@@ -19,6 +19,7 @@ from conftest import REPO, SUPERVISED
 
 JKD = os.path.join(REPO, 'jkd')
 MAX_BUILD_TASK_LINES = 60
+MAX_FUNCTION_LINES = 80
 
 
 def _modules() -> dict[str, str]:
@@ -82,6 +83,29 @@ def test_every_build_task_reads_in_one_screen():
       if isinstance(node, ast.FunctionDef) and node.name == 'build_task':
         length = node.end_lineno - node.lineno + 1
         assert length <= MAX_BUILD_TASK_LINES, f'{name}.build_task: {length} lines'
+
+
+def _long_functions(source: str, limit: int) -> list[tuple[str, int, int]]:
+  """(name, line, length) of every function of `source` longer than `limit` lines, nested
+  functions and methods included (a function's length counts its nested ones)."""
+  return [(node.name, node.lineno, node.end_lineno - node.lineno + 1)
+          for node in ast.walk(ast.parse(source))
+          if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+          and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_no_function_in_jkd_over_80_lines():
+  long = [f'{name}.{fn} (line {line}): {length} lines'
+          for name, path in sorted(_modules().items())
+          for fn, line, length in _long_functions(open(path).read(), MAX_FUNCTION_LINES)]
+  assert long == [], long
+  # The counter finds a long function where there is one, nested or a method, and counts the
+  # lines from `def` to the last line of the body (so the check above can fail).
+  body = ''.join(f'    x{i} = {i}\n' for i in range(80))
+  source = (f'def short():\n  pass\n\n\ndef outer():\n  def inner():\n{body}  return inner\n'
+            f'\n\nclass C:\n  async def method(self):\n{body}')
+  assert _long_functions(source, MAX_FUNCTION_LINES) == [
+      ('outer', 5, 83), ('inner', 6, 81), ('method', 91, 81)]
 
 
 def test_one_registry_for_commands_checkpoint_kinds_and_methods():

@@ -273,95 +273,156 @@ def _unpickle(pkl: bytes, storages: _Storages, path: str) -> Any:
   """Runs a pickle over plain data only.
 
   `pickletools.genops` parses the opcodes (each argument read from the bytes that are there,
-  never a claimed length allocated); this loop executes the subset a torch state dict uses.
-  Globals are `_Global` records, never imported; REDUCE builds only an OrderedDict or a
-  tensor (`rebuild_tensor`); BINPERSID loads a storage. Every object it makes is a dict, list,
-  tuple, str, bytes, number or ndarray; the work is linear in the pickle's size.
+  never a claimed length allocated); `_Machine` executes the subset a torch state dict uses
+  (`_OPCODES`). Globals are `_Global` records, never imported; REDUCE builds only an
+  OrderedDict or a tensor (`rebuild_tensor`); BINPERSID loads a storage. Every object it makes
+  is a dict, list, tuple, str, bytes, number or ndarray; the work is linear in the pickle's size.
   """
-  stack: list = []
-  marks: list = []
-  memo: dict = {}
+  machine = _Machine(storages, path)
   try:
     for op, arg, _ in pickletools.genops(io.BytesIO(pkl)):
-      name = op.name
-      if name in _PUSH:
-        stack.append(_PUSH[name](arg))
-      elif name in _VALUES:
-        stack.append(arg)
-      elif name in ('PROTO', 'FRAME'):
-        pass
-      elif name == 'MARK':
-        marks.append(stack)
-        stack = []
-      elif name in ('TUPLE', 'LIST', 'DICT'):
-        items, stack = stack, marks.pop()
-        if name == 'DICT':
-          stack.append(dict(zip(items[::2], items[1::2])) if len(items) % 2 == 0 else _bad())
-        else:
-          stack.append(tuple(items) if name == 'TUPLE' else items)
-      elif name in ('TUPLE1', 'TUPLE2', 'TUPLE3'):
-        n = int(name[-1])
-        if len(stack) < n:
-          _bad()
-        items = tuple(stack[-n:])
-        del stack[-n:]
-        stack.append(items)
-      elif name == 'APPEND':
-        value = stack.pop()
-        _container(stack[-1], list).append(value)
-      elif name == 'APPENDS':
-        items, stack = stack, marks.pop()
-        _container(stack[-1], list).extend(items)
-      elif name == 'SETITEM':
-        value, key = stack.pop(), stack.pop()
-        _container(stack[-1], dict)[key] = value
-      elif name == 'SETITEMS':
-        items, stack = stack, marks.pop()
-        if len(items) % 2:
-          _bad()
-        target = _container(stack[-1], dict)
-        for k, v in zip(items[::2], items[1::2]):
-          target[k] = v
-      elif name in ('BINPUT', 'LONG_BINPUT', 'PUT'):
-        memo[arg] = stack[-1]
-      elif name == 'MEMOIZE':
-        memo[len(memo)] = stack[-1]
-      elif name in ('BINGET', 'LONG_BINGET', 'GET'):
-        stack.append(memo[arg])
-      elif name == 'GLOBAL':
-        module, _, attr = arg.partition(' ')
-        stack.append(_global(module, attr, path))
-      elif name == 'STACK_GLOBAL':
-        attr, module = stack.pop(), stack.pop()
-        stack.append(_global(module, attr, path))
-      elif name == 'REDUCE':
-        args, fn = stack.pop(), stack.pop()
-        stack.append(_reduce(fn, args, storages, path, stack[-1] if stack else None))
-      elif name == 'BUILD':
-        state = stack.pop()
-        # An OrderedDict's attributes (torch's `_metadata` of a state dict): not needed.
-        if not isinstance(stack[-1], collections.OrderedDict):
-          raise _refused(path, f'state set on a {type(stack[-1]).__name__}', _Unsupported)
-        del state
-      elif name == 'BINPERSID':
-        stack.append(storages.load(stack.pop()))
-      elif name == 'POP':
-        stack.pop()
-      elif name == 'POP_MARK':
-        stack = marks.pop()
-      elif name == 'DUP':
-        stack.append(stack[-1])
-      elif name == 'STOP':
-        if len(stack) != 1 or marks:
-          _bad()
-        return stack[0]
-      else:
-        raise _refused(path, f'the pickle opcode {name}', _Unsupported)
+      if op.name == 'STOP':
+        return machine.stop()
+      run = _OPCODES.get(op.name)
+      if run is None:
+        raise _refused(path, f'the pickle opcode {op.name}', _Unsupported)
+      run(machine, op.name, arg)
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (a malformed pickle, in any way)
     raise checked.damaged(path, 'its data.pkl', e) from None
   raise UserError(f'{path!r}: its data.pkl ends without STOP: the file is truncated.')
+
+
+class _Machine:
+  """The pickle machine of `_unpickle`: its stack, the stacks saved by each MARK, the memo, and
+  one handler per opcode group, each called as handler(opcode name, argument). A stack or memo
+  that lacks what an opcode takes raises IndexError/KeyError (a damaged file)."""
+
+  def __init__(self, storages: _Storages, path: str):
+    self.stack: list = []
+    self.marks: list = []
+    self.memo: dict = {}
+    self.storages, self.path = storages, path
+
+  def _pop_mark(self) -> list:
+    """The items pushed since the last MARK; the stack that MARK saved is current again."""
+    items, self.stack = self.stack, self.marks.pop()
+    return items
+
+  def constant(self, name, arg):  # NONE, NEWTRUE, EMPTY_DICT...
+    self.stack.append(_PUSH[name](arg))
+
+  def value(self, name, arg):  # ints, floats, strings, bytes
+    self.stack.append(arg)
+
+  def skip(self, name, arg):  # PROTO, FRAME
+    pass
+
+  def mark(self, name, arg):
+    self.marks.append(self.stack)
+    self.stack = []
+
+  def pop_mark(self, name, arg):
+    self.stack = self.marks.pop()
+
+  def collection(self, name, arg):  # TUPLE, LIST, DICT of the items since MARK
+    items = self._pop_mark()
+    if name == 'DICT':
+      self.stack.append(dict(zip(items[::2], items[1::2])) if len(items) % 2 == 0 else _bad())
+    else:
+      self.stack.append(tuple(items) if name == 'TUPLE' else items)
+
+  def small_tuple(self, name, arg):  # TUPLE1, TUPLE2, TUPLE3
+    n = int(name[-1])
+    if len(self.stack) < n:
+      _bad()
+    items = tuple(self.stack[-n:])
+    del self.stack[-n:]
+    self.stack.append(items)
+
+  def append(self, name, arg):
+    value = self.stack.pop()
+    _container(self.stack[-1], list).append(value)
+
+  def appends(self, name, arg):
+    items = self._pop_mark()
+    _container(self.stack[-1], list).extend(items)
+
+  def setitem(self, name, arg):
+    value, key = self.stack.pop(), self.stack.pop()
+    _container(self.stack[-1], dict)[key] = value
+
+  def setitems(self, name, arg):
+    items = self._pop_mark()
+    if len(items) % 2:
+      _bad()
+    target = _container(self.stack[-1], dict)
+    for k, v in zip(items[::2], items[1::2]):
+      target[k] = v
+
+  def put(self, name, arg):  # BINPUT, LONG_BINPUT, PUT
+    self.memo[arg] = self.stack[-1]
+
+  def memoize(self, name, arg):
+    self.memo[len(self.memo)] = self.stack[-1]
+
+  def get(self, name, arg):  # BINGET, LONG_BINGET, GET
+    self.stack.append(self.memo[arg])
+
+  def global_(self, name, arg):  # GLOBAL 'module name'
+    module, _, attr = arg.partition(' ')
+    self.stack.append(_global(module, attr, self.path))
+
+  def stack_global(self, name, arg):
+    attr, module = self.stack.pop(), self.stack.pop()
+    self.stack.append(_global(module, attr, self.path))
+
+  def reduce(self, name, arg):
+    args, fn = self.stack.pop(), self.stack.pop()
+    self.stack.append(_reduce(fn, args, self.storages, self.path,
+                              self.stack[-1] if self.stack else None))
+
+  def build(self, name, arg):
+    state = self.stack.pop()
+    # An OrderedDict's attributes (torch's `_metadata` of a state dict): not needed.
+    if not isinstance(self.stack[-1], collections.OrderedDict):
+      raise _refused(self.path, f'state set on a {type(self.stack[-1]).__name__}', _Unsupported)
+    del state
+
+  def persistent_load(self, name, arg):  # BINPERSID
+    self.stack.append(self.storages.load(self.stack.pop()))
+
+  def pop(self, name, arg):
+    self.stack.pop()
+
+  def dup(self, name, arg):
+    self.stack.append(self.stack[-1])
+
+  def stop(self) -> Any:
+    """STOP: the one object left on the stack, with no MARK open."""
+    if len(self.stack) != 1 or self.marks:
+      _bad()
+    return self.stack[0]
+
+
+# Opcode name -> its `_Machine` handler: the only opcodes `_unpickle` runs (STOP aside).
+_OPCODES = {
+    **dict.fromkeys(_PUSH, _Machine.constant),
+    **dict.fromkeys(_VALUES, _Machine.value),
+    **dict.fromkeys(('PROTO', 'FRAME'), _Machine.skip),
+    'MARK': _Machine.mark, 'POP_MARK': _Machine.pop_mark,
+    **dict.fromkeys(('TUPLE', 'LIST', 'DICT'), _Machine.collection),
+    **dict.fromkeys(('TUPLE1', 'TUPLE2', 'TUPLE3'), _Machine.small_tuple),
+    'APPEND': _Machine.append, 'APPENDS': _Machine.appends,
+    'SETITEM': _Machine.setitem, 'SETITEMS': _Machine.setitems,
+    **dict.fromkeys(('BINPUT', 'LONG_BINPUT', 'PUT'), _Machine.put),
+    'MEMOIZE': _Machine.memoize,
+    **dict.fromkeys(('BINGET', 'LONG_BINGET', 'GET'), _Machine.get),
+    'GLOBAL': _Machine.global_, 'STACK_GLOBAL': _Machine.stack_global,
+    'REDUCE': _Machine.reduce, 'BUILD': _Machine.build, 'BINPERSID': _Machine.persistent_load,
+    'POP': _Machine.pop, 'DUP': _Machine.dup,
+}
 
 
 def _bad():
