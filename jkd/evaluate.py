@@ -94,11 +94,11 @@ def _evaluate_checkpoint(workdir, ckpt, config, meta, kind, step) -> dict:
   extra_args = task.place_extra_args(mesh)[0] if task.place_extra_args else ()
   results = loop.evaluate(eval_fn, state, task.eval_batches(), mesh, extra_args,
                           should_stop=(lambda: interrupt.received() is not None) if single
-                          else None, keep_arrays=True)
+                          else None, keep_arrays=True, task_type=task.task_type)
   if single:
     interrupt.check('during the evaluation; eval.json was not written')
   confusion = results.get('confusion')
-  task_kind = tasks.get(config)
+  task_kind = task.task_type or tasks.get(config)
   report = task_kind.report(results, meta.get('class_names'))
   out = {'split': config.data.eval_split, 'step': int(state.step), 'kind': kind,
          'model': meta.get('model'), **results,

@@ -31,6 +31,7 @@ import optax
 from jkd import interrupt
 from jkd import parallel
 from jkd import storage
+from jkd import tasks
 from jkd.checkpoint import RunCheckpointer, model_params
 from jkd.errors import TrainingDiverged, UserError
 from jkd.metrics import MetricWriter, Throughput, format_duration
@@ -60,8 +61,8 @@ class Task:
       never resumed by a different kind of run.
     init_state: key -> TrainState whose params may be `nn.Partitioned` boxes (logical names).
     train_step: (state, batch, key) -> (state, metrics dict of scalars); `loss` is required.
-    eval_step: (state, batch) -> dict of per-batch sums, including `correct` and `count` for
-      classification (accuracy = correct / count); None if the task has no eval.
+    eval_step: (state, batch) -> dict of per-batch sums, with `count` (valid examples) and the
+      sums its `task_type` turns into a metric; None if the run has no eval.
     train_iterator: yields local batches (dicts of numpy arrays); has get_state/set_state.
     eval_batches: () -> one pass of local eval batches (with a `mask` key), or None.
     global_batch_size, total_steps: the run's size.
@@ -69,6 +70,8 @@ class Task:
     place_extra_args: mesh -> (args, shardings): extra non-donated arguments of train_step and
       eval_step after their usual ones (e.g. the frozen teacher's variables, sharded by the same
       rules as the student), placed on the mesh, with their shardings.
+    task_type: what the model predicts (a `jkd.tasks` object; None: the default task): it
+      turns eval sums into the metric and says what summary.json reports.
   """
   kind: str
   init_state: Callable[[jax.Array], TrainState]
@@ -83,6 +86,7 @@ class Task:
   on_init: Callable[[TrainState], TrainState] | None = None  # e.g. load pretrained weights.
   # Extra summary items / figures, from the final state and the final eval's results.
   on_finish: Callable[[TrainState, dict], dict] | None = None
+  task_type: Any = None
 
 
 def run_keys(config) -> tuple[jax.Array, jax.Array]:
@@ -177,8 +181,9 @@ def jit_train_step(task: Task, mesh, state_shardings) -> tuple[Callable, tuple]:
 
 def evaluate(eval_fn, state, batches: Iterable, mesh, extra_args=(),
              should_stop: Callable[[], bool] | None = None, *,
-             keep_arrays: bool = False) -> dict[str, Any] | None:
-  """Sums the per-batch sums of `eval_fn` over one pass and derives accuracy / mean loss.
+             keep_arrays: bool = False, task_type=None) -> dict[str, Any] | None:
+  """Sums the per-batch sums of `eval_fn` over one pass; `task_type` (`jkd.tasks`, default
+  classification) makes its metric of them (accuracy), the other scalars are means.
 
   Scalar sums become means over the examples; array sums (the [K, K] `confusion` counts) are
   returned as numpy totals with `keep_arrays=True` (`jkd eval`), else dropped (metrics lines).
@@ -194,8 +199,7 @@ def evaluate(eval_fn, state, batches: Iterable, mesh, extra_args=(),
   totals = {k: float(v) for k, v in totals.items() if not np.ndim(v)}
   count = max(totals.get('count', 0.0), 1.0)
   out = {k: v / count for k, v in totals.items() if k != 'count'}
-  if 'correct' in out:
-    out['accuracy'] = out.pop('correct')
+  out = (task_type or tasks.get()).results(out)
   out['examples'] = int(totals.get('count', 0))
   if keep_arrays:
     out.update(arrays)
@@ -358,6 +362,7 @@ class _Run:
                writer: MetricWriter, start_wall: float):
     self.task, self.config, self.workdir, self.mesh = task, config, workdir, mesh
     self.ckpt, self.writer, self.start_wall = ckpt, writer, start_wall
+    self.task_type = task.task_type or tasks.get(config)
     self.single = jax.process_count() == 1
     init_key, self.step_key = run_keys(config)
     state, state_shardings = init_sharded(task.init_state, init_key, mesh)
@@ -443,7 +448,7 @@ class _Run:
     t0 = time.perf_counter()
     results = evaluate(self.eval_fn, self.state, self.task.eval_batches(), self.mesh,
                        self.extra_args, should_stop=(lambda: interrupt.received() is not None)
-                       if self.single else None)
+                       if self.single else None, task_type=self.task_type)
     if results is None:
       return None
     self.writer.write(at_step, {'split': self.config.get('eval_split_name', 'test'), **results})
@@ -548,7 +553,7 @@ class _Run:
         'params': self.n_params,
         'examples_per_sec': round(self.throughput.overall(), 1),
         'final_train_loss': self.last_loss,
-        **({'test_accuracy': eval_results['accuracy']} if 'accuracy' in eval_results else {}),
+        **self.task_type.summary(eval_results),
         'eval': eval_results,
         'model': self.task.meta.get('model'),
     }
@@ -561,5 +566,5 @@ class _Run:
       storage.write_json(storage.join(self.workdir, 'summary.json'), summary)
     self.writer.info(f'done in {format_duration(summary["wall_s"])}: ' + ', '.join(
         f'{k}={v}' for k, v in summary.items()
-        if k in ('test_accuracy', 'steps', 'examples_per_sec')))
+        if k in (self.task_type.summary_metric, 'steps', 'examples_per_sec')))
     return summary

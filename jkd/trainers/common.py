@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from jkd import data, loop, models
+from jkd import data, loop, models, tasks
 from jkd.data import randaugment
 from jkd.checkpoint import RUN_STATE_KEYS, load_model
 from jkd.errors import UserError
 from jkd.models.mim import METHODS, create_mim, posemb_of
+from jkd.tasks.classification import confusion_counts  # noqa: F401 (re-export)
 from jkd.trainers import ema
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -182,6 +182,7 @@ def make_task(config, kind: str, run: RunData, *, meta: dict, **fields) -> loop.
           config.data, global_batch_size=config.batch_size, seed=config.seed),
       eval_batches=eval_batches(config), global_batch_size=config.batch_size,
       total_steps=run.steps)
+  defaults['task_type'] = tasks.get(config)
   return loop.Task(kind=kind, **{**defaults, **fields}, meta={
       'model': config.model.name, 'dataset': config.data.name, 'image_shape': list(run.shape),
       'class_names': list(run.info.class_names), **meta})
@@ -199,13 +200,6 @@ def step_inputs(batch, key, step, info, mixup_alpha: float, augment: dict | None
   if mixup_alpha > 0:  # Mixed once, seen by both models: consistent teaching.
     images, targets = data.mixup(mix_key, images, targets, mixup_alpha)
   return images, targets, dropout_key
-
-
-def confusion_counts(labels, predictions, mask, num_classes: int):
-  """[K, K] float32 counts: entry (i, j) sums `mask` over the rows of true class i predicted
-  as j. A scatter-add (O(batch)), not a [B, K] x [B, K] product, so 1000 classes cost nothing."""
-  return jnp.zeros((num_classes, num_classes), jnp.float32).at[labels, predictions].add(
-      mask.astype(jnp.float32))
 
 
 def augmented_images(images, key, mean, std, augment: dict | None, dtype):
@@ -233,16 +227,10 @@ def classification_eval_step(model: nn.Module, mean, std, dtype, num_classes: in
     images = data.normalize(batch['image'], mean, std, dtype)
     logits, _, _ = apply_model(model, state.params, state.model_state, images, train=False)
     mask = batch['mask']
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                           batch['label'])
-    predictions = jnp.argmax(logits, -1)
-    correct = (predictions == batch['label']).astype(jnp.float32)
     # The EMA of the weights, when the run keeps one (jkd.trainers.ema), beside them.
     ema_sums = ema.eval_sums(state, lambda p, v: apply_model(model, p, v, images, train=False)[0],
                              batch['label'], mask)
-    return {'correct': jnp.sum(correct * mask), 'loss': jnp.sum(loss * mask),
-            'count': jnp.sum(mask),
-            'confusion': confusion_counts(batch['label'], predictions, mask, num_classes),
+    return {**tasks.get('classification').eval_sums(logits, batch['label'], mask, num_classes),
             **ema_sums}
   return eval_step
 
