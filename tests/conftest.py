@@ -73,11 +73,11 @@ def tiny_teachers(tmp_path_factory):
   """{'resnet': workdir, 'vit': workdir}: a tiny CNN and a tiny ViT teacher (12 steps of
   supervised.py:tiny), trained once for every test that distils from them (read only)."""
   from jkd.config import load_config  # pylint: disable=g-import-not-at-top
-  from jkd.trainers import supervised  # pylint: disable=g-import-not-at-top
+  from jkd import trainers  # pylint: disable=g-import-not-at-top
   out = {}
   for name, model in (('resnet', 'resnet20_s'), ('vit', 'vit_micro_p7')):
     w = str(tmp_path_factory.mktemp(name))
-    supervised.train(load_config(SUPERVISED + ':tiny', [f'model.name={model}',
-                                                        'total_steps=12']), w)
+    trainers.train('train', load_config(SUPERVISED + ':tiny', [f'model.name={model}',
+                                                               'total_steps=12']), w)
     out[name] = w
   return out

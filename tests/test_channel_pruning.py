@@ -100,14 +100,14 @@ def test_compress_channel50_trains_and_exports_the_narrower_model(tmp_path):
   import os
   from conftest import SUPERVISED
   from jkd.config import load_config
-  from jkd.trainers import compress, supervised
+  from jkd import trainers
   sup, w = str(tmp_path / 'sup'), str(tmp_path / 'c50')
-  supervised.train(load_config(SUPERVISED + ':tiny'), sup)
+  trainers.train('train', load_config(SUPERVISED + ':tiny'), sup)
   compress_cfg = os.path.join(os.path.dirname(SUPERVISED), 'compress.py')
   config = load_config(compress_cfg + ':tiny-channel50', [
       f'init_from={sup}', f'teacher.workdir={sup}', "deploy.formats=('onnx',)",
       'deploy.int8=false'])
-  summary = compress.train(config, w)
+  summary = trainers.train('compress', config, w)
   exported = summary['deploy']['model.onnx']
   assert exported['params'] == 19_810 and summary['params'] == 77_754
   assert exported['accuracy'] == pytest.approx(summary['test_accuracy'], abs=2e-3)

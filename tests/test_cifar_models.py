@@ -11,7 +11,7 @@ import pytest
 from jkd import models
 from jkd.config import load_config
 from jkd.models import cifar
-from jkd.trainers import distill, supervised
+from jkd import trainers
 
 from conftest import REPO, SUPERVISED
 
@@ -99,12 +99,12 @@ def test_train_and_distill_between_zoo_models(tmp_path):
   """`jkd train` of a wrn_16_2 teacher on Fashion-MNIST, then KD into a resnet8x4 student with
   a FitNet term on mdistiller's pre-activation tap."""
   teacher = str(tmp_path / 'teacher')
-  supervised.train(load_config(SUPERVISED + ':tiny', ['model.name=wrn_16_2', 'total_steps=4']),
+  trainers.train('train', load_config(SUPERVISED + ':tiny', ['model.name=wrn_16_2', 'total_steps=4']),
                    teacher)
   config = load_config(f'{DISTILL}:tiny-fitnet', [
       f'teacher.workdir={teacher}', 'model.name=resnet8x4', 'total_steps=4',
       'losses.fitnet.teacher=stage2_preact'])
-  summary = distill.train(config, str(tmp_path / 'student'))
+  summary = trainers.train('distill', config, str(tmp_path / 'student'))
   assert summary['steps'] == 4 and summary['model'] == 'resnet8x4'
   assert summary['teacher']['model'] == 'wrn_16_2'
 
@@ -133,7 +133,7 @@ def test_cifar100_tiny_teacher_and_reviewkd_student(tmp_path):
   """A few steps of a zoo teacher and of ReviewKD on its pre-activation maps (synthetic data
   of CIFAR-100's shape: the test needs no download)."""
   teacher = str(tmp_path / 'teacher')
-  supervised.train(load_config(os.path.join(CIFAR100, 'train.py') + ':tiny-resnet20'), teacher)
-  summary = distill.train(load_config(os.path.join(CIFAR100, 'distill.py') + ':tiny-reviewkd',
+  trainers.train('train', load_config(os.path.join(CIFAR100, 'train.py') + ':tiny-resnet20'), teacher)
+  summary = trainers.train('distill', load_config(os.path.join(CIFAR100, 'distill.py') + ':tiny-reviewkd',
                                       [f'teacher.workdir={teacher}']), str(tmp_path / 'kd'))
   assert summary['steps'] == 4 and summary['model'] == 'resnet8x4'

@@ -96,12 +96,12 @@ def test_int4_pack_roundtrip():
 def compressed(tmp_path_factory):
   """A tiny supervised run, then `jkd compress :tiny` (int8 QAT + 50% pruning) from it."""
   from jkd.config import load_config
-  from jkd.trainers import compress, supervised
+  from jkd import trainers
   root = tmp_path_factory.mktemp('compress')
   sup, w = str(root / 'sup'), str(root / 'q8')
-  supervised.train(load_config(SUPERVISED + ':tiny'), sup)
+  trainers.train('train', load_config(SUPERVISED + ':tiny'), sup)
   config = load_config(COMPRESS + ':tiny', [f'init_from={sup}', 'prune.enabled=True'])
-  return w, compress.train(config, w), config
+  return w, trainers.train('compress', config, w), config
 
 
 def test_compress_end_to_end_and_eval_export(compressed):

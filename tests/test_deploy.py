@@ -28,10 +28,10 @@ def trained(tmp_path_factory):
   from jkd import data
   from jkd.config import load_config
   from jkd.deploy.classifier import Classifier
-  from jkd.trainers import supervised
+  from jkd import trainers
   root = tmp_path_factory.mktemp('deploy')
   w = str(root / 'sup')
-  supervised.train(load_config(SUPERVISED + ':tiny', ['total_steps=40']), w)
+  trainers.train('train', load_config(SUPERVISED + ':tiny', ['total_steps=40']), w)
   clf = Classifier.from_workdir(w)
   batch = next(iter(data.make_eval_iterator(clf.data_config, 'test[:256]',
                                             global_batch_size=256)))

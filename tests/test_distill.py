@@ -13,7 +13,8 @@ from jkd import teacher as teacher_lib
 from jkd.checkpoint import load_arrays
 from jkd.config import load_config
 from jkd.errors import UserError
-from jkd.trainers import distill, supervised
+from jkd import trainers
+from jkd.trainers import distill
 
 from conftest import REPO, SUPERVISED, read_jsonl
 
@@ -25,7 +26,7 @@ def teacher(tmp_path_factory):
   w = str(tmp_path_factory.mktemp('teacher'))
   config = load_config(SUPERVISED + ':tiny', ['model.name=resnet20_s', 'total_steps=30',
                                               'log_every=10'])
-  supervised.train(config, w)
+  trainers.train('train', config, w)
   return w
 
 
@@ -40,7 +41,7 @@ def test_each_recipe_trains_and_teacher_is_frozen(teacher, tmp_path, recipe):
   config = load_config(f'{DISTILL}:tiny-{recipe}', [f'teacher.workdir={teacher}',
                                                     'total_steps=16'])
   w = str(tmp_path / recipe)
-  summary = distill.train(config, w)
+  summary = trainers.train('distill', config, w)
   losses = _losses(w)
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
   assert 0 <= summary['test_accuracy'] <= 1
@@ -80,10 +81,10 @@ def test_teacher_variables_unchanged_through_steps(teacher):
 def test_distilled_student_can_seed_a_next_stage(teacher, tmp_path):
   """Two stages: teacher -> assistant (resnet20_s) -> student (resnet8_s)."""
   ta = str(tmp_path / 'ta')
-  distill.train(load_config(f'{DISTILL}:tiny', [f'teacher.workdir={teacher}',
+  trainers.train('distill', load_config(f'{DISTILL}:tiny', [f'teacher.workdir={teacher}',
                                                 'model.name=resnet20_s']), ta)
   st = str(tmp_path / 'st')
-  summary = distill.train(load_config(f'{DISTILL}:tiny', [f'teacher.workdir={ta}']), st)
+  summary = trainers.train('distill', load_config(f'{DISTILL}:tiny', [f'teacher.workdir={ta}']), st)
   assert summary['teacher']['model'] == 'resnet20_s' and summary['steps'] == 12
 
 
@@ -128,7 +129,7 @@ def test_deit_recipe_trains_both_heads(teacher, tmp_path):
   before, _ = load_arrays(teacher)
   w = str(tmp_path / 'deit')
   config = load_config(f'{DISTILL}:tiny-deit', [f'teacher.workdir={teacher}', 'total_steps=16'])
-  summary = distill.train(config, w)
+  summary = trainers.train('distill', config, w)
   losses = _losses(w)
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
   first = read_jsonl(os.path.join(w, 'metrics.jsonl'))[0]
@@ -152,7 +153,7 @@ def test_deit_recipe_trains_both_heads(teacher, tmp_path):
   np.testing.assert_allclose(model.apply({'params': student}, x),
                              (cls_logits + dist_logits) / 2, rtol=1e-6, atol=1e-6)
   # The DeiT student can teach the next stage (the teacher is its mean output).
-  nxt = distill.train(load_config(f'{DISTILL}:tiny', [f'teacher.workdir={w}', 'total_steps=4']),
+  nxt = trainers.train('distill', load_config(f'{DISTILL}:tiny', [f'teacher.workdir={w}', 'total_steps=4']),
                       str(tmp_path / 'next'))
   assert nxt['teacher']['model'] == 'vit_nano_p4'
 
@@ -192,7 +193,7 @@ def test_cached_teacher_matches_online_without_teacher_forward(teacher, cache_di
   """Same seed, k = C, fp32 cache: the kd loss of every step equals the online teacher's to
   rtol 1e-5 (in practice bit-identical), and the cached run never loads the teacher."""
   online = str(tmp_path / 'online')
-  distill.train(load_config(f'{DISTILL}:tiny', [f'teacher.workdir={teacher}', *CACHE_RUN]),
+  trainers.train('distill', load_config(f'{DISTILL}:tiny', [f'teacher.workdir={teacher}', *CACHE_RUN]),
                 online)
   config = load_config(f'{DISTILL}:tiny', [f'teacher.workdir={teacher}', *CACHE_RUN,
                                            *CACHE_OPTS, f'teacher.cache.dir={cache_dir}'])
@@ -203,7 +204,7 @@ def test_cached_teacher_matches_online_without_teacher_forward(teacher, cache_di
   task = distill.build_task(config, str(tmp_path / 'unused'))
   assert task.place_extra_args is None  # the jitted step gets no teacher argument
   cached = str(tmp_path / 'cached')
-  summary = distill.train(config, cached)
+  summary = trainers.train('distill', config, cached)
   a = [l for l in read_jsonl(os.path.join(online, 'metrics.jsonl')) if 'split' not in l]
   b = [l for l in read_jsonl(os.path.join(cached, 'metrics.jsonl')) if 'split' not in l]
   assert len(a) == len(b) == 6

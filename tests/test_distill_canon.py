@@ -1,6 +1,7 @@
 """CRD, ReviewKD, OFA-KD and teacher-free KD in `jkd distill` (jkd/trainers/distill_heads.py):
 each trains (loss falls), keeps the teacher frozen, resumes bit-exactly (CRD's memory banks
 included), drops its heads and state from the saved student; OFA across architectures."""
+import functools
 import json
 import os
 
@@ -11,7 +12,8 @@ import pytest
 from jkd.checkpoint import load_arrays, load_model
 from jkd.config import load_config
 from jkd.evaluate import evaluate_workdir
-from jkd.trainers import distill, distill_heads, supervised
+from jkd import trainers
+from jkd.trainers import distill, distill_heads
 
 from conftest import REPO, SUPERVISED, assert_resume_is_bit_exact, read_jsonl
 
@@ -35,7 +37,7 @@ def test_recipe_trains_resumes_exactly_and_keeps_the_teacher(tiny_teachers, tmp_
            'crd': ['losses.crd.nce_k=256']}.get(recipe, [])
   config = load_config(f'{DISTILL}:tiny-{recipe}', overrides + extra + ['optim.warmup_steps=0'])
   w = str(tmp_path / recipe)
-  saved = assert_resume_is_bit_exact(distill.train, config, w, steps=8)
+  saved = assert_resume_is_bit_exact(functools.partial(trainers.train, 'distill'), config, w, steps=8)
   losses_ = _losses(w)[:8]
   assert np.isfinite(losses_).all() and losses_[-1] < losses_[0], losses_
   assert (distill_heads.HEADS in saved['params']) == heads
@@ -98,7 +100,7 @@ def test_ofa_across_architectures(tiny_teachers, tmp_path, student, teacher):
       f'teacher.workdir={tiny_teachers[teacher]}', f'model.name={student}', 'total_steps=6',
       f'losses.ofa.student={taps!r}'])
   w = str(tmp_path / 'ofa')
-  summary = distill.train(config, w)
+  summary = trainers.train('distill', config, w)
   assert summary['steps'] == 6 and np.isfinite(_losses(w)).all()
   heads = load_arrays(w)[0]['params']['heads']
   assert sorted(heads) == [f'ofa_{i}' for i in range(len(taps))]
@@ -109,7 +111,7 @@ def test_reviewkd_on_mdistiller_preact_taps_and_hcl_shapes(tiny_teachers, tmp_pa
   the fused maps take the teacher's shapes."""
   from jkd.trainers.common import RunData
   teacher = str(tmp_path / 'wrn')
-  supervised.train(load_config(SUPERVISED + ':tiny', ['model.name=wrn_16_2', 'total_steps=2']),
+  trainers.train('train', load_config(SUPERVISED + ':tiny', ['model.name=wrn_16_2', 'total_steps=2']),
                    teacher)
   config = load_config(f'{DISTILL}:tiny-reviewkd', [
       f'teacher.workdir={teacher}', 'model.name=resnet8x4',

@@ -33,9 +33,9 @@ TRIALS = 20
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   from jkd.config import load_config
-  from jkd.trainers import supervised
+  from jkd import trainers
   w = str(tmp_path_factory.mktemp('kill_export') / 'sup')
-  supervised.train(load_config(SUPERVISED + ':tiny', ['total_steps=4']), w)
+  trainers.train('train', load_config(SUPERVISED + ':tiny', ['total_steps=4']), w)
   return w
 
 

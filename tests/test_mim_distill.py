@@ -14,7 +14,7 @@ from jkd import loop, parallel, trainers
 from jkd.checkpoint import RunCheckpointer, load_arrays
 from jkd.config import load_config
 from jkd.errors import UserError
-from jkd.trainers import mim_distill, mim_terms, pretrain, supervised
+from jkd.trainers import mim_distill, mim_terms, supervised
 
 from conftest import REPO, read_jsonl, run_jkd
 
@@ -32,7 +32,7 @@ def _pretrain(workdir, method, steps):
   config = load_config(os.path.join(CONFIGS, f'{method}.py:tiny'),
                        [f'total_steps={steps}', f'checkpoint_every={steps}', 'log_every=2'])
   config.model.update(TEACHER)
-  pretrain.train(config, workdir)
+  trainers.train('pretrain', config, workdir)
   return workdir
 
 
@@ -95,7 +95,7 @@ def test_default_recipe_distills_pixels(mae_teacher, distilled):
 def test_feature_and_relation_recipes(mae_teacher, tmp_path, recipe, term):
   before, _ = load_arrays(mae_teacher)
   w = str(tmp_path / recipe)
-  summary = mim_distill.train(_config(mae_teacher, recipe), w)
+  summary = trainers.train('distill', _config(mae_teacher, recipe), w)
   saved = _check_run(w, summary, mae_teacher, before, ['pixel', term])
   # Student decoder tokens (64 wide) -> teacher width (48): a projector, kept out of 'student'.
   assert bool(saved['params'].get('projectors')) == (recipe == 'feature')

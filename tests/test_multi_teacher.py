@@ -1,6 +1,7 @@
 """Several teachers (`config.teachers`, jkd/teachers.py): averaged and separate terms, each
 teacher frozen, per-teacher logs and accuracies, resume, the cache of an averaged ensemble, and
 the checks of bad teacher lists."""
+import functools
 import os
 
 import jax
@@ -11,7 +12,8 @@ from jkd import teachers
 from jkd.checkpoint import load_arrays
 from jkd.config import load_config
 from jkd.errors import UserError
-from jkd.trainers import compress, distill, teacher_cache
+from jkd import trainers
+from jkd.trainers import teacher_cache
 
 from conftest import REPO, assert_resume_is_bit_exact, read_jsonl
 
@@ -32,7 +34,7 @@ def _train_losses(workdir):
 def test_averaged_teachers_train_and_stay_frozen(tiny_teachers, tmp_path):
   before = {n: load_arrays(w)[0]['params'] for n, w in tiny_teachers.items()}
   w = str(tmp_path / 'multi')
-  summary = distill.train(_multi(tiny_teachers, extra=['total_steps=16']), w)
+  summary = trainers.train('distill', _multi(tiny_teachers, extra=['total_steps=16']), w)
   lines = _train_losses(w)
   assert lines[-1]['loss'] < lines[0]['loss'] and np.isfinite([l['loss'] for l in lines]).all()
   assert {'loss_ce', 'loss_kd'} <= set(lines[0])  # one averaged kd term
@@ -73,7 +75,7 @@ def test_separate_terms_per_teacher_with_their_own_taps(tiny_teachers, tmp_path)
       "'rkd': {'weight': 1.0, 'student': 'stage3', 'teacher': 'stage3'}}",
       "teachers.vit.taps={'rkd': 'block3'}"])
   w = str(tmp_path / 'separate')
-  assert_resume_is_bit_exact(distill.train, config, w)
+  assert_resume_is_bit_exact(functools.partial(trainers.train, 'distill'), config, w)
   first = _train_losses(w)[0]
   for key in ('loss_kd', 'loss_kd_resnet', 'loss_kd_vit', 'loss_fitnet', 'loss_fitnet_resnet',
               'loss_fitnet_vit', 'loss_rkd_vit'):
@@ -93,7 +95,7 @@ def test_an_averaged_ensemble_is_cached_and_taught_in_compress(tiny_teachers, tm
   manifest = teacher_cache.ensure(config)
   members = manifest['identity']['teacher']['members']
   assert [m['name'] for m in members] == ['resnet', 'vit']
-  summary = distill.train(config, str(tmp_path / 'cached'))
+  summary = trainers.train('distill', config, str(tmp_path / 'cached'))
   assert summary['steps'] == 4
   separate = _multi(tiny_teachers, extra=['teacher.combine=separate',
                                          f'teacher.cache.dir={cache}'])
@@ -103,7 +105,7 @@ def test_an_averaged_ensemble_is_cached_and_taught_in_compress(tiny_teachers, tm
       f'init_from={tiny_teachers["resnet"]}', 'model.name=resnet20_s', 'total_steps=2',
       "teachers={'resnet': {'workdir': '%s'}, 'vit': {'workdir': '%s'}}" % (
           tiny_teachers['resnet'], tiny_teachers['vit'])])
-  assert compress.train(qat, str(tmp_path / 'qat'))['steps'] == 2
+  assert trainers.train('compress', qat, str(tmp_path / 'qat'))['steps'] == 2
 
 
 @pytest.mark.parametrize('extra, words', [

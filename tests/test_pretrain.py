@@ -14,6 +14,7 @@ from jkd.config import load_config
 from jkd.errors import UserError
 from jkd.models.mim import MAE, SimMIM, create_mim
 from jkd.optim import layerwise_lr_scales
+from jkd import trainers
 from jkd.trainers import common, pretrain, supervised
 
 from conftest import REPO, read_jsonl
@@ -110,7 +111,7 @@ def test_pretrain_then_finetune(tmp_path, method):
   pre = str(tmp_path / 'pre')
   config = load_config(os.path.join(CONFIGS, f'{method}.py:tiny'))
   config.model.update(SMALL)
-  summary = pretrain.train(config, pre)
+  summary = trainers.train('pretrain', config, pre)
   train_lines, eval_lines = _metrics(pre)
   assert summary['steps'] == 30 and summary['kind'] == 'pretrain'
   assert train_lines[-1]['loss'] < 0.9 * train_lines[0]['loss'], train_lines
@@ -133,7 +134,7 @@ def test_pretrain_then_finetune(tmp_path, method):
     for (path, a), b in zip(want, got):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f'{name}{path}')
   if method == 'mae':  # One short fine-tuning run is enough to cover the path (compiles are slow).
-    ft = supervised.train(ft_config, ft_dir)
+    ft = trainers.train('train', ft_config, ft_dir)
     assert ft['steps'] == 6 and 0.0 <= ft['test_accuracy'] <= 1.0
 
 

@@ -1,5 +1,6 @@
 """DeiT / MAE recipe basics: EMA of the weights, gradient accumulation, the step schedule,
 RandAugment, random erasing and repeated augmentation — deterministic, resumable, switchable."""
+import functools
 import json
 import os
 
@@ -15,7 +16,8 @@ from jkd.config import load_config
 from jkd.data import randaugment as R
 from jkd.errors import UserError
 from jkd.optim import default_optim_config, make_optimizer
-from jkd.trainers import distill, ema, supervised
+from jkd import trainers
+from jkd.trainers import ema
 
 from conftest import REPO, SUPERVISED, assert_resume_is_bit_exact
 
@@ -146,13 +148,13 @@ BASICS = ['ema.decay=0.9', 'optim.accumulate_steps=2', 'data.randaugment_ops=1',
 def test_recipe_basics_train_resume_exactly_and_the_ema_teaches(tmp_path):
   w = str(tmp_path / 'sup')
   config = load_config(SUPERVISED + ':tiny', BASICS)
-  saved = assert_resume_is_bit_exact(supervised.train, config, w, steps=8)
+  saved = assert_resume_is_bit_exact(functools.partial(trainers.train, 'train'), config, w, steps=8)
   assert set(saved['model_state']['ema']) == {'params', 'batch_stats'}
   summary = json.load(open(os.path.join(w, 'summary.json')))
   assert 0 <= summary['eval']['ema_accuracy'] <= 1
   # The EMA as the teacher (self-distillation): its accuracy is the one the run reported.
   kd = load_config(f'{DISTILL}:tiny', [f'teacher.workdir={w}', 'teacher.ema=true',
                                        'total_steps=2', *BASICS[:1]])
-  result = distill.train(kd, str(tmp_path / 'kd'))
+  result = trainers.train('distill', kd, str(tmp_path / 'kd'))
   assert result['eval']['teacher_accuracy'] == summary['eval']['ema_accuracy']
   assert result['teacher']['ema'] is True and 'ema_accuracy' in result['eval']

@@ -1,8 +1,9 @@
 """The trainers, one per job, and the one table that says which runs which command.
 
 Each trainer module has `build_task(config, workdir, ...) -> jkd.loop.Task` (the step and the
-state; `jkd bench`, `jkd plan` and `jkd eval` build it too) and `train(config, workdir) ->
-summary` (what the command runs). `get(command, config)` picks the trainer: `jkd distill` with
+state; `jkd bench`, `jkd plan` and `jkd eval` build it too), and optionally `before_run(config)`
+(what must happen before the loop: the teacher cache). `Trainer.train` (or `train(command,
+config, workdir)`) runs a job: the one entry for all of them. `get(command, config)` picks the trainer: `jkd distill` with
 `config.method = 'mim'` is the MIM-distillation trainer. A checkpoint's `kind` is the command
 that wrote it, so `get(meta['kind'], config)` rebuilds any saved run's Task.
 
@@ -24,7 +25,7 @@ class Trainer:
   Attributes:
     name: the trainer ('supervised', 'mim_distill', ...).
     command: the `jkd` command, also the `kind` its checkpoints record.
-    module: the module with `build_task` and `train`.
+    module: the module with `build_task` (and optionally `before_run`).
     description: one line for `jkd --help`.
     method: the `config.method` that selects this trainer among those of its command; None for
       the command's default trainer.
@@ -69,7 +70,7 @@ class Trainer:
     (`jkd.validate`), the workdir's lock taken (`jkd.lock`; a second writer is refused), and
     SIGTERM/SIGINT deferred to the run's safe points (`jkd.interrupt`) until it returns.
     """
-    from jkd import interrupt, lock, xla_cpu  # pylint: disable=g-import-not-at-top
+    from jkd import interrupt, lock, loop, xla_cpu  # pylint: disable=g-import-not-at-top
     self.check(config)
     xla_cpu.prepare(config)  # Before the first computation starts the backend.
     with interrupt.deferred(), lock.hold(workdir, command=f'jkd {self.command}'):
@@ -77,7 +78,10 @@ class Trainer:
       if self.name in ('distill', 'mim_distill', 'compress'):
         from jkd import teacher  # pylint: disable=g-import-not-at-top
         teacher.import_checkpoint(config, workdir)  # config.teacher.checkpoint, if set
-      return self.load().train(config, workdir)
+      module = self.load()
+      if hasattr(module, 'before_run'):
+        module.before_run(config)
+      return loop.run(module.build_task(config, workdir), config, workdir, label=self.command)
 
 
 TRAINERS: tuple[Trainer, ...] = (
@@ -104,6 +108,11 @@ def get(command: str, config=None) -> Trainer:
     UserError: not a training command.
   """
   return _find(command, config)
+
+
+def train(command: str, config, workdir: str) -> dict:
+  """Runs `jkd COMMAND` with `config` in `workdir` (`Trainer.train`); returns the summary."""
+  return _find(command, config).train(config, workdir)
 
 
 def check(command: str, config) -> None:

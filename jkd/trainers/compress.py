@@ -189,10 +189,9 @@ def export_and_report(config, workdir: str, float_model, run: common.RunData,
           **({'teacher': teacher_description} if teacher_description else {})}
 
 
-def train(config, workdir: str) -> dict:
-  """Runs `jkd compress`: returns the summary (also in `workdir/summary.json`)."""
-  # Checked here, not in `build_task`, so that `jkd bench` can time the step from random weights.
+def before_run(config) -> None:
+  """What `jkd compress` checks before its loop: a trained model to start from. Not in
+  `build_task`, so that `jkd bench` can time the step from random weights."""
   if not config.get('init_from'):
     raise UserError('jkd compress needs a trained model: set --config.init_from=DIR to the '
                     'workdir of `jkd train` or `jkd distill`.')
-  return loop.run(build_task(config, workdir), config, workdir, label='compress')

@@ -365,8 +365,8 @@ def teacher_summary(config, description: dict, state, eval_results: dict) -> dic
                                      if teacher_cache.enabled(config) else {})}
 
 
-def train(config, workdir: str) -> dict:
-  """Runs `jkd distill`: returns the summary (also in `workdir/summary.json`)."""
-  if teacher_cache.enabled(config):  # Builds (or completes) the cache first; resumable.
+def before_run(config) -> None:
+  """What `jkd distill` does before its loop: builds (or completes) the teacher cache, if set;
+  resumable."""
+  if teacher_cache.enabled(config):
     teacher_cache.ensure(config)
-  return loop.run(build_task(config, workdir), config, workdir, label='distill')

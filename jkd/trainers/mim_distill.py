@@ -127,7 +127,3 @@ def write_comparison(path: str, s_obj: MimObjective, s_params, t_obj: MimObjecti
       path, originals, masked, to_pixels(recons[1]), title=title,
       predictions=to_pixels(recons[0]), row_labels=('original', 'masked', 'student', 'teacher'))
 
-
-def train(config, workdir: str) -> dict:
-  """Runs MIM distillation: returns the summary (also in `workdir/summary.json`)."""
-  return loop.run(build_task(config, workdir), config, workdir, label='distill')

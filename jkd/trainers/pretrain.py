@@ -225,7 +225,3 @@ def write_figure(config, workdir: str, objective: MimObjective, info: data.Datas
                         mean=info.mean, std=info.std, dtype=dtype, title=title)
   return {**out, 'reconstructions': path}
 
-
-def train(config, workdir: str) -> dict:
-  """Runs `jkd pretrain`: returns the summary (also in `workdir/summary.json`)."""
-  return loop.run(build_task(config, workdir), config, workdir, label='pretrain')

@@ -85,7 +85,3 @@ def build_task(config, workdir: str) -> loop.Task:
                                                 info.num_classes),
       on_init=common.init_from(config))
 
-
-def train(config, workdir: str) -> dict:
-  """Runs `jkd train`: returns the summary (also in `workdir/summary.json`)."""
-  return loop.run(build_task(config, workdir), config, workdir, label='train')
