@@ -207,13 +207,14 @@ def build(converted: Converted, config: ml_collections.ConfigDict, *, seed: int 
   """
   from jkd import data, models  # pylint: disable=g-import-not-at-top
   from jkd.convert import posemb, vit  # pylint: disable=g-import-not-at-top
-  from jkd.trainers import common  # pylint: disable=g-import-not-at-top
+  from jkd.models.build import (  # pylint: disable=g-import-not-at-top
+      create_mim_model, create_model, input_shape)
   info = data.get_info(config.data)
-  shape = common.input_shape(info, config.data)
+  shape = input_shape(info, config.data)
   if converted.method:
-    module = common.create_mim_model(converted.method, config.model, shape[2])
+    module = create_mim_model(converted.method, config.model, shape[2])
   else:
-    module = common.create_model(config.model, info.num_classes)
+    module = create_model(config.model, info.num_classes)
   if shape[2] != converted.channels:
     raise UserError(f'The checkpoint takes {converted.channels}-channel images, but the data '
                     f'gives {shape[2]} channels: use a dataset with {converted.channels} '
