@@ -29,9 +29,9 @@ import numpy as np
 from jkd import data, models, parallel
 from jkd.checkpoint import load_model, read_latest_meta
 from jkd.errors import UserError
+from jkd.mim import MimObjective
 from jkd.models import build
 from jkd.models.mim import METHODS
-from jkd.trainers.pretrain import MimObjective
 
 _NO_TEACHER = ('No teacher: set --config.teacher.workdir=DIR to the workdir of a trained model '
                '(e.g. the output of `jkd train`).')
