@@ -44,14 +44,14 @@ _NO_MIM_TEACHER = ('No teacher: set --config.teacher.workdir=DIR to a `jkd pretr
 IMPORTED_TEACHER = 'imported_teacher'
 
 
-def import_checkpoint(config, workdir: str, log=print) -> None:
+def import_checkpoint(config, workdir: str, *, build_task, log=print) -> None:
   """`config.teacher.checkpoint` (a public checkpoint file, read as `jkd import` reads it) as
   the run's teacher: imported once into WORKDIR/imported_teacher, a jkd workdir that a resumed
   run reuses, and set as `config.teacher.workdir`; everything downstream (placement, dtype,
   taps, the teacher cache's identity) then reads a workdir. `config.teacher.model` names the
   model to build and `config.teacher.model_fields` ({'num_heads': 6, ...}) sets its fields when
   the shapes do not say (as `jkd import --model NAME --config.model.K=V`). Nothing happens
-  without the setting.
+  without the setting. `build_task` is `jkd.trainers.build_task` (`convert.save_workdir`).
 
   Raises:
     UserError: both `teacher.checkpoint` and `teacher.workdir` set, a file `jkd import` cannot
@@ -79,7 +79,7 @@ def import_checkpoint(config, workdir: str, log=print) -> None:
       storage.remove_tree(target)
     log(f'importing the teacher {path} into {target} ...')
     fields = dict(tcfg.get('model_fields') or {})
-    convert.save_workdir(path, target, model=tcfg.get('model') or None,
+    convert.save_workdir(path, target, build_task=build_task, model=tcfg.get('model') or None,
                          overrides=[f'model.{k}={v!r}' for k, v in fields.items()], log=log)
   config.teacher.workdir = target
 
