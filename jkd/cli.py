@@ -271,8 +271,8 @@ def _run_plan(args, overrides: list[str]) -> dict:
 
 def _run_import(args, overrides: list[str]) -> dict:
   from jkd import convert
-  return convert.save_workdir(args.checkpoint, args.workdir, model=args.model,
-                              config_spec=args.config, overrides=overrides)
+  return convert.save_workdir(args.checkpoint, args.workdir, build_task=trainers.build_task,
+                              model=args.model, config_spec=args.config, overrides=overrides)
 
 
 def _run_data(args, overrides: list[str]) -> dict:

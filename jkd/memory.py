@@ -89,10 +89,10 @@ def _model(cfg: ml_collections.ConfigDict, num_classes: int, mim: tuple | None =
            ) -> nn.Module:
   """The classifier of `cfg`, or with `mim` = (method, mask_ratio, channels) its SimMIM/MAE
   model."""
-  from jkd.trainers import common
+  from jkd.models import build
   if mim is None:
-    return common.create_model(cfg, num_classes)
-  return common.create_mim_model(mim[0], cfg, channels=mim[2])
+    return build.create_model(cfg, num_classes)
+  return build.create_mim_model(mim[0], cfg, channels=mim[2])
 
 
 def _mim_mask(model: nn.Module, mim: tuple, image_shape: Sequence[int], batch: int):
@@ -108,13 +108,13 @@ def _mim_mask(model: nn.Module, mim: tuple, image_shape: Sequence[int], batch: i
 @functools.lru_cache(maxsize=32)
 def _abstract(cfg_json: str, num_classes: int, image_shape: tuple, mim: tuple | None
               ) -> tuple[Any, Any]:
-  from jkd.trainers import common
+  from jkd.models import build
   cfg = json.loads(cfg_json)
   if 'attention' in cfg:  # Same parameters; cuDNN attention cannot even be traced off-GPU.
     cfg['attention'] = 'xla'
   model = _model(ml_collections.ConfigDict(cfg), num_classes, mim)
   if mim is None:
-    return jax.eval_shape(lambda k: common.init_variables(model, k, image_shape),
+    return jax.eval_shape(lambda k: build.init_variables(model, k, image_shape),
                           jax.random.key(0))
   images = jnp.zeros((1, *image_shape), jnp.float32)
   return jax.eval_shape(lambda k: (model.init(k, images, _mim_mask(model, mim, image_shape, 1))

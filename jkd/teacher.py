@@ -29,9 +29,9 @@ import numpy as np
 from jkd import data, models, parallel
 from jkd.checkpoint import load_model, read_latest_meta
 from jkd.errors import UserError
+from jkd.mim import MimObjective
+from jkd.models import build
 from jkd.models.mim import METHODS
-from jkd.trainers import common
-from jkd.trainers.pretrain import MimObjective
 
 _NO_TEACHER = ('No teacher: set --config.teacher.workdir=DIR to the workdir of a trained model '
                '(e.g. the output of `jkd train`).')
@@ -44,14 +44,14 @@ _NO_MIM_TEACHER = ('No teacher: set --config.teacher.workdir=DIR to a `jkd pretr
 IMPORTED_TEACHER = 'imported_teacher'
 
 
-def import_checkpoint(config, workdir: str, log=print) -> None:
+def import_checkpoint(config, workdir: str, *, build_task, log=print) -> None:
   """`config.teacher.checkpoint` (a public checkpoint file, read as `jkd import` reads it) as
   the run's teacher: imported once into WORKDIR/imported_teacher, a jkd workdir that a resumed
   run reuses, and set as `config.teacher.workdir`; everything downstream (placement, dtype,
   taps, the teacher cache's identity) then reads a workdir. `config.teacher.model` names the
   model to build and `config.teacher.model_fields` ({'num_heads': 6, ...}) sets its fields when
   the shapes do not say (as `jkd import --model NAME --config.model.K=V`). Nothing happens
-  without the setting.
+  without the setting. `build_task` is `jkd.trainers.build_task` (`convert.save_workdir`).
 
   Raises:
     UserError: both `teacher.checkpoint` and `teacher.workdir` set, a file `jkd import` cannot
@@ -79,7 +79,7 @@ def import_checkpoint(config, workdir: str, log=print) -> None:
       storage.remove_tree(target)
     log(f'importing the teacher {path} into {target} ...')
     fields = dict(tcfg.get('model_fields') or {})
-    convert.save_workdir(path, target, model=tcfg.get('model') or None,
+    convert.save_workdir(path, target, build_task=build_task, model=tcfg.get('model') or None,
                          overrides=[f'model.{k}={v!r}' for k, v in fields.items()], log=log)
   config.teacher.workdir = target
 
@@ -151,11 +151,11 @@ class Teacher:
     if dtype:
       model_cfg.dtype = dtype
     description = {'workdir': workdir, 'model': model_cfg.name, **({'ema': True} if ema else {})}
-    return cls(module=common.create_model(model_cfg, num_classes),
+    return cls(module=build.create_model(model_cfg, num_classes),
                variables=saved.ema if ema else saved.variables,
                description=description,
                image_shape=tuple(image_shape),
-               input_dtype=common.compute_dtype(dtype or 'float32'))
+               input_dtype=build.compute_dtype(dtype or 'float32'))
 
   @classmethod
   def mim_from_config(cls, config, image_shape) -> 'Teacher':
@@ -184,9 +184,9 @@ class Teacher:
         'method': method, 'mask_ratio': saved_config.get('mask_ratio', 0.75),
         'mask_patch_size': saved_config.get('mask_patch_size', 0) or 0,
         'norm_pix_loss': saved_config.get('norm_pix_loss', True)}
-    module = common.create_mim_model(method, model_cfg, image_shape[2],
-                                     dtype=config.teacher.get('dtype') or None,
-                                     either_method=True)
+    module = build.create_mim_model(method, model_cfg, image_shape[2],
+                                    dtype=config.teacher.get('dtype') or None,
+                                    either_method=True)
     objective = MimObjective(module, ml_collections.ConfigDict(
         {k: settings[k] for k in ('method', 'mask_ratio', 'mask_patch_size', 'norm_pix_loss')}),
                              image_shape[0])
@@ -202,15 +202,15 @@ class Teacher:
     name = name or config.teacher.model
     model_cfg = named_config(config, name)
     info = data.get_info(config.data)
-    image_shape = common.input_shape(info, config.data)
-    module = common.create_model(model_cfg, info.num_classes)
-    params, state = jax.eval_shape(lambda k: common.init_variables(module, k, image_shape),
+    image_shape = build.input_shape(info, config.data)
+    module = build.create_model(model_cfg, info.num_classes)
+    params, state = jax.eval_shape(lambda k: build.init_variables(module, k, image_shape),
                                    jax.random.key(0))
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, np.float32),
                          {'params': nn.meta.unbox(params), **state})
     return cls(module=module, variables=zeros, description={'workdir': '', 'model': name},
                image_shape=tuple(image_shape),
-               input_dtype=common.compute_dtype(model_cfg.dtype))
+               input_dtype=build.compute_dtype(model_cfg.dtype))
 
   # ---------------------------------------------------------------- using a teacher
 
@@ -229,7 +229,7 @@ class Teacher:
           {'params': k}, images, self.objective.draw_mask(k, 1), train=False)['params']},
                             jax.random.key(0))
     params, state = jax.eval_shape(
-        lambda k: common.init_variables(self.module, k, self.image_shape), jax.random.key(0))
+        lambda k: build.init_variables(self.module, k, self.image_shape), jax.random.key(0))
     return {'params': params, **state}
 
   def place(self, mesh) -> tuple[dict, dict]:
@@ -264,7 +264,7 @@ class Teacher:
 
   def without_attention_maps(self) -> 'Teacher':
     """The same teacher whose ViT keeps the fused attention kernel (block taps only)."""
-    return dataclasses.replace(self, module=common.without_attention_maps(self.module))
+    return dataclasses.replace(self, module=build.without_attention_maps(self.module))
 
 
 def storage_dtype(module: nn.Module) -> np.dtype:

@@ -1,5 +1,6 @@
-"""The shape of the code (docs/architecture.md): no import cycle inside jkd/, no test doubles in
-production code, short trainers and functions, one trainer registry, one frozen-teacher object."""
+"""The shape of the code (docs/architecture.md): no import cycle inside jkd/, only the jobs and
+the command-line tools import the jobs (`jkd.trainers`), no test doubles in production code,
+short trainers and functions, one trainer registry, one frozen-teacher object."""
 import ast
 import os
 
@@ -69,6 +70,77 @@ def test_no_import_cycle_inside_jkd():
   assert _cycles(graph) == []
   # The detector finds a cycle where there is one (so the check above can fail).
   assert _cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == [['a', 'b', 'c', 'a']]
+
+
+# The modules above the jobs, which may import `jkd.trainers`: the trainers themselves, the CLI,
+# and the command-line tools that build a job's Task (`jkd bench`, `jkd eval`, `jkd plan`,
+# `jkd pipeline`). Everything else is below the jobs (docs/architecture.md).
+ABOVE_THE_JOBS = ('jkd.cli', 'jkd.bench', 'jkd.evaluate', 'jkd.memory', 'jkd.pipeline')
+
+
+def _called(call: ast.Call) -> str | None:
+  """The name a call calls: `f` of `f(...)` and of `a.b.f(...)`."""
+  return getattr(call.func, 'attr', None) or getattr(call.func, 'id', None)
+
+
+def _imports_trainers(source: str, module: str, is_package: bool = False) -> list[int]:
+  """The lines of `source` (the file of `module`, an `__init__.py` if `is_package`) that import
+  `jkd.trainers` or a module in it, anywhere in the file: top level or inside functions,
+  absolute or relative, or as a constant name given to `importlib.import_module` /
+  `__import__`."""
+  package = module.split('.') + (['__init__'] if is_package else [])
+
+  def absolute(name: str | None, level: int) -> str:
+    if not level:
+      return name or ''
+    base = package[:len(package) - level]
+    return '.'.join(base + ([name] if name else []))
+
+  def is_trainers(name: str) -> bool:
+    return name == 'jkd.trainers' or name.startswith('jkd.trainers.')
+
+  lines = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = absolute(node.module, node.level)
+      names = [base] + [f'{base}.{a.name}' for a in node.names]
+    elif (isinstance(node, ast.Call) and _called(node) in ('import_module', '__import__')
+          and node.args and isinstance(node.args[0], ast.Constant)):
+      names = [str(node.args[0].value)]
+    else:
+      continue
+    if any(is_trainers(n) for n in names):
+      lines.append(node.lineno)
+  return lines
+
+
+def test_only_the_jobs_and_the_tools_import_the_trainers():
+  modules = _modules()
+  assert set(ABOVE_THE_JOBS) <= set(modules)  # The list names real modules.
+  importers = {}
+  for name, path in modules.items():
+    if name == 'jkd.trainers' or name.startswith('jkd.trainers.') or name in ABOVE_THE_JOBS:
+      continue
+    lines = _imports_trainers(open(path).read(), name, path.endswith('__init__.py'))
+    if lines:
+      importers[os.path.relpath(path, REPO)] = lines
+  assert importers == {}, f'below the jobs, these import jkd.trainers (file: lines): {importers}'
+  # The detector finds every form of the import (so the check above can fail).
+  found = lambda source, module='jkd.teacher': bool(_imports_trainers(source, module))  # noqa: E731
+  assert found('from jkd.trainers import common')
+  assert found('from jkd.trainers.pretrain import MimObjective')
+  assert found('import jkd.trainers.common as c')
+  assert found('from jkd import data, trainers')
+  assert found('def build():\n  from jkd.trainers import common\n  return common')
+  assert found('from .trainers import common')
+  assert found('from ..trainers import pretrain', 'jkd.convert.formats')
+  assert found('from .. import trainers', 'jkd.deploy.classifier')
+  assert not _imports_trainers('from . import trainers', 'jkd.convert', is_package=True)
+  assert found("importlib.import_module('jkd.trainers.supervised')")
+  assert not found('from jkd import data, models\nfrom jkd.models import build\n'
+                   "trainers = 'jkd.trainers'")
 
 
 def test_no_test_doubles_in_production_code():

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jkd import convert, losses, masking
+from jkd import convert, losses, masking, trainers
 from jkd.config import load_config
 from jkd.convert import formats
 from jkd.errors import UserError
@@ -367,7 +367,8 @@ def test_distilled_deit_fine_tunes_on_new_classes(tmp_path):
   used to refuse the run because head_dist's shape differs."""
   _, _, path = _fixture('timm_deit_distilled', tmp_path)
   w = str(tmp_path / 'deit')
-  report = convert.save_workdir(path, w, overrides=['model.num_heads=3'], log=lambda *_: None)
+  report = convert.save_workdir(path, w, build_task=trainers.build_task,
+                                overrides=['model.num_heads=3'], log=lambda *_: None)
   assert report['model']['distill_token'] and report['fresh'] == []
   config = tmp_path / 'five_classes.py'
   config.write_text(f'''import ml_collections

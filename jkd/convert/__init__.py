@@ -2,7 +2,8 @@
 
   module, variables = jkd.convert.load('deit_small_patch16_224.safetensors')
   logits = module.apply(variables, images)              # images (B, 224, 224, 3), NHWC
-  report = jkd.convert.save_workdir('mae_pretrain_vit_base.pth', 'runs/mae_b')   # `jkd import`
+  report = jkd.convert.save_workdir('mae_pretrain_vit_base.pth', 'runs/mae_b',  # `jkd import`
+                                    build_task=jkd.trainers.build_task)
 
 `save_workdir` writes a normal jkd workdir (an Orbax checkpoint at step 0 and its metadata): use
 it as `--config.teacher.workdir`, `--config.init_from`, a MIM teacher (MAE / SimMIM
@@ -22,7 +23,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -207,13 +208,14 @@ def build(converted: Converted, config: ml_collections.ConfigDict, *, seed: int 
   """
   from jkd import data, models  # pylint: disable=g-import-not-at-top
   from jkd.convert import posemb, vit  # pylint: disable=g-import-not-at-top
-  from jkd.trainers import common  # pylint: disable=g-import-not-at-top
+  from jkd.models.build import (  # pylint: disable=g-import-not-at-top
+      create_mim_model, create_model, input_shape)
   info = data.get_info(config.data)
-  shape = common.input_shape(info, config.data)
+  shape = input_shape(info, config.data)
   if converted.method:
-    module = common.create_mim_model(converted.method, config.model, shape[2])
+    module = create_mim_model(converted.method, config.model, shape[2])
   else:
-    module = common.create_model(config.model, info.num_classes)
+    module = create_model(config.model, info.num_classes)
   if shape[2] != converted.channels:
     raise UserError(f'The checkpoint takes {converted.channels}-channel images, but the data '
                     f'gives {shape[2]} channels: use a dataset with {converted.channels} '
@@ -317,15 +319,18 @@ def load(path: str, model: str | None = None, **overrides: Any) -> tuple[nn.Modu
   return imported.module, imported.variables
 
 
-def save_workdir(path: str, workdir: str, *, model: str | None = None,
-                 config_spec: str | None = None, overrides: Sequence[str] = (),
-                 log=print) -> dict:
+def save_workdir(path: str, workdir: str, *, build_task: Callable[..., Any],
+                 model: str | None = None, config_spec: str | None = None,
+                 overrides: Sequence[str] = (), log=print) -> dict:
   """`jkd import`: converts `path` and writes it as a jkd workdir; returns the report (also in
   `WORKDIR/import.json`).
 
   The workdir holds an Orbax checkpoint at step 0 of the trainer that runs such a model
   (`jkd train`'s for a classifier, `jkd pretrain`'s for an MAE / SimMIM model), with the config
-  (`make_config`) in its metadata: everything that reads a workdir reads it.
+  (`make_config`) in its metadata: everything that reads a workdir reads it. That trainer's
+  Task comes from `build_task(command, config, workdir)`, `jkd.trainers.build_task`: the jobs
+  sit above this module, so their caller (the `jkd import` command, `Trainer.train` importing
+  `config.teacher.checkpoint`) passes it in; the imported tensors replace its fresh state.
 
   Safe to stop and to run twice: the file is read and converted before the workdir is touched;
   then the workdir lock (`jkd.lock`) is taken, so a run or another import writing there refuses
@@ -342,9 +347,6 @@ def save_workdir(path: str, workdir: str, *, model: str | None = None,
   import flax.linen as nn  # pylint: disable=g-import-not-at-top,redefined-outer-name
   import jax  # pylint: disable=g-import-not-at-top
   from jkd import interrupt, lock, loop, models  # pylint: disable=g-import-not-at-top
-  # The two trainer modules themselves, not the `jkd.trainers` registry: its `Trainer.train`
-  # imports `config.teacher.checkpoint` through this function.
-  from jkd.trainers import pretrain, supervised  # pylint: disable=g-import-not-at-top
   from jkd.checkpoint import RunCheckpointer  # pylint: disable=g-import-not-at-top
   workdir = storage.resolve(workdir)
   with interrupt.deferred(), contextlib.ExitStack() as held:
@@ -359,7 +361,7 @@ def save_workdir(path: str, workdir: str, *, model: str | None = None,
     interrupt.check('while reading the checkpoint file; nothing was written')
     config = make_config(converted, config_spec, overrides)
     imported = build(converted, config, source=source)
-    task = (pretrain if converted.method else supervised).build_task(config, workdir)
+    task = build_task('pretrain' if converted.method else 'train', config, workdir)
     try:
       init_key, _ = loop.run_keys(config)
       state = jax.jit(lambda k: nn.meta.unbox(task.init_state(k)))(init_key)

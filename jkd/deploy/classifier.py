@@ -76,9 +76,9 @@ class Classifier:
   def from_run(cls, config, model_cfg: dict, variables: dict, *, num_classes: int = 0,
                description: dict | None = None) -> 'Classifier':
     """The classifier of a run's config and variables (e.g. `jkd compress`'s final state)."""
-    from jkd.trainers import common
+    from jkd.models import build
     info = data.get_info(config.data)
-    shape = common.input_shape(info, config.data)
+    shape = build.input_shape(info, config.data)
     num_classes = int(num_classes or info.num_classes)
     variables = jax.tree.map(np.asarray, nn.meta.unbox(variables))
     model_cfg = dict(model_cfg)
@@ -86,7 +86,7 @@ class Classifier:
     if prune.get('enabled') and prune.get('method') == 'channel':
       from jkd.compress import channel_pruning
       model_cfg, variables = channel_pruning.shrink(model_cfg, variables)
-    module = common.create_model(ml_collections.ConfigDict(
+    module = build.create_model(ml_collections.ConfigDict(
         {**model_cfg, 'dtype': 'float32'}), num_classes)
     if getattr(module, 'num_classes', 1) == 0:
       raise UserError(f'{model_cfg["name"]} has no classifier head (num_classes=0): only '

@@ -77,7 +77,8 @@ class Trainer:
       interrupt.check('during start-up; nothing new was written')
       if self.name in ('distill', 'mim_distill', 'compress'):
         from jkd import teacher  # pylint: disable=g-import-not-at-top
-        teacher.import_checkpoint(config, workdir)  # config.teacher.checkpoint, if set
+        # config.teacher.checkpoint, if set; its step-0 Task from `build_task` below.
+        teacher.import_checkpoint(config, workdir, build_task=build_task)
       module = self.load()
       if hasattr(module, 'before_run'):
         module.before_run(config)
@@ -113,6 +114,13 @@ def get(command: str, config=None) -> Trainer:
 def train(command: str, config, workdir: str) -> dict:
   """Runs `jkd COMMAND` with `config` in `workdir` (`Trainer.train`); returns the summary."""
   return _find(command, config).train(config, workdir)
+
+
+def build_task(command: str, config, workdir: str, **inputs):
+  """The Task of the trainer that runs `jkd COMMAND` with `config` (`get(command,
+  config).build_task`). What the modules below the jobs take when they need a job's state:
+  `jkd.convert.save_workdir` (`jkd import`) writes the step-0 checkpoint of such a Task."""
+  return get(command, config).build_task(config, workdir, **inputs)
 
 
 def check(command: str, config) -> None:

@@ -25,12 +25,13 @@ import jax.numpy as jnp
 import optax
 
 from jkd import data, figures, loop, storage
+from jkd.mim import MimObjective
 from jkd.optim import make_optimizer
 from jkd.teacher import Teacher
 from jkd.trainers import common
 from jkd.trainers.distill_terms import STUDENT
 from jkd.trainers.mim_terms import MimDistillation
-from jkd.trainers.pretrain import EVAL_MASK_SEED, MimObjective, figure_inputs, first_eval_images
+from jkd.trainers.pretrain import EVAL_MASK_SEED, figure_inputs, first_eval_images
 
 
 def mim_distill_step(d: MimDistillation, tx, schedule, *, mean, std):

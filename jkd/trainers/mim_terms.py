@@ -22,7 +22,7 @@ or a list). The kinds:
 
 Class tokens (MAE's `cls_token`) are left out of feature and relation targets.
 `MimDistillation` owns both models' objectives (masks, forward passes, losses), the teacher's
-encoder view and the projectors, as `pretrain.MimObjective` does for one model.
+encoder view and the projectors, as `jkd.mim.MimObjective` does for one model.
 """
 from __future__ import annotations
 
@@ -36,12 +36,12 @@ import ml_collections
 
 from jkd import losses, masking
 from jkd.errors import UserError
+from jkd.mim import MimObjective
 from jkd.models.vit import ViT
 from jkd.teacher import Teacher
 from jkd.trainers import common
 from jkd.trainers import distill_terms as T
 from jkd.trainers.distill_terms import PROJECTORS, STUDENT
-from jkd.trainers.pretrain import MimObjective
 
 # kind -> default options; options not listed are rejected.
 TERMS: dict[str, dict[str, Any]] = {
