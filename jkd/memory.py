@@ -32,6 +32,7 @@ from jkd import parallel
 from jkd.models import param_count
 from jkd.activations import mim_activation_bytes, vit_activation_bytes  # noqa: F401 (API)
 from jkd.errors import UserError
+from jkd.models.mim import METHODS
 
 GiB = 2**30
 # Share of a device's memory a step may plan on: the rest is the runtime's (CUDA context, cuDNN
@@ -395,7 +396,7 @@ def image_spec(data_cfg) -> tuple[tuple[int, int, int], int]:
 
 def mim_method(config: ml_collections.ConfigDict) -> str | None:
   """'mae' / 'simmim' for a `jkd pretrain` config, else None."""
-  return config.get('method') if config.get('method') in ('mae', 'simmim') else None
+  return config.get('method') if config.get('method') in METHODS else None
 
 
 def plan_inputs(config: ml_collections.ConfigDict, teacher: str | None = None) -> dict:

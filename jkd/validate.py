@@ -20,6 +20,7 @@ import re
 from typing import Any, Callable, Mapping
 
 from jkd import tasks
+from jkd.models.mim import METHODS as MIM_METHODS
 from jkd.errors import UserError
 
 # A rule returns None when the value is fine, else what it must be ("an integer >= 1").
@@ -420,8 +421,8 @@ def check_model(model_cfg, *, mim: str | None = None, key: str = 'model') -> Non
 def _mim_method(config, trainer: str | None) -> str | None:
   """'simmim' / 'mae' (pretraining), 'either' (MIM distillation) or None (a classifier)."""
   method = _get(config, 'method', None)
-  if trainer == 'pretrain' or (trainer is None and method in ('simmim', 'mae')):
-    return method if method in ('simmim', 'mae') else None
+  if trainer == 'pretrain' or (trainer is None and method in MIM_METHODS):
+    return method if method in MIM_METHODS else None
   if trainer == 'mim_distill' or (trainer is None and method == 'mim'):
     return 'either'
   return None
@@ -429,11 +430,11 @@ def _mim_method(config, trainer: str | None) -> str | None:
 
 def _check_method(config, command: str, trainer: str | None) -> None:
   method = _get(config, 'method', None)
-  if trainer == 'pretrain' and method not in ('simmim', 'mae'):
+  if trainer == 'pretrain' and method not in MIM_METHODS:
     raise UserError(f"config.method={method!r}: jkd pretrain runs 'simmim' or 'mae'. Set "
                     "--config.method=mae (or simmim).")
   if trainer in ('pretrain', 'mim_distill') or (trainer is None and method in (
-      'simmim', 'mae', 'mim')):
+      *MIM_METHODS, 'mim')):
     if _has(config, 'mask_ratio'):
       ratio = config.mask_ratio
       # MIM distillation: 0 means the teacher's ratio.

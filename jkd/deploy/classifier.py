@@ -20,6 +20,7 @@ import numpy as np
 
 from jkd import data
 from jkd.errors import UserError
+from jkd.models.mim import METHODS
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ class Classifier:
     meta = saved.meta
     config = ml_collections.ConfigDict(meta.get('config') or {})
     model_cfg = dict(saved.model_config)
-    if meta.get('method') in ('mae', 'simmim') or meta.get('kind') in ('pretrain',):
+    if meta.get('method') in METHODS or meta.get('kind') in ('pretrain',):
       raise UserError(f'{workdir!r} holds a {meta.get("kind")!r} run ({meta.get("method")}), '
                       'not a classifier: only classifiers export (the logits are the output). '
                       'Fine-tune it first: jkd train --config configs/fashion_mnist/finetune.py '

@@ -27,6 +27,7 @@ import optax
 
 from jkd import data, figures, loop, masking, storage
 from jkd.errors import UserError
+from jkd.models.mim import METHODS
 from jkd.mim import MimObjective  # Also `pretrain.MimObjective`, where it was defined.
 from jkd.optim import make_optimizer
 from jkd.trainers import common
@@ -110,7 +111,7 @@ def first_eval_images(eval_batches, n: int) -> np.ndarray:
 
 def build_task(config, workdir: str) -> loop.Task:
   """The pretraining Task for `jkd.loop.run`."""
-  if config.get('method') not in ('simmim', 'mae'):
+  if config.get('method') not in METHODS:
     raise UserError(f"config.method={config.get('method')!r}: use 'simmim' or 'mae'.")
   run = common.RunData.from_config(config, square_for='MIM pretraining')
   info = run.info
