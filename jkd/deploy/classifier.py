@@ -20,6 +20,7 @@ import numpy as np
 
 from jkd import data
 from jkd.errors import UserError
+from jkd.models import param_count
 from jkd.models.mim import METHODS
 
 
@@ -110,4 +111,4 @@ class Classifier:
 
   def param_count(self) -> int:
     """Parameters of the (possibly shrunk) model, BatchNorm statistics excluded."""
-    return int(sum(np.size(x) for x in jax.tree.leaves(self.variables['params'])))
+    return int(param_count(self.variables['params']))
